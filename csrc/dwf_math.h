@@ -1,0 +1,83 @@
+// Per-element Deep Weight Factorization math, shared by every compiled backend.
+//
+// The CPU kernels instantiate these templates with at::vec::Vectorized<float/double> (one SIMD
+// register of elements) and with plain scalars for tails; the CUDA kernels instantiate them with
+// float/double per element. So the CPU test suite exercises exactly the arithmetic the GPU runs.
+//
+// T needs only `*` and `+`. kD > 0 fixes the depth at compile time (loops unroll, values stay in
+// registers); kD == 0 is the general path that reads the runtime `depth` (1 <= depth <= kMaxDepth).
+#pragma once
+
+#if defined(__CUDACC__)
+#define DWF_HD __host__ __device__ __forceinline__
+#define DWF_UNROLL _Pragma("unroll")
+#else
+#define DWF_HD inline
+#define DWF_UNROLL _Pragma("GCC unroll 16")
+#endif
+
+namespace dwf {
+
+constexpr int kMaxDepth = 16;
+
+template <int kD>
+struct DepthSlots {
+  static constexpr int value = kD > 0 ? kD : kMaxDepth;
+};
+
+template <int kD>
+DWF_HD int resolve_depth(int depth) {
+  return kD > 0 ? kD : depth;
+}
+
+// w = f[0] * f[1] * ... * f[D-1], multiplied left to right (the order the reference uses).
+template <int kD, typename T>
+DWF_HD T product(const T* f, int depth) {
+  const int D = resolve_depth<kD>(depth);
+  T p = f[0];
+  DWF_UNROLL
+  for (int d = 1; d < D; ++d) p = p * f[d];
+  return p;
+}
+
+// acc + sum_d f[d]^2.
+template <int kD, typename T>
+DWF_HD T accumulate_squares(const T* f, int depth, T acc) {
+  const int D = resolve_depth<kD>(depth);
+  DWF_UNROLL
+  for (int d = 0; d < D; ++d) acc = acc + f[d] * f[d];
+  return acc;
+}
+
+// grad[d] = g * prod_{k != d} f[k], for all d at once.
+//
+// Prefix products are kept in registers and the suffix product carries g, so this costs
+// 3(D-1) multiplies and never divides: DWF drives factors to exactly zero, and w / f[d] would
+// turn those into NaN. The association matches autograd of the left-to-right product chain:
+// grad[d] = prefix[d] * (g * f[D-1] * ... * f[d+1]), so results equal the reference bitwise
+// (and Inf/NaN/zero propagate the same way).
+template <int kD, typename T>
+DWF_HD void factor_grads(const T* f, int depth, T g, T* grad) {
+  const int D = resolve_depth<kD>(depth);
+  T prefix[DepthSlots<kD>::value];  // prefix[d] = f[0] * ... * f[d-1] for d >= 1
+  if (D > 1) prefix[1] = f[0];
+  DWF_UNROLL
+  for (int d = 2; d < D; ++d) prefix[d] = prefix[d - 1] * f[d - 1];
+  T suffix = g;
+  DWF_UNROLL
+  for (int d = D - 1; d >= 1; --d) {
+    grad[d] = prefix[d] * suffix;
+    suffix = suffix * f[d];
+  }
+  grad[0] = suffix;
+}
+
+// grad[d] += 2 s f[d]: the gradient of s * sum(f^2), the factor L2 penalty.
+template <int kD, typename T>
+DWF_HD void add_penalty_grads(const T* f, int depth, T two_s, T* grad) {
+  const int D = resolve_depth<kD>(depth);
+  DWF_UNROLL
+  for (int d = 0; d < D; ++d) grad[d] = grad[d] + two_s * f[d];
+}
+
+}  // namespace dwf

@@ -1,0 +1,25 @@
+// The dwf_kernels operator schemas (defined once, here) and the Python module entry point.
+//
+// Device implementations register beside their code (cpu/dwf_cpu.cpp, cuda/dwf_cuda.cu); the
+// fake (meta) kernels and the autograd formula are registered from Python (dwf_kernels/_registry.py).
+#include <Python.h>
+#include <torch/library.h>
+
+// A plain module init instead of pybind11: importing the module runs the static TORCH_LIBRARY
+// registrations below, which is all Python needs from it, and it builds in seconds.
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(dwf_kernels, m) {
+  // w = prod_d factors[d] (written in out_dtype), and sumsq = sum(factors^2) in the same pass
+  // (fp32, fp64 for fp64 factors; 0 when with_sumsq is false and the squares are skipped).
+  m.def("dwf_forward(Tensor factors, ScalarType? out_dtype, bool with_sumsq) -> (Tensor, Tensor)",
+        {at::Tag::pt2_compliant_tag});
+  // d/dfactors of L given grad_w = dL/dw and grad_sumsq = dL/dsumsq (None: the penalty is unused).
+  m.def("dwf_backward(Tensor factors, Tensor grad_w, Tensor? grad_sumsq) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+}

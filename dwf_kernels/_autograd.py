@@ -1,0 +1,46 @@
+"""Fake (meta) implementations and the autograd formula shared by the compiled and Triton ops.
+
+Both op families have the same signatures:
+  dwf_forward(factors, out_dtype, with_sumsq) -> (w, sumsq)
+  dwf_backward(factors, grad_w, grad_sumsq) -> grad_factors
+Nothing is saved for backward but the factors themselves (DESIGN.md §2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ._validate import acc_dtype
+
+
+def fake_forward(
+    factors: torch.Tensor, out_dtype: torch.dtype | None, with_sumsq: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    w = factors.new_empty(factors.shape[1:], dtype=out_dtype or factors.dtype)
+    return w, factors.new_empty((), dtype=acc_dtype(factors.dtype))
+
+
+def fake_backward(factors: torch.Tensor, grad_w: torch.Tensor, grad_sumsq: torch.Tensor | None) -> torch.Tensor:
+    return factors.new_empty(factors.shape)
+
+
+def register(forward_name: str, backward_name: str, backward_op: Callable[..., torch.Tensor]) -> None:
+    """Registers fakes for both ops and the autograd formula of the forward op."""
+    torch.library.register_fake(forward_name)(fake_forward)
+    torch.library.register_fake(backward_name)(fake_backward)
+
+    def setup_context(ctx, inputs, output) -> None:
+        factors, _out_dtype, with_sumsq = inputs
+        ctx.save_for_backward(factors)
+        ctx.with_sumsq = with_sumsq
+
+    def backward(ctx, grad_w: torch.Tensor, grad_sumsq: torch.Tensor):
+        (factors,) = ctx.saved_tensors
+        # Autograd hands a zero grad_sumsq when sumsq was not requested; passing None instead keeps
+        # the penalty term out entirely, as in the reference (0 * Inf would otherwise make NaN).
+        grad = backward_op(factors, grad_w, grad_sumsq if ctx.with_sumsq else None)
+        return grad, None, None
+
+    torch.library.register_autograd(forward_name, backward, setup_context=setup_context)

@@ -1,0 +1,87 @@
+"""Argument checks of the front door: bad input is refused before any kernel runs.
+
+Every message names the argument and says what was expected (DESIGN.md §6). The compiled ops
+repeat the essential checks in C++ for direct torch.ops calls.
+"""
+
+from __future__ import annotations
+
+import torch
+
+MAX_DEPTH = 16
+FACTOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Mixed precision: fp32 factors may write w (and take grad_w) in a narrower dtype.
+NARROW_OUT_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the arithmetic and of `sumsq`: fp64 for fp64 factors, else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def check_factors(factors: torch.Tensor) -> None:
+    if not isinstance(factors, torch.Tensor):
+        raise TypeError(f"factors must be a torch.Tensor of shape (D, *weight_shape); got {type(factors).__name__}")
+    if factors.dim() == 0:
+        raise ValueError(
+            "factors must have a leading depth axis: expected shape (D, *weight_shape) with "
+            f"1 <= D <= {MAX_DEPTH}, got a 0-d tensor"
+        )
+    depth = factors.shape[0]
+    if not 1 <= depth <= MAX_DEPTH:
+        raise ValueError(
+            f"factors.shape[0] is the depth D and must be in [1, {MAX_DEPTH}]; got D={depth} "
+            f"(factors.shape={tuple(factors.shape)})"
+        )
+    if factors.dtype not in FACTOR_DTYPES:
+        raise TypeError(f"factors must be float16, bfloat16, float32 or float64; got {_dtype_name(factors.dtype)}")
+
+
+def resolve_out_dtype(factors: torch.Tensor, out_dtype: torch.dtype | None) -> torch.dtype:
+    if out_dtype is None:
+        return factors.dtype
+    if not isinstance(out_dtype, torch.dtype):
+        raise TypeError(f"out_dtype must be a torch.dtype or None; got {type(out_dtype).__name__}")
+    if out_dtype != factors.dtype and not (factors.dtype == torch.float32 and out_dtype in NARROW_OUT_DTYPES):
+        raise ValueError(
+            "out_dtype must equal the factors' dtype, or be bfloat16/float16 for float32 factors; got "
+            f"factors {_dtype_name(factors.dtype)} and out_dtype {_dtype_name(out_dtype)}"
+        )
+    return out_dtype
+
+
+def check_forward(factors: torch.Tensor, out_dtype: torch.dtype | None) -> torch.dtype:
+    """Checks the forward arguments and returns the dtype of w."""
+    check_factors(factors)
+    return resolve_out_dtype(factors, out_dtype)
+
+
+def check_backward(factors: torch.Tensor, grad_w: torch.Tensor, grad_sumsq: torch.Tensor | None) -> None:
+    check_factors(factors)
+    if not isinstance(grad_w, torch.Tensor):
+        raise TypeError(f"grad_w must be a torch.Tensor; got {type(grad_w).__name__}")
+    if grad_w.device != factors.device:
+        raise ValueError(f"grad_w must be on the factors' device {factors.device}; got {grad_w.device}")
+    if grad_w.shape != factors.shape[1:]:
+        raise ValueError(
+            f"grad_w must have the weight shape factors.shape[1:] = {tuple(factors.shape[1:])}; "
+            f"got {tuple(grad_w.shape)}"
+        )
+    if grad_w.dtype != factors.dtype and not (
+        factors.dtype == torch.float32 and grad_w.dtype in NARROW_OUT_DTYPES
+    ):
+        raise TypeError(
+            "grad_w must have the dtype of w (the factors' dtype, or bfloat16/float16 for float32 factors); "
+            f"got factors {_dtype_name(factors.dtype)} and grad_w {_dtype_name(grad_w.dtype)}"
+        )
+    if grad_sumsq is not None:
+        if not isinstance(grad_sumsq, torch.Tensor) or grad_sumsq.numel() != 1:
+            raise ValueError(f"grad_sumsq must be a one-element tensor or None; got {grad_sumsq!r}")
+        if grad_sumsq.device != factors.device:
+            raise ValueError(f"grad_sumsq must be on the factors' device {factors.device}; got {grad_sumsq.device}")
+        if not grad_sumsq.dtype.is_floating_point:
+            raise TypeError(f"grad_sumsq must be floating; got {_dtype_name(grad_sumsq.dtype)}")

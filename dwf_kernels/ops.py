@@ -1,0 +1,74 @@
+"""The front door: `dwf_product`, one autograd-aware function over every backend.
+
+    w = factors[0] * factors[1] * ... * factors[D-1]        (elementwise)
+    sumsq = sum(factors ** 2)                                (with return_sumsq=True)
+
+Forward and backward are each one fused pass over memory in the compiled and Triton backends;
+the choice of backend never changes results beyond rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import compiled_ops, reference, triton_ops
+from ._validate import check_backward, check_forward
+from .backends import resolve_backend
+
+
+def _forward_op(backend: str):
+    return triton_ops.forward_op if backend == "triton" else compiled_ops.forward_op
+
+
+def _backward_op(backend: str):
+    return triton_ops.backward_op if backend == "triton" else compiled_ops.backward_op
+
+
+def dwf_product(
+    factors: torch.Tensor,
+    *,
+    return_sumsq: bool = False,
+    out_dtype: torch.dtype | None = None,
+    backend: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The DWF weight w = prod_d factors[d], and optionally sumsq = sum(factors**2), fused.
+
+    Args:
+        factors: tensor of shape (D, *S), 1 <= D <= 16; float16, bfloat16, float32 or float64.
+            Non-contiguous input works (it is copied once).
+        return_sumsq: also return sumsq, a 0-d fp32 tensor (fp64 for fp64 factors), computed in
+            the same pass. Its gradient is the L2 penalty's: d sumsq / d factors = 2 factors.
+        out_dtype: dtype of w; default the factors' dtype. float32 factors may write bfloat16 or
+            float16 directly (mixed precision). The math is fp32 (fp64 for fp64) either way.
+        backend: "cuda", "cpu", "triton", "reference", or None for the one forced by
+            `use_backend`, else the fastest available for the factors' device.
+
+    Returns:
+        w of shape S, or (w, sumsq) when return_sumsq is True.
+    """
+    out = check_forward(factors, out_dtype)
+    name = resolve_backend(factors.device.type, backend)
+    if name == "reference":
+        w, sumsq = reference.dwf_forward_reference(factors, out, return_sumsq)
+    else:
+        w, sumsq = _forward_op(name)(factors, out, return_sumsq)
+    return (w, sumsq) if return_sumsq else w
+
+
+def dwf_product_backward(
+    factors: torch.Tensor,
+    grad_w: torch.Tensor,
+    grad_sumsq: torch.Tensor | None = None,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """The fused backward on its own: d/dfactors of <grad_w, w> + grad_sumsq * sumsq.
+
+    grad_sumsq=None leaves the penalty term out. This is what autograd runs for `dwf_product`;
+    it is public for fused optimizers and for testing.
+    """
+    check_backward(factors, grad_w, grad_sumsq)
+    name = resolve_backend(factors.device.type, backend)
+    if name == "reference":
+        return reference.dwf_backward_reference(factors, grad_w, grad_sumsq)
+    return _backward_op(name)(factors, grad_w, grad_sumsq)

@@ -1,0 +1,39 @@
+"""The `reference` backend: DWF in plain PyTorch, the ground truth of every test and the fallback.
+
+Correct on any device, dtype and depth. It follows DESIGN.md §2 literally: upcast to the
+accumulation dtype, multiply the factors left to right, sum the squares; autograd provides the
+backward. Nothing here is fused; it moves several times the memory of the kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._validate import acc_dtype
+
+
+def dwf_forward_reference(
+    factors: torch.Tensor, out_dtype: torch.dtype, with_sumsq: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Returns (w in out_dtype, sumsq in the accumulation dtype or None)."""
+    f = factors.to(acc_dtype(factors.dtype))
+    w = f[0].clone() if factors.shape[0] == 1 else f[0] * f[1]
+    for d in range(2, factors.shape[0]):
+        w = w * f[d]
+    sumsq = (f * f).sum() if with_sumsq else None
+    return w.to(out_dtype), sumsq
+
+
+def dwf_backward_reference(
+    factors: torch.Tensor, grad_w: torch.Tensor, grad_sumsq: torch.Tensor | None
+) -> torch.Tensor:
+    """d/dfactors of <grad_w, w> + grad_sumsq * sumsq, by autograd through the reference forward."""
+    with torch.enable_grad():
+        f = factors.detach().requires_grad_(True)
+        w, sumsq = dwf_forward_reference(f, grad_w.dtype, with_sumsq=grad_sumsq is not None)
+        outputs, grads = [w], [grad_w]
+        if grad_sumsq is not None:
+            outputs.append(sumsq)
+            grads.append(grad_sumsq.reshape(()).to(sumsq.dtype))
+        (grad,) = torch.autograd.grad(outputs, [f], grads)
+    return grad
