@@ -49,7 +49,8 @@ def _default_cuda_home() -> None:
         os.environ["CUDA_HOME"] = os.path.dirname(os.path.dirname(os.path.realpath(shutil.which("nvcc"))))
 
 
-def _cpu_isa_flags() -> list[str]:
+def _cpu_isa() -> tuple[str, list[str]]:
+    """The SIMD level of the CPU kernels and its compiler flags."""
     isa = os.environ.get("DWF_KERNELS_CPU_ISA", "auto").strip().lower()
     flags: set[str] = set()
     if isa == "auto":
@@ -70,12 +71,12 @@ def _cpu_isa_flags() -> list[str]:
     # The CPU_CAPABILITY macros select at::vec's implementation and its inline namespace (so these
     # inline functions never clash with torch's own copies compiled for other ISAs).
     if isa == "avx512":
-        return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+        return isa, ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
                 "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"]
     if isa == "avx2":
-        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
+        return isa, ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
     if isa == "default":
-        return ["-DCPU_CAPABILITY=DEFAULT"]
+        return isa, ["-DCPU_CAPABILITY=DEFAULT"]
     raise SystemExit(f"setup.py: DWF_KERNELS_CPU_ISA must be auto, avx512, avx2 or default; got {isa!r}")
 
 
@@ -89,9 +90,20 @@ def _nvidia_wheel_includes() -> list[str]:
     return sorted({c for c in candidates if os.path.isdir(c)})
 
 
+def _write_build_info(extension: bool, cuda: bool, cpu_isa: str, torch_version: str | None) -> None:
+    """Records what this build compiled, so tests and error messages can tell what to expect."""
+    with open(os.path.join(ROOT, "dwf_kernels", "_build_info.py"), "w") as f:
+        f.write(
+            '"""Written by setup.py at build time; not tracked by git."""\n'
+            f"EXTENSION_BUILT = {extension!r}\nCUDA_BUILT = {cuda!r}\n"
+            f"CPU_ISA = {cpu_isa!r}\nBUILT_AGAINST_TORCH = {torch_version!r}\n"
+        )
+
+
 def _extensions() -> tuple[list, dict]:
     if _env_switch("DWF_KERNELS_BUILD_EXT") is False:
         print("setup.py: DWF_KERNELS_BUILD_EXT=0, pure-Python install (no dwf_kernels._C)")
+        _write_build_info(False, False, "", None)
         return [], {}
     _default_cuda_home()
     import torch
@@ -109,7 +121,9 @@ def _extensions() -> tuple[list, dict]:
     with_cuda = have_cuda_toolchain if force_cuda is None else force_cuda
 
     sources = [os.path.join("csrc", "dwf_ops.cpp"), os.path.join("csrc", "cpu", "dwf_cpu.cpp")]
-    cxx_flags = ["-O3", "-fopenmp", "-DPy_LIMITED_API=0x03090000", *_cpu_isa_flags()]
+    # No FMA contraction: a*b + c rounds like the reference PyTorch (separate mul and add kernels).
+    cpu_isa, isa_flags = _cpu_isa()
+    cxx_flags = ["-O3", "-ffp-contract=off", "-fopenmp", "-Wno-unknown-pragmas", *isa_flags]
     extra = {"cxx": cxx_flags}
     include_dirs = [os.path.join(ROOT, "csrc")]
     if with_cuda:
@@ -118,13 +132,13 @@ def _extensions() -> tuple[list, dict]:
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         # No fast-math: it flushes denormals and changes NaN/Inf behaviour, which must match the reference.
-        extra["nvcc"] = ["-O3", "-DPy_LIMITED_API=0x03090000", "-lineinfo"]
+        extra["nvcc"] = ["-O3", "--fmad=false", "-lineinfo"]
         include_dirs += _nvidia_wheel_includes()
         ext_cls = cpp_extension.CUDAExtension
     else:
         ext_cls = cpp_extension.CppExtension
-    print(f"setup.py: building dwf_kernels._C (CPU{' + CUDA' if with_cuda else ''}), "
-          f"CPU flags {' '.join(_cpu_isa_flags()) or '(portable)'}")
+    _write_build_info(True, with_cuda, cpu_isa, torch.__version__)
+    print(f"setup.py: building dwf_kernels._C (CPU{' + CUDA' if with_cuda else ''}), CPU SIMD {cpu_isa}")
     ext = ext_cls(
         name="dwf_kernels._C",
         sources=sources,

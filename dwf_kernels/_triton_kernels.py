@@ -22,6 +22,7 @@ _FORWARD_BLOCK = {True: 4096, False: 2048}  # keyed by D <= 8
 _BACKWARD_BLOCK = {True: 2048, False: 1024}  # keyed by D <= 4
 _NUM_WARPS = 8
 _REDUCE_BLOCK = 1024
+# Launch option enable_fp_fusion=False: no FMA contraction, so a*b + c rounds like the reference.
 
 
 @triton.jit
@@ -84,16 +85,15 @@ def _dwf_backward_kernel(
     suffix = _to_acc(tl.load(GW + offs, mask=mask, other=0.0), IS_FP64)
     if HAS_PENALTY:
         two_s = 2.0 * _to_acc(tl.load(grad_sumsq), IS_FP64)
-    for j in tl.static_range(D):
-        d: tl.constexpr = D - 1 - j
-        if d >= 1:
-            grad = prefix[d] * suffix
-            suffix = suffix * fs[d]
+    for k in tl.static_range(D - 1, -1, -1):
+        if k >= 1:
+            grad = prefix[k] * suffix
+            suffix = suffix * fs[k]
         else:
             grad = suffix
         if HAS_PENALTY:
-            grad = grad + two_s * fs[d]
-        tl.store(GF + d * n + offs, grad.to(GF.dtype.element_ty), mask=mask)
+            grad = grad + two_s * fs[k]
+        tl.store(GF + k * n + offs, grad.to(GF.dtype.element_ty), mask=mask)
 
 
 def _launch_guard(t: torch.Tensor):
@@ -125,7 +125,7 @@ def forward(factors: torch.Tensor, out_dtype: torch.dtype, with_sumsq: bool) -> 
     with _launch_guard(factors):
         torch.library.wrap_triton(_dwf_forward_kernel)[(programs,)](
             factors, w, partials, n, D=depth, WITH_SUMSQ=with_sumsq, IS_FP64=is_fp64, BLOCK=block,
-            num_warps=_NUM_WARPS,
+            num_warps=_NUM_WARPS, enable_fp_fusion=False,
         )
         if with_sumsq:
             torch.library.wrap_triton(_sum_partials_kernel)[(1,)](
@@ -149,6 +149,6 @@ def backward(factors: torch.Tensor, grad_w: torch.Tensor, grad_sumsq: torch.Tens
     with _launch_guard(factors):
         torch.library.wrap_triton(_dwf_backward_kernel)[(triton.cdiv(n, block),)](
             factors, grad_w, grad_factors, s, n, D=depth, HAS_PENALTY=has_penalty,
-            IS_FP64=factors.dtype == torch.float64, BLOCK=block, num_warps=_NUM_WARPS,
+            IS_FP64=factors.dtype == torch.float64, BLOCK=block, num_warps=_NUM_WARPS, enable_fp_fusion=False,
         )
     return grad_factors

@@ -26,6 +26,8 @@ using at::vec::Vectorized;
 // even small layers (64K weights) several chunks to share between cores.
 constexpr int64_t kChunk = 16384;
 
+constexpr int64_t kSumBlock = 512;
+
 int64_t num_chunks(int64_t n) { return (n + kChunk - 1) / kChunk; }
 
 template <typename T>
@@ -80,13 +82,21 @@ void forward_kernel(const T* F, O* W, int64_t n, int depth, bool with_sumsq,
       Vec sq_a(acc_t(0)), sq_b(acc_t(0));
       Vec fa[kSlots], fb[kSlots];
       int64_t i = begin;
-      for (; i + IO::kStep <= end; i += IO::kStep) {
-        for (int d = 0; d < D; ++d) IO::load(F + d * n + i, fa[d], fb[d]);
-        VecIO<O>::store(W + i, product<kD>(fa, depth), product<kD>(fb, depth));
-        if (with_sumsq) {
-          sq_a = accumulate_squares<kD>(fa, depth, sq_a);
-          sq_b = accumulate_squares<kD>(fb, depth, sq_b);
+      while (i + IO::kStep <= end) {
+        // Squares are summed per block of kSumBlock elements, then blocks into the chunk total:
+        // long running sums in one register lane would lose low bits on every add.
+        Vec blk_a(acc_t(0)), blk_b(acc_t(0));
+        const int64_t block_end = std::min(end, i + kSumBlock);
+        for (; i + IO::kStep <= block_end; i += IO::kStep) {
+          for (int d = 0; d < D; ++d) IO::load(F + d * n + i, fa[d], fb[d]);
+          VecIO<O>::store(W + i, product<kD>(fa, depth), product<kD>(fb, depth));
+          if (with_sumsq) {
+            blk_a = accumulate_squares<kD>(fa, depth, blk_a);
+            blk_b = accumulate_squares<kD>(fb, depth, blk_b);
+          }
         }
+        sq_a = sq_a + blk_a;
+        sq_b = sq_b + blk_b;
       }
       acc_t sq_tail = 0;
       for (; i < end; ++i) {

@@ -1,0 +1,106 @@
+"""Bad input is refused before any kernel runs, with a message naming the argument (DESIGN.md §6)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dwf_kernels import _extension, backends, dwf_product, dwf_product_backward
+from helpers import KERNEL_BACKENDS, make_factors
+
+ALL_BACKENDS = KERNEL_BACKENDS + [pytest.param("cpu", "reference", id="cpu-reference")]
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+def test_zero_dim_factors(device, backend):
+    with pytest.raises(ValueError, match=r"factors must have a leading depth axis.*0-d tensor"):
+        dwf_product(torch.tensor(2.0, device=device), backend=backend)
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+@pytest.mark.parametrize("depth", [0, 17])
+def test_depth_out_of_range(device, backend, depth):
+    with pytest.raises(ValueError, match=rf"factors.shape\[0\] is the depth D and must be in \[1, 16\]; got D={depth}"):
+        dwf_product(torch.ones(depth, 3, device=device), backend=backend)
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64], ids=str)
+def test_non_floating_dtype(device, backend, dtype):
+    with pytest.raises(TypeError, match="factors must be float16, bfloat16, float32 or float64"):
+        dwf_product(torch.ones(2, 3, device=device, dtype=dtype), backend=backend)
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+def test_unsupported_out_dtype(device, backend):
+    with pytest.raises(ValueError, match="out_dtype must equal the factors' dtype"):
+        dwf_product(torch.ones(2, 3, device=device, dtype=torch.bfloat16), out_dtype=torch.float32, backend=backend)
+    with pytest.raises(TypeError, match="out_dtype must be a torch.dtype"):
+        dwf_product(torch.ones(2, 3, device=device), out_dtype="bf16", backend=backend)
+
+
+def test_factors_not_a_tensor():
+    with pytest.raises(TypeError, match="factors must be a torch.Tensor"):
+        dwf_product([[1.0, 2.0]])
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+def test_grad_w_shape_mismatch(device, backend):
+    factors = make_factors(3, (4, 5), torch.float32, device)
+    with pytest.raises(ValueError, match=r"grad_w must have the weight shape factors.shape\[1:\] = \(4, 5\); got \(5, 4\)"):
+        dwf_product_backward(factors, torch.ones(5, 4, device=device), backend=backend)
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+def test_grad_w_dtype_mismatch(device, backend):
+    factors = make_factors(3, (4,), torch.bfloat16, device)
+    with pytest.raises(TypeError, match="grad_w must have the dtype of w.*factors bfloat16 and grad_w float32"):
+        dwf_product_backward(factors, torch.ones(4, device=device), backend=backend)
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+def test_bad_grad_sumsq(device, backend):
+    factors = make_factors(3, (4,), torch.float32, device)
+    with pytest.raises(ValueError, match="grad_sumsq must be a one-element tensor or None"):
+        dwf_product_backward(factors, torch.ones(4, device=device), torch.ones(2, device=device), backend=backend)
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+def test_mixed_devices(device, backend):
+    factors = make_factors(3, (4,), torch.float32, device)
+    with pytest.raises(ValueError, match=rf"grad_w must be on the factors' device {device}.*got meta"):
+        dwf_product_backward(factors, torch.ones(4, device="meta"), backend=backend)
+    with pytest.raises(ValueError, match=rf"grad_sumsq must be on the factors' device {device}.*got meta"):
+        dwf_product_backward(factors, torch.ones(4, device=device), torch.ones((), device="meta"), backend=backend)
+
+
+def test_unknown_backend_name():
+    with pytest.raises(ValueError, match=r"backend must be one of \['cuda', 'cpu', 'triton', 'reference'\]"):
+        dwf_product(torch.ones(2, 3), backend="fast")
+
+
+def test_backend_for_the_wrong_device():
+    with pytest.raises(RuntimeError, match=r"backend 'cuda' runs CUDA tensors only, got a cpu tensor; use one of \["):
+        backends.resolve_backend("cpu", "cuda")
+
+
+def test_cuda_tensor_with_a_build_without_cuda(monkeypatch):
+    """A build without CUDA kernels names the backends that serve CUDA tensors instead."""
+    monkeypatch.setattr(_extension, "KERNEL_DEVICES", frozenset({"cpu"}))
+    with pytest.raises(RuntimeError, match=r"built without CUDA kernels.*use one of \[.*'reference'\] for cuda tensors"):
+        backends.resolve_backend("cuda", "cuda")
+    assert backends.resolve_backend("cuda", None) != "cuda"  # auto falls back to what is there
+
+
+def test_compiled_ops_check_arguments_too():
+    """Direct torch.ops calls (bypassing the front door) are refused in C++ with the same kind of message."""
+    if not _extension.LOADED:
+        pytest.skip("compiled extension not loaded")
+    with pytest.raises(RuntimeError, match=r"factors.shape\[0\] is the depth D and must be in \[1, 16\]"):
+        torch.ops.dwf_kernels.dwf_forward(torch.ones(17, 3), None, True)
+    with pytest.raises(RuntimeError, match="out_dtype must equal the factors' dtype"):
+        torch.ops.dwf_kernels.dwf_forward(torch.ones(2, 3, dtype=torch.float64), torch.float16, True)
+    with pytest.raises(RuntimeError, match=r"grad_w must have the weight shape"):
+        torch.ops.dwf_kernels.dwf_backward(torch.ones(2, 3), torch.ones(4), None)
+    with pytest.raises(RuntimeError, match="factors must be float16, bfloat16, float32 or float64"):
+        torch.ops.dwf_kernels.dwf_forward(torch.ones(2, 3, dtype=torch.int32), None, True)
