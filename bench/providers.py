@@ -1,0 +1,73 @@
+"""What the kernel benchmarks time: each provider is one way a user could compute DWF.
+
+  <backend>   dwf_product with that dwf_kernels backend (cpu, cuda, triton; reference)
+  eager       the plain chain a user would write: w = F[0] * F[1] * ...; sumsq = (F * F).sum()
+  compile     torch.compile of that same chain (Inductor fuses it as best it can)
+
+Modes: forward (w and sumsq), backward (all factor gradients with the penalty term, from a given
+grad_w and grad_sumsq) and full (forward + backward + penalty, what one training step needs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+import dwf_kernels
+
+MODES = ("forward", "backward", "full")
+
+
+def traffic_bytes(mode: str, depth: int, n: int, element_size: int) -> int:
+    """Bytes the fused algorithm must move (DESIGN.md §2): the roofline's numerator."""
+    elements = {"forward": depth + 1, "backward": 2 * depth + 1, "full": 3 * depth + 2}[mode]
+    return elements * n * element_size
+
+
+def eager_chain(factors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    w = factors[0]
+    for d in range(1, factors.shape[0]):
+        w = w * factors[d]
+    return w, (factors * factors).sum()
+
+
+_compiled_chain = None
+
+
+def _compiled() -> Callable:
+    global _compiled_chain
+    if _compiled_chain is None:
+        _compiled_chain = torch.compile(eager_chain, dynamic=False)
+    return _compiled_chain
+
+
+def forward_fn(provider: str) -> Callable:
+    if provider == "eager":
+        return eager_chain
+    if provider == "compile":
+        return _compiled()
+    return lambda f: dwf_kernels.dwf_product(f, return_sumsq=True, backend=provider)
+
+
+def make_case(provider: str, mode: str, factors: torch.Tensor, lam: float = 1e-3) -> Callable[[], object]:
+    """A zero-argument callable doing one `mode` step of `provider` on `factors`."""
+    depth = factors.shape[0]
+    grad_w = torch.randn(factors.shape[1:], dtype=factors.dtype, device=factors.device)
+    grad_sumsq = torch.tensor(lam / depth, dtype=torch.float32, device=factors.device)
+    forward = forward_fn(provider)
+    if mode == "forward":
+        f = factors.detach()
+        return lambda: forward(f)
+    f = factors.detach().requires_grad_(True)
+    if mode == "backward":
+        if provider not in ("eager", "compile"):
+            return lambda: dwf_kernels.dwf_product_backward(f, grad_w, grad_sumsq, backend=provider)
+        w, sumsq = forward(f)  # one graph, differentiated again and again
+        return lambda: torch.autograd.grad([w, sumsq], [f], [grad_w, grad_sumsq], retain_graph=True)
+
+    def full():
+        w, sumsq = forward(f)
+        return torch.autograd.grad([w, sumsq], [f], [grad_w, grad_sumsq])
+
+    return full
