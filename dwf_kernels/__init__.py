@@ -3,19 +3,33 @@
     import dwf_kernels
     w, sumsq = dwf_kernels.dwf_product(factors, return_sumsq=True)   # factors: (D, *weight_shape)
 
+    model = dwf_kernels.factorize(model, depth=4)                   # Linear/Conv -> DWF layers
+    loss = criterion(model(x), y) + dwf_kernels.penalty(model, lam)
+    sparse = dwf_kernels.collapse(model)                             # plain torch.nn, exact zeros
+    print(dwf_kernels.sparsity_report(sparse))
+
 See DESIGN.md for the math and the kernel contract.
 """
 
 from . import _extension  # noqa: F401  (loads dwf_kernels._C, or warns once)
+from . import init, nn
 from .backends import BACKENDS, available_backends, current_backend, use_backend
+from .model import DEFAULT_THRESHOLD, collapse, factorize, penalty, sparsity_report
 from .ops import dwf_product, dwf_product_backward
 
 __all__ = [
     "BACKENDS",
+    "DEFAULT_THRESHOLD",
     "available_backends",
+    "collapse",
     "current_backend",
     "dwf_product",
     "dwf_product_backward",
+    "factorize",
+    "init",
+    "nn",
+    "penalty",
+    "sparsity_report",
     "use_backend",
 ]
 __version__ = "0.1.0"

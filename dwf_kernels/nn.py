@@ -1,0 +1,151 @@
+"""DWF layers: drop-ins for torch.nn.Linear and Conv1d/2d/3d whose weight is held as D factors.
+
+The weight is ONE parameter `factors` of shape (D, *weight.shape); every forward computes
+w = prod_d factors[d] and the factors' sum of squares with one fused op (dwf_product, whichever
+backend serves) and records that sum for `dwf_kernels.penalty`. `.weight` is the current product.
+The bias is an ordinary, unfactorized, unpenalized parameter.
+
+Under torch.autocast the fused op writes w directly in the autocast dtype (fp32 factors, bf16/fp16
+w), so mixed precision costs no extra cast pass.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from . import init as dwf_init
+from .ops import dwf_product
+
+
+class DWFLayer(nn.Module):
+    """Base of the DWF layers: the factor parameter, its initialization and the fused product."""
+
+    factors: nn.Parameter
+    bias: nn.Parameter | None
+
+    def _setup_factors(self, weight_shape: torch.Size, depth: int, bias: bool, device, dtype) -> None:
+        if not isinstance(depth, int) or not 1 <= depth <= 16:
+            raise ValueError(f"depth must be an int in [1, 16]; got {depth!r}")
+        self.depth = depth
+        self.weight_shape = torch.Size(weight_shape)
+        self.factors = nn.Parameter(torch.empty((depth, *weight_shape), device=device, dtype=dtype))
+        out_features = weight_shape[0]
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        self.last_sumsq: torch.Tensor | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """DWF init of the factors (product std = torch.nn's default weight std); torch.nn's bias init."""
+        dwf_init.dwf_init_(self.factors, dwf_init.default_target_std(self.weight_shape))
+        if self.bias is not None:
+            fan_in, _ = nn.init._calculate_fan_in_and_fan_out(torch.empty(self.weight_shape, device="meta"))
+            bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def dwf_weight(self) -> torch.Tensor:
+        """The weight for this forward, and records the factors' sum of squares for the penalty."""
+        out_dtype = None
+        device_type = self.factors.device.type
+        if self.factors.dtype == torch.float32 and torch.is_autocast_enabled(device_type):
+            autocast_dtype = torch.get_autocast_dtype(device_type)
+            if autocast_dtype in (torch.bfloat16, torch.float16):
+                out_dtype = autocast_dtype
+        w, sumsq = dwf_product(self.factors, return_sumsq=True, out_dtype=out_dtype)
+        self.last_sumsq = sumsq
+        return w
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The current product of the factors (differentiable)."""
+        return dwf_product(self.factors)
+
+    def _apply(self, fn, recurse: bool = True):
+        factors = self.factors
+
+        def keep_factor_layout(t: torch.Tensor) -> torch.Tensor:
+            if t is factors or t is factors.grad:
+                # (D, *weight_shape) is not an image batch: memory-format conversions such as
+                # model.to(memory_format=torch.channels_last) must not touch it (a 2d conv's
+                # factors are 5-d and would be refused). Convert a flat 2-d view, which they skip.
+                return fn(t.view(t.shape[0], -1)).view(t.shape)
+            return fn(t)
+
+        return super()._apply(keep_factor_layout, recurse)
+
+    def __getstate__(self) -> dict:
+        # The recorded sum of squares belongs to one forward's autograd graph: a non-leaf tensor,
+        # which deepcopy refuses and pickling must not carry. A copy starts without one.
+        state = self.__dict__.copy()
+        state["last_sumsq"] = None
+        return state
+
+
+class DWFLinear(DWFLayer):
+    """torch.nn.Linear with its weight held as `depth` factors."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
+                 depth: int) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self._setup_factors(torch.Size((out_features, in_features)), depth, bias, device, dtype)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(input, self.dwf_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, depth={self.depth}"
+
+
+_CONV_ATTRIBUTES = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                    "padding_mode", "output_padding", "transposed", "_reversed_padding_repeated_twice")
+
+
+class _DWFConvNd(DWFLayer):
+    _conv_cls: type[nn.modules.conv._ConvNd]
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
+                 depth: int) -> None:
+        super().__init__()
+        # torch.nn validates and normalizes the arguments (padding="same", tuples, padding modes)
+        # on a weightless meta-device twin; its forward then serves as ours.
+        twin = self._conv_cls(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                              padding_mode, device="meta", dtype=dtype)
+        for name in _CONV_ATTRIBUTES:
+            setattr(self, name, getattr(twin, name))
+        self._setup_factors(twin.weight.shape, depth, bias, device, dtype)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self._conv_cls._conv_forward(self, input, self.dwf_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+             f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
+             f"bias={self.bias is not None}, padding_mode={self.padding_mode!r}")
+        return s + f", depth={self.depth}"
+
+
+class DWFConv1d(_DWFConvNd):
+    """torch.nn.Conv1d with its weight held as `depth` factors."""
+
+    _conv_cls = nn.Conv1d
+
+
+class DWFConv2d(_DWFConvNd):
+    """torch.nn.Conv2d with its weight held as `depth` factors."""
+
+    _conv_cls = nn.Conv2d
+
+
+class DWFConv3d(_DWFConvNd):
+    """torch.nn.Conv3d with its weight held as `depth` factors."""
+
+    _conv_cls = nn.Conv3d
+
+
+DWF_CLASS_FOR = {nn.Linear: DWFLinear, nn.Conv1d: DWFConv1d, nn.Conv2d: DWFConv2d, nn.Conv3d: DWFConv3d}
+DENSE_CLASS_FOR = {dwf: dense for dense, dwf in DWF_CLASS_FOR.items()}

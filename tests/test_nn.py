@@ -1,0 +1,136 @@
+"""DWF layers behave as their torch.nn counterparts holding the product of the factors."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from dwf_kernels import nn as dwf_nn
+from dwf_kernels import penalty
+from helpers import KERNEL_BACKENDS
+
+CONV_CASES = [
+    (dwf_nn.DWFConv1d, nn.Conv1d, (2, 6, 19), dict(kernel_size=3, stride=2, padding=1)),
+    (dwf_nn.DWFConv1d, nn.Conv1d, (2, 6, 19), dict(kernel_size=4, padding="same", dilation=2, padding_mode="circular")),
+    (dwf_nn.DWFConv2d, nn.Conv2d, (2, 6, 11, 9), dict(kernel_size=3, padding=1, groups=3)),
+    (dwf_nn.DWFConv2d, nn.Conv2d, (2, 6, 11, 9), dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 2), padding_mode="reflect")),
+    (dwf_nn.DWFConv2d, nn.Conv2d, (2, 6, 11, 9), dict(kernel_size=3, dilation=2, padding=2, padding_mode="replicate", bias=False)),
+    (dwf_nn.DWFConv3d, nn.Conv3d, (1, 6, 5, 6, 7), dict(kernel_size=3, padding=1, stride=(1, 2, 1))),
+]
+
+
+def _dense_twin_of(layer: dwf_nn.DWFLayer, cls, **kwargs) -> nn.Module:
+    dense = cls(**kwargs)
+    with torch.no_grad():
+        dense.weight.copy_(layer.weight)
+        if layer.bias is not None:
+            dense.bias.copy_(layer.bias)
+    return dense
+
+
+@pytest.mark.parametrize("dwf_cls,nn_cls,input_shape,kwargs", CONV_CASES)
+@pytest.mark.parametrize("depth", [1, 3])
+def test_conv_matches_torch_nn(dwf_cls, nn_cls, input_shape, kwargs, depth):
+    torch.manual_seed(0)
+    layer = dwf_cls(6, 9, depth=depth, **kwargs)
+    assert len(list(layer.parameters())) == (2 if kwargs.get("bias", True) else 1)
+    assert layer.factors.shape == (depth, *nn_cls(6, 9, **kwargs).weight.shape)
+    dense = _dense_twin_of(layer, nn_cls, in_channels=6, out_channels=9, **kwargs)
+    x = torch.randn(input_shape)
+    torch.testing.assert_close(layer(x), dense(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_matches_torch_nn_and_weight_is_the_product(bias):
+    torch.manual_seed(0)
+    layer = dwf_nn.DWFLinear(20, 7, bias=bias, depth=4)
+    torch.testing.assert_close(layer.weight, layer.factors.prod(0))
+    dense = _dense_twin_of(layer, nn.Linear, in_features=20, out_features=7, bias=bias)
+    x = torch.randn(3, 5, 20)
+    torch.testing.assert_close(layer(x), dense(x))
+    assert "depth=4" in repr(layer)
+
+
+def test_layer_init_std_and_bias_bound():
+    torch.manual_seed(0)
+    layer = dwf_nn.DWFLinear(1000, 300, depth=4)
+    assert layer.weight.std().item() == pytest.approx(1 / (3 * 1000) ** 0.5, rel=0.03)
+    assert layer.bias.abs().max().item() <= 1 / 1000**0.5
+
+
+def test_bad_depth():
+    with pytest.raises(ValueError, match=r"depth must be an int in \[1, 16\]; got 0"):
+        dwf_nn.DWFLinear(3, 4, depth=0)
+
+
+def test_records_sumsq_of_the_forward():
+    layer = dwf_nn.DWFLinear(6, 5, depth=3)
+    assert layer.last_sumsq is None
+    layer(torch.randn(2, 6))
+    torch.testing.assert_close(layer.last_sumsq, layer.factors.detach().square().sum())
+    torch.testing.assert_close(penalty(nn.Sequential(layer), 0.3), 0.3 / 3 * layer.factors.detach().square().sum())
+
+
+def test_channels_last_input():
+    torch.manual_seed(0)
+    layer = dwf_nn.DWFConv2d(4, 8, 3, padding=1, depth=2)
+    x = torch.randn(2, 4, 10, 10)
+    torch.testing.assert_close(layer(x.to(memory_format=torch.channels_last)), layer(x), rtol=1e-5, atol=1e-6)
+    layer.to(memory_format=torch.channels_last)
+    torch.testing.assert_close(layer(x.to(memory_format=torch.channels_last)), layer(x), rtol=1e-5, atol=1e-6)
+
+
+def test_autocast_bf16_on_cpu_writes_bf16_weight():
+    torch.manual_seed(0)
+    model = nn.Sequential(dwf_nn.DWFConv2d(3, 8, 3, depth=3), nn.ReLU(), nn.Flatten(), dwf_nn.DWFLinear(8 * 6 * 6, 5, depth=3))
+    x = torch.randn(4, 3, 8, 8)
+    reference = model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        w = model[0].dwf_weight()
+        out = model(x)
+    assert w.dtype == torch.bfloat16 and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference, rtol=0.05, atol=0.05)
+    (out.float().square().mean() + penalty(model, 1e-3)).backward()
+    assert model[0].factors.grad.dtype == torch.float32 and torch.isfinite(model[0].factors.grad).all()
+
+
+def test_deepcopy_and_pickle_after_forward():
+    model = nn.Sequential(dwf_nn.DWFLinear(4, 3, depth=2))
+    loss = model(torch.randn(2, 4)).sum() + penalty(model, 0.1)
+    clone = copy.deepcopy(model)
+    restored = pickle.loads(pickle.dumps(model))
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    for other in (clone, restored):
+        assert other[0].last_sumsq is None
+        torch.testing.assert_close(other[0].factors, model[0].factors)
+    loss.backward()  # the original's graph is intact
+    assert model[0].factors.grad is not None
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
+def test_torch_compile_fullgraph_model_with_penalty(device, backend):
+    import dwf_kernels
+
+    torch.manual_seed(0)
+    model = nn.Sequential(dwf_nn.DWFLinear(12, 16, depth=3), nn.ReLU(), dwf_nn.DWFLinear(16, 4, depth=3)).to(device)
+    x = torch.randn(8, 12, device=device)
+
+    def step(m):
+        return m(x).square().mean() + penalty(m, 1e-2)
+
+    torch._dynamo.reset()
+    with dwf_kernels.use_backend(backend):
+        compiled = torch.compile(step, fullgraph=True)
+        eager_loss = step(model)
+        eager_grads = torch.autograd.grad(eager_loss, list(model.parameters()))
+        compiled_loss = compiled(model)
+        compiled_grads = torch.autograd.grad(compiled_loss, list(model.parameters()))
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-6, atol=1e-7)
+    for g_c, g_e in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(g_c, g_e, rtol=1e-5, atol=1e-7)
