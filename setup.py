@@ -21,7 +21,6 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import sys
 
 from setuptools import find_packages, setup
 
@@ -71,8 +70,16 @@ def _cpu_isa() -> tuple[str, list[str]]:
     # The CPU_CAPABILITY macros select at::vec's implementation and its inline namespace (so these
     # inline functions never clash with torch's own copies compiled for other ISAs).
     if isa == "avx512":
-        return isa, ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
-                "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"]
+        return isa, [
+            "-mavx512f",
+            "-mavx512bw",
+            "-mavx512vl",
+            "-mavx512dq",
+            "-mfma",
+            "-mf16c",
+            "-DCPU_CAPABILITY_AVX512",
+            "-DCPU_CAPABILITY=AVX512",
+        ]
     if isa == "avx2":
         return isa, ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
     if isa == "default":

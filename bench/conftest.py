@@ -5,9 +5,7 @@ from __future__ import annotations
 
 def pytest_addoption(parser):
     parser.addoption("--bench-depths", default="2,4,8", help="comma-separated depths D")
-    parser.addoption(
-        "--bench-sizes", default="65536,1572864,4194304", help="comma-separated weight sizes N (elements)"
-    )
+    parser.addoption("--bench-sizes", default="65536,1572864,4194304", help="comma-separated weight sizes N (elements)")
     parser.addoption("--bench-dtypes", default="float32", help="comma-separated dtypes (float32,bfloat16)")
     parser.addoption("--bench-providers", default="", help="comma-separated providers (default: all available)")
     parser.addoption("--bench-rounds", default=30, type=int, help="timed rounds per case")

@@ -19,6 +19,17 @@ import dwf_kernels
 MODES = ("forward", "backward", "full")
 
 
+def versions() -> dict:
+    """torch and triton versions, for labelling results."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    return {"torch": torch.__version__, "triton": triton_version}
+
+
 def traffic_bytes(mode: str, depth: int, n: int, element_size: int) -> int:
     """Bytes the fused algorithm must move (DESIGN.md §2): the roofline's numerator."""
     elements = {"forward": depth + 1, "backward": 2 * depth + 1, "full": 3 * depth + 2}[mode]

@@ -29,8 +29,9 @@ def load(path: str) -> tuple[dict, list[dict], float | None]:
     for bench in doc["benchmarks"]:
         info, data = bench["extra_info"], bench["stats"]["data"]
         median = statistics.median(data)
-        row = dict(info, median=median, p20=_quantile(data, 0.2), p80=_quantile(data, 0.8),
-                   gbs=info["bytes"] / median / 1e9)
+        row = dict(
+            info, median=median, p20=_quantile(data, 0.2), p80=_quantile(data, 0.8), gbs=info["bytes"] / median / 1e9
+        )
         if info.get("kind") == "copy":
             copy_gbs = row["gbs"]
         rows.append(row)
@@ -63,15 +64,19 @@ def kernel_table(rows: list[dict], copy_gbs: float | None) -> str:
 def header(doc: dict, rows: list[dict], copy_gbs: float | None) -> str:
     first = next((r for r in rows if "device_name" in r), {})
     machine = doc.get("machine_info", {})
-    return "\n".join([
-        f"Device: {first.get('device_name', '?')}; torch {first.get('torch', '?')}; "
-        f"python {machine.get('python_version', '?')}; date {doc.get('datetime', '?')[:10]}.",
-        f"Copy bandwidth measured in the same run (256 MB preallocated, read + write): "
-        f"{copy_gbs:.1f} GB/s." if copy_gbs else "No copy baseline in this run.",
-        "GB/s counts the bytes the fused algorithm must move: (D+1)N elements forward, (2D+1)N backward, "
-        "(3D+2)N full. Each call allocates its outputs (w, and the D x N factor gradient); on CPU "
-        "a fresh allocation of 32 MB or more is an mmap whose page faults are then inside the figure.",
-    ])
+    return "\n".join(
+        [
+            f"Device: {first.get('device_name', '?')}; torch {first.get('torch', '?')}; "
+            f"triton {first.get('triton', '?')}; python {machine.get('python_version', '?')}; "
+            f"date {doc.get('datetime', '?')[:10]}.",
+            f"Copy bandwidth measured in the same run (256 MB preallocated, read + write): {copy_gbs:.1f} GB/s."
+            if copy_gbs
+            else "No copy baseline in this run.",
+            "GB/s counts the bytes the fused algorithm must move: (D+1)N elements forward, (2D+1)N backward, "
+            "(3D+2)N full. Each call allocates its outputs (w, and the D x N factor gradient); on CPU "
+            "a fresh allocation of 32 MB or more is an mmap whose page faults are then inside the figure.",
+        ]
+    )
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -83,7 +88,7 @@ def plot(rows: list[dict], path: str) -> None:
     kernels = [r for r in rows if r.get("kind") == "kernel"]
     modes = sorted({r["mode"] for r in kernels})
     fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 4), squeeze=False)
-    for ax, mode in zip(axes[0], modes):
+    for ax, mode in zip(axes[0], modes, strict=False):
         series = defaultdict(list)
         for r in kernels:
             if r["mode"] == mode:

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from providers import MODES, make_case, traffic_bytes
+from providers import MODES, make_case, traffic_bytes, versions
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 COPY_BYTES = 256 * 2**20  # large enough to be DRAM bandwidth, preallocated (no page faults)
@@ -29,6 +28,7 @@ def _device_name() -> str:
 
 def _timed(benchmark, fn, rounds: int):
     if DEVICE == "cuda":
+
         def run():
             fn()
             torch.cuda.synchronize()
@@ -43,8 +43,9 @@ def test_copy_bandwidth(benchmark, request):
     src = torch.ones(COPY_BYTES // 4, device=DEVICE)
     dst = torch.empty_like(src)
     benchmark.group = "copy"
-    benchmark.extra_info.update(kind="copy", bytes=2 * COPY_BYTES, device=DEVICE, device_name=_device_name(),
-                                torch=torch.__version__)
+    benchmark.extra_info.update(
+        kind="copy", bytes=2 * COPY_BYTES, device=DEVICE, device_name=_device_name(), **versions()
+    )
     _timed(benchmark, lambda: dst.copy_(src), request.config.option.bench_rounds)
 
 
@@ -54,9 +55,16 @@ def test_kernel(benchmark, request, provider, mode, depth, n, dtype):
     fn = make_case(provider, mode, factors)
     benchmark.group = f"{mode} D={depth} N={n} {str(dtype).replace('torch.', '')}"
     benchmark.extra_info.update(
-        kind="kernel", provider=provider, mode=mode, depth=depth, n=n, dtype=str(dtype).replace("torch.", ""),
-        bytes=traffic_bytes(mode, depth, n, factors.element_size()), device=DEVICE, device_name=_device_name(),
-        torch=torch.__version__,
+        kind="kernel",
+        provider=provider,
+        mode=mode,
+        depth=depth,
+        n=n,
+        dtype=str(dtype).replace("torch.", ""),
+        bytes=traffic_bytes(mode, depth, n, factors.element_size()),
+        device=DEVICE,
+        device_name=_device_name(),
+        **versions(),
         # Fresh tensors past ~32 MB are new mmaps on CPU, whose page faults swamp any kernel.
         largest_fresh_alloc_mb=round(depth * n * factors.element_size() / 2**20, 1),
     )

@@ -11,8 +11,11 @@
 See DESIGN.md for the math and the kernel contract.
 """
 
-from . import _extension  # noqa: F401  (loads dwf_kernels._C, or warns once)
-from . import init, nn
+from . import (
+    _extension,  # noqa: F401  (loads dwf_kernels._C, or warns once)
+    init,
+    nn,
+)
 from .backends import BACKENDS, available_backends, current_backend, use_backend
 from .model import DEFAULT_THRESHOLD, collapse, factorize, penalty, sparsity_report
 from .ops import dwf_product, dwf_product_backward

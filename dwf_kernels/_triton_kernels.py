@@ -65,7 +65,14 @@ def _sum_partials_kernel(partials, out, m, BLOCK: tl.constexpr):
 
 @triton.jit
 def _dwf_backward_kernel(
-    F, GW, GF, grad_sumsq, n, D: tl.constexpr, HAS_PENALTY: tl.constexpr, IS_FP64: tl.constexpr,
+    F,
+    GW,
+    GF,
+    grad_sumsq,
+    n,
+    D: tl.constexpr,
+    HAS_PENALTY: tl.constexpr,
+    IS_FP64: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -124,8 +131,16 @@ def forward(factors: torch.Tensor, out_dtype: torch.dtype, with_sumsq: bool) -> 
     partials = torch.empty(programs if with_sumsq else 1, dtype=acc, device=factors.device)
     with _launch_guard(factors):
         torch.library.wrap_triton(_dwf_forward_kernel)[(programs,)](
-            factors, w, partials, n, D=depth, WITH_SUMSQ=with_sumsq, IS_FP64=is_fp64, BLOCK=block,
-            num_warps=_NUM_WARPS, enable_fp_fusion=False,
+            factors,
+            w,
+            partials,
+            n,
+            D=depth,
+            WITH_SUMSQ=with_sumsq,
+            IS_FP64=is_fp64,
+            BLOCK=block,
+            num_warps=_NUM_WARPS,
+            enable_fp_fusion=False,
         )
         if with_sumsq:
             torch.library.wrap_triton(_sum_partials_kernel)[(1,)](
@@ -148,7 +163,16 @@ def backward(factors: torch.Tensor, grad_w: torch.Tensor, grad_sumsq: torch.Tens
     s = grad_sumsq.reshape(()) if has_penalty else grad_w  # any pointer when unused
     with _launch_guard(factors):
         torch.library.wrap_triton(_dwf_backward_kernel)[(triton.cdiv(n, block),)](
-            factors, grad_w, grad_factors, s, n, D=depth, HAS_PENALTY=has_penalty,
-            IS_FP64=factors.dtype == torch.float64, BLOCK=block, num_warps=_NUM_WARPS, enable_fp_fusion=False,
+            factors,
+            grad_w,
+            grad_factors,
+            s,
+            n,
+            D=depth,
+            HAS_PENALTY=has_penalty,
+            IS_FP64=factors.dtype == torch.float64,
+            BLOCK=block,
+            num_warps=_NUM_WARPS,
+            enable_fp_fusion=False,
         )
     return grad_factors

@@ -71,9 +71,7 @@ def check_backward(factors: torch.Tensor, grad_w: torch.Tensor, grad_sumsq: torc
             f"grad_w must have the weight shape factors.shape[1:] = {tuple(factors.shape[1:])}; "
             f"got {tuple(grad_w.shape)}"
         )
-    if grad_w.dtype != factors.dtype and not (
-        factors.dtype == torch.float32 and grad_w.dtype in NARROW_OUT_DTYPES
-    ):
+    if grad_w.dtype != factors.dtype and not (factors.dtype == torch.float32 and grad_w.dtype in NARROW_OUT_DTYPES):
         raise TypeError(
             "grad_w must have the dtype of w (the factors' dtype, or bfloat16/float16 for float32 factors); "
             f"got factors {_dtype_name(factors.dtype)} and grad_w {_dtype_name(grad_w.dtype)}"

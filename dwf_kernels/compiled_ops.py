@@ -11,9 +11,7 @@ import torch
 from . import _autograd, _extension
 
 if _extension.LOADED:
-    _autograd.register(
-        "dwf_kernels::dwf_forward", "dwf_kernels::dwf_backward", torch.ops.dwf_kernels.dwf_backward
-    )
+    _autograd.register("dwf_kernels::dwf_forward", "dwf_kernels::dwf_backward", torch.ops.dwf_kernels.dwf_backward)
     forward_op = torch.ops.dwf_kernels.dwf_forward
     backward_op = torch.ops.dwf_kernels.dwf_backward
 else:

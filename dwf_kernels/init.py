@@ -28,13 +28,16 @@ def default_target_std(weight_shape: tuple[int, ...] | torch.Size) -> float:
     return 1.0 / math.sqrt(3.0 * fan_in)
 
 
-def truncation_interval(target_std: float, depth: int, eps: float = DEFAULT_EPS,
-                        upper: float = DEFAULT_UPPER) -> tuple[float, float]:
+def truncation_interval(
+    target_std: float, depth: int, eps: float = DEFAULT_EPS, upper: float = DEFAULT_UPPER
+) -> tuple[float, float]:
     """The interval [a, b] that every |factor| lies in."""
     if not target_std > 0:
         raise ValueError(f"target_std must be positive; got {target_std}")
     if not 0 < eps < target_std:
-        raise ValueError(f"eps must be in (0, target_std={target_std:.3g}) so that eps^(1/D) < target_std^(1/D); got {eps}")
+        raise ValueError(
+            f"eps must be in (0, target_std={target_std:.3g}) so that eps^(1/D) < target_std^(1/D); got {eps}"
+        )
     if not upper > 1:
         raise ValueError(f"upper must be > 1 (b = upper * target_std^(1/D)); got {upper}")
     return eps ** (1.0 / depth), upper * target_std ** (1.0 / depth)

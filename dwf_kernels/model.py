@@ -85,8 +85,15 @@ def _dwf_twin(dense: nn.Module, depth: int) -> DWFLayer:
     if isinstance(dense, nn.Linear):
         return DWF_CLASS_FOR[nn.Linear](dense.in_features, dense.out_features, **kwargs)
     return DWF_CLASS_FOR[type(dense)](
-        dense.in_channels, dense.out_channels, dense.kernel_size, dense.stride, dense.padding, dense.dilation,
-        dense.groups, padding_mode=dense.padding_mode, **kwargs,
+        dense.in_channels,
+        dense.out_channels,
+        dense.kernel_size,
+        dense.stride,
+        dense.padding,
+        dense.dilation,
+        dense.groups,
+        padding_mode=dense.padding_mode,
+        **kwargs,
     )
 
 
@@ -143,8 +150,17 @@ def _dense_twin(layer: DWFLayer) -> nn.Module:
     kwargs = dict(bias=layer.bias is not None, device=layer.factors.device, dtype=layer.factors.dtype)
     if cls is nn.Linear:
         return nn.Linear(layer.in_features, layer.out_features, **kwargs)
-    return cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
-               layer.dilation, layer.groups, padding_mode=layer.padding_mode, **kwargs)
+    return cls(
+        layer.in_channels,
+        layer.out_channels,
+        layer.kernel_size,
+        layer.stride,
+        layer.padding,
+        layer.dilation,
+        layer.groups,
+        padding_mode=layer.padding_mode,
+        **kwargs,
+    )
 
 
 @dataclass
@@ -178,17 +194,30 @@ class SparsityReport:
         rows = [*self.layers, self.total]
         return {
             "threshold": self.threshold,
-            "layers": [dict(name=r.name, kind=r.kind, weights=r.weights, nonzeros=r.nonzeros, sparsity=r.sparsity,
-                            compression=r.compression) for r in rows],
+            "layers": [
+                dict(
+                    name=r.name,
+                    kind=r.kind,
+                    weights=r.weights,
+                    nonzeros=r.nonzeros,
+                    sparsity=r.sparsity,
+                    compression=r.compression,
+                )
+                for r in rows
+            ],
         }
 
     def __str__(self) -> str:
         rows = [*self.layers, self.total]
         width = max(len(r.name) for r in rows)
-        lines = [f"{'layer':<{width}}  {'type':<10} {'weights':>10} {'nonzeros':>10} {'sparsity':>9} {'compression':>12}"]
+        lines = [
+            f"{'layer':<{width}}  {'type':<10} {'weights':>10} {'nonzeros':>10} {'sparsity':>9} {'compression':>12}"
+        ]
         for r in rows:
-            lines.append(f"{r.name:<{width}}  {r.kind:<10} {r.weights:>10} {r.nonzeros:>10} {100 * r.sparsity:>8.2f}% "
-                         f"{r.compression:>11.1f}x")
+            lines.append(
+                f"{r.name:<{width}}  {r.kind:<10} {r.weights:>10} {r.nonzeros:>10} {100 * r.sparsity:>8.2f}% "
+                f"{r.compression:>11.1f}x"
+            )
         return "\n".join(lines) + f"\n(|w| < {self.threshold:g} counts as zero)"
 
 
@@ -204,5 +233,7 @@ def sparsity_report(model: nn.Module, threshold: float = DEFAULT_THRESHOLD) -> S
             w = module.weight
         else:
             continue
-        rows.append(LayerSparsity(name or "(model)", type(module).__name__, w.numel(), int((w.abs() >= threshold).sum())))
+        rows.append(
+            LayerSparsity(name or "(model)", type(module).__name__, w.numel(), int((w.abs() >= threshold).sum()))
+        )
     return SparsityReport(rows, threshold)

@@ -86,8 +86,9 @@ class DWFLayer(nn.Module):
 class DWFLinear(DWFLayer):
     """torch.nn.Linear with its weight held as `depth` factors."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
-                 depth: int) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *, depth: int
+    ) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
@@ -97,24 +98,62 @@ class DWFLinear(DWFLayer):
         return nn.functional.linear(input, self.dwf_weight(), self.bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, depth={self.depth}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, depth={self.depth}"
+        )
 
 
-_CONV_ATTRIBUTES = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
-                    "padding_mode", "output_padding", "transposed", "_reversed_padding_repeated_twice")
+_CONV_ATTRIBUTES = (
+    "in_channels",
+    "out_channels",
+    "kernel_size",
+    "stride",
+    "padding",
+    "dilation",
+    "groups",
+    "padding_mode",
+    "output_padding",
+    "transposed",
+    "_reversed_padding_repeated_twice",
+)
 
 
 class _DWFConvNd(DWFLayer):
     _conv_cls: type[nn.modules.conv._ConvNd]
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
-                 depth: int) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+        *,
+        depth: int,
+    ) -> None:
         super().__init__()
         # torch.nn validates and normalizes the arguments (padding="same", tuples, padding modes)
         # on a weightless meta-device twin; its forward then serves as ours.
-        twin = self._conv_cls(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-                              padding_mode, device="meta", dtype=dtype)
+        twin = self._conv_cls(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+            padding_mode,
+            device="meta",
+            dtype=dtype,
+        )
         for name in _CONV_ATTRIBUTES:
             setattr(self, name, getattr(twin, name))
         self._setup_factors(twin.weight.shape, depth, bias, device, dtype)
@@ -123,9 +162,11 @@ class _DWFConvNd(DWFLayer):
         return self._conv_cls._conv_forward(self, input, self.dwf_weight(), self.bias)
 
     def extra_repr(self) -> str:
-        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-             f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
-             f"bias={self.bias is not None}, padding_mode={self.padding_mode!r}")
+        s = (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
+            f"bias={self.bias is not None}, padding_mode={self.padding_mode!r}"
+        )
         return s + f", depth={self.depth}"
 
 

@@ -36,9 +36,7 @@ else:
         return _triton_kernels.forward(factors, out, with_sumsq)
 
     @torch.library.custom_op("dwf_triton::dwf_backward", mutates_args=())
-    def _dwf_backward(
-        factors: torch.Tensor, grad_w: torch.Tensor, grad_sumsq: torch.Tensor | None
-    ) -> torch.Tensor:
+    def _dwf_backward(factors: torch.Tensor, grad_w: torch.Tensor, grad_sumsq: torch.Tensor | None) -> torch.Tensor:
         _validate.check_backward(factors, grad_w, grad_sumsq)
         return _triton_kernels.backward(factors, grad_w, grad_sumsq)
 

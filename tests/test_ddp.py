@@ -3,10 +3,9 @@ single-process run on the same data."""
 
 from __future__ import annotations
 
+import ddp_worker
 import torch
 import torch.multiprocessing as mp
-
-import ddp_worker
 
 
 def test_ddp_gradients_equal_single_process(tmp_path):

@@ -28,7 +28,7 @@ def test_import_without_compiled_extension_warns_once_and_reference_serves(tmp_p
         sys.meta_path = [f for f in sys.meta_path if "_EditableFinder" not in repr(f)]
         warnings.simplefilter("always")
         import torch, dwf_kernels
-        assert dwf_kernels.__file__.startswith(%r), dwf_kernels.__file__
+        assert dwf_kernels.__file__.startswith(sys.argv[1]), dwf_kernels.__file__
         assert "cpu" not in dwf_kernels.available_backends("cpu")
         f = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], requires_grad=True)
         w, s = dwf_kernels.dwf_product(f, return_sumsq=True)
@@ -36,10 +36,11 @@ def test_import_without_compiled_extension_warns_once_and_reference_serves(tmp_p
         dwf_kernels.dwf_product(f)
         print(w.tolist(), s.item(), f.grad.tolist())
         """
-        % str(tmp_path)
     )
     env = dict(os.environ, PYTHONPATH=str(tmp_path), TRITON_INTERPRET="0")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, env=env, cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[4.0, 10.0, 18.0] 91.0 [[6.0, 9.0, 12.0], [9.0, 12.0, 15.0]]"
     assert result.stderr.count("compiled extension dwf_kernels._C is not available") == 1, result.stderr

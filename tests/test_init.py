@@ -28,14 +28,19 @@ def test_collapsed_std_matches_target_and_factors_stay_in_interval(depth, numel)
 def test_population_variance_is_exact_without_sample_correction(depth):
     """The solved sigma alone gives the target variance: the truncation is accounted for."""
     target = 0.02
-    factors = dwf_init.dwf_init_(torch.empty(depth, 2_000_000, dtype=torch.float64), target, match_sample_std=False,
-                                 generator=torch.Generator().manual_seed(10 + depth))
+    factors = dwf_init.dwf_init_(
+        torch.empty(depth, 2_000_000, dtype=torch.float64),
+        target,
+        match_sample_std=False,
+        generator=torch.Generator().manual_seed(10 + depth),
+    )
     # Second moment of the product (zero mean by symmetric signs); its sampling error here is < 1%.
     second_moment = factors.prod(0).square().mean().item()
     assert abs(math.sqrt(second_moment) / target - 1) < 0.01
     # Each factor has the same second moment r^2 = target^(2/D).
-    torch.testing.assert_close(factors.square().mean(1), torch.full((depth,), target ** (2 / depth), dtype=torch.float64),
-                               rtol=0.01, atol=0)
+    torch.testing.assert_close(
+        factors.square().mean(1), torch.full((depth,), target ** (2 / depth), dtype=torch.float64), rtol=0.01, atol=0
+    )
 
 
 def test_truncated_second_moment_against_monte_carlo():

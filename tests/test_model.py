@@ -87,7 +87,7 @@ def test_one_sgd_step_with_penalty_matches_reference_backend():
             opt.step()
         results.append((loss.detach(), [p.detach().clone() for p in model.parameters()]))
     torch.testing.assert_close(results[0][0], results[1][0])
-    for fused, ref in zip(results[0][1], results[1][1]):
+    for fused, ref in zip(results[0][1], results[1][1], strict=True):
         torch.testing.assert_close(fused, ref, rtol=1e-6, atol=1e-7)
     assert not torch.equal(results[0][1][0], template[1].factors)  # the step changed the factors
 
@@ -103,13 +103,14 @@ def test_penalty_equals_weight_decay_on_the_factors():
     factor_params = lambda m: [p for n, p in m.named_parameters() if n.endswith("factors")]  # noqa: E731
     other_params = lambda m: [p for n, p in m.named_parameters() if not n.endswith("factors")]  # noqa: E731
     opt_a = torch.optim.SGD(a.parameters(), lr=0.1)
-    opt_b = torch.optim.SGD([{"params": factor_params(b), "weight_decay": 2 * lam / depth},
-                             {"params": other_params(b)}], lr=0.1)
+    opt_b = torch.optim.SGD(
+        [{"params": factor_params(b), "weight_decay": 2 * lam / depth}, {"params": other_params(b)}], lr=0.1
+    )
     (nn.functional.cross_entropy(a(x), y) + penalty(a, lam)).backward()
     nn.functional.cross_entropy(b(x), y).backward()
     opt_a.step()
     opt_b.step()
-    for pa, pb in zip(a.parameters(), b.parameters()):
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-7)
 
 

@@ -8,18 +8,28 @@ import pickle
 
 import pytest
 import torch
+from helpers import KERNEL_BACKENDS
 from torch import nn
 
 from dwf_kernels import nn as dwf_nn
 from dwf_kernels import penalty
-from helpers import KERNEL_BACKENDS
 
 CONV_CASES = [
     (dwf_nn.DWFConv1d, nn.Conv1d, (2, 6, 19), dict(kernel_size=3, stride=2, padding=1)),
     (dwf_nn.DWFConv1d, nn.Conv1d, (2, 6, 19), dict(kernel_size=4, padding="same", dilation=2, padding_mode="circular")),
     (dwf_nn.DWFConv2d, nn.Conv2d, (2, 6, 11, 9), dict(kernel_size=3, padding=1, groups=3)),
-    (dwf_nn.DWFConv2d, nn.Conv2d, (2, 6, 11, 9), dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 2), padding_mode="reflect")),
-    (dwf_nn.DWFConv2d, nn.Conv2d, (2, 6, 11, 9), dict(kernel_size=3, dilation=2, padding=2, padding_mode="replicate", bias=False)),
+    (
+        dwf_nn.DWFConv2d,
+        nn.Conv2d,
+        (2, 6, 11, 9),
+        dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 2), padding_mode="reflect"),
+    ),
+    (
+        dwf_nn.DWFConv2d,
+        nn.Conv2d,
+        (2, 6, 11, 9),
+        dict(kernel_size=3, dilation=2, padding=2, padding_mode="replicate", bias=False),
+    ),
     (dwf_nn.DWFConv3d, nn.Conv3d, (1, 6, 5, 6, 7), dict(kernel_size=3, padding=1, stride=(1, 2, 1))),
 ]
 
@@ -87,7 +97,9 @@ def test_channels_last_input():
 
 def test_autocast_bf16_on_cpu_writes_bf16_weight():
     torch.manual_seed(0)
-    model = nn.Sequential(dwf_nn.DWFConv2d(3, 8, 3, depth=3), nn.ReLU(), nn.Flatten(), dwf_nn.DWFLinear(8 * 6 * 6, 5, depth=3))
+    model = nn.Sequential(
+        dwf_nn.DWFConv2d(3, 8, 3, depth=3), nn.ReLU(), nn.Flatten(), dwf_nn.DWFLinear(8 * 6 * 6, 5, depth=3)
+    )
     x = torch.randn(4, 3, 8, 8)
     reference = model(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -132,5 +144,5 @@ def test_torch_compile_fullgraph_model_with_penalty(device, backend):
         compiled_loss = compiled(model)
         compiled_grads = torch.autograd.grad(compiled_loss, list(model.parameters()))
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-6, atol=1e-7)
-    for g_c, g_e in zip(compiled_grads, eager_grads):
+    for g_c, g_e in zip(compiled_grads, eager_grads, strict=True):
         torch.testing.assert_close(g_c, g_e, rtol=1e-5, atol=1e-7)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import DEPTHS, DTYPES, KERNEL_BACKENDS, SUMSQ_RTOL, assert_close, make_factors
 
 import dwf_kernels
 from dwf_kernels import dwf_product, dwf_product_backward
-from helpers import DEPTHS, DTYPES, KERNEL_BACKENDS, SUMSQ_RTOL, assert_close, make_factors
 
 SHAPES = [(), (1,), (13, 17), (0,), (2, 0, 3), (40009,)]
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from dwf_kernels import compiled_ops, dwf_product, triton_ops
 from helpers import KERNEL_BACKENDS, make_factors
 
+from dwf_kernels import compiled_ops, dwf_product, triton_ops
+
 OP_FAMILIES = [
-    pytest.param(module, id=name)
-    for name, module in (("dwf_kernels", compiled_ops), ("dwf_triton", triton_ops))
+    pytest.param(module, id=name) for name, module in (("dwf_kernels", compiled_ops), ("dwf_triton", triton_ops))
 ]
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import KERNEL_BACKENDS, make_factors
 
 from dwf_kernels import _extension, backends, dwf_product, dwf_product_backward
-from helpers import KERNEL_BACKENDS, make_factors
 
 ALL_BACKENDS = KERNEL_BACKENDS + [pytest.param("cpu", "reference", id="cpu-reference")]
 
@@ -47,7 +47,9 @@ def test_factors_not_a_tensor():
 @pytest.mark.parametrize("device,backend", ALL_BACKENDS)
 def test_grad_w_shape_mismatch(device, backend):
     factors = make_factors(3, (4, 5), torch.float32, device)
-    with pytest.raises(ValueError, match=r"grad_w must have the weight shape factors.shape\[1:\] = \(4, 5\); got \(5, 4\)"):
+    with pytest.raises(
+        ValueError, match=r"grad_w must have the weight shape factors.shape\[1:\] = \(4, 5\); got \(5, 4\)"
+    ):
         dwf_product_backward(factors, torch.ones(5, 4, device=device), backend=backend)
 
 
@@ -87,7 +89,9 @@ def test_backend_for_the_wrong_device():
 def test_cuda_tensor_with_a_build_without_cuda(monkeypatch):
     """A build without CUDA kernels names the backends that serve CUDA tensors instead."""
     monkeypatch.setattr(_extension, "KERNEL_DEVICES", frozenset({"cpu"}))
-    with pytest.raises(RuntimeError, match=r"built without CUDA kernels.*use one of \[.*'reference'\] for cuda tensors"):
+    with pytest.raises(
+        RuntimeError, match=r"built without CUDA kernels.*use one of \[.*'reference'\] for cuda tensors"
+    ):
         backends.resolve_backend("cuda", "cuda")
     assert backends.resolve_backend("cuda", None) != "cuda"  # auto falls back to what is there
 

@@ -1,0 +1,209 @@
+"""The training loop of the paper's Algorithm 2, with exact checkpoint/resume.
+
+SGD with momentum and cosine learning-rate annealing; the DWF penalty (lam/D) * sum ||f_d||^2
+comes from dwf_kernels.penalty (the fused kernels computed it in the forward) or, equivalently,
+from weight decay 2*lam/D on the factors. The same loop trains the pruning baselines, with a hook
+that re-applies their masks after every step.
+
+Everything that decides the next step is checkpointed after every epoch: model, optimizer and
+scheduler state, the RNG states, and the history; the batch order of each epoch is a function of
+(seed, epoch). An interrupted run resumed from its checkpoint ends bitwise equal to an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+import dwf_kernels
+
+from .data import Data
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class LoopConfig:
+    epochs: int
+    lr: float
+    momentum: float = 0.9
+    seed: int = 0
+    progress: bool = True
+    stop_after: int | None = None  # stop after this many epochs of this invocation (resume later)
+    output_dir: str | None = None
+    resume: bool = False
+    identity: dict = field(default_factory=dict)  # what a checkpoint must match to be resumed
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Data) -> float:
+    """Top-1 test accuracy in percent."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    for x, y in data.test_batches():
+        correct += (model(x).argmax(1) == y).sum().item()
+        total += len(y)
+    model.train(was_training)
+    return 100.0 * correct / max(total, 1)
+
+
+def _save_checkpoint(path: str, payload: dict) -> None:
+    tmp = path + ".tmp"
+    torch.save(payload, tmp)
+    os.replace(tmp, path)  # atomic: an interruption never leaves a half-written checkpoint
+
+
+def fit(
+    model: nn.Module,
+    data: Data,
+    param_groups: list[dict],
+    cfg: LoopConfig,
+    extra_loss: Callable[[nn.Module], torch.Tensor] | None = None,
+    after_step: Callable[[nn.Module], None] | None = None,
+    epoch_metrics: Callable[[nn.Module], dict] | None = None,
+) -> dict:
+    """Trains `model` on `data`; returns {"history": [...], "completed": bool, "train_seconds": float}."""
+    optimizer = torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+    history: list[dict] = []
+    start_epoch, train_seconds = 0, 0.0
+    ckpt_path = os.path.join(cfg.output_dir, CHECKPOINT) if cfg.output_dir else None
+    if cfg.resume:
+        if not ckpt_path or not os.path.exists(ckpt_path):
+            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+        ckpt = torch.load(ckpt_path, map_location=data.device, weights_only=False)
+        if ckpt["identity"] != cfg.identity:
+            diff = {k: (ckpt["identity"].get(k), v) for k, v in cfg.identity.items() if ckpt["identity"].get(k) != v}
+            raise ValueError(
+                f"--resume: the checkpoint in {cfg.output_dir} is of another run (checkpoint vs now: {diff})"
+            )
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        _set_rng_state(ckpt["rng"])
+        history, start_epoch, train_seconds = ckpt["history"], ckpt["epoch"] + 1, ckpt["train_seconds"]
+    if after_step is not None:
+        after_step(model)
+
+    completed = start_epoch >= cfg.epochs
+    for epoch in range(start_epoch, cfg.epochs):
+        started = time.perf_counter()
+        model.train()
+        loss_sum = correct = seen = 0.0
+        bar = _progress(cfg.progress, data.num_train_batches(), f"epoch {epoch + 1}/{cfg.epochs}")
+        for step, (x, y) in enumerate(data.train_batches(epoch)):
+            logits = model(x)
+            data_loss = nn.functional.cross_entropy(logits, y)
+            loss = data_loss + extra_loss(model) if extra_loss is not None else data_loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if after_step is not None:
+                after_step(model)
+            loss_sum += loss.item() * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            seen += len(y)
+            if bar is not None:
+                bar.update(1)
+                if step % 10 == 0:
+                    bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{100 * correct / seen:.2f}")
+        scheduler.step()
+        train_seconds += time.perf_counter() - started
+        record = {
+            "epoch": epoch + 1,
+            "lr": optimizer.param_groups[0]["lr"],
+            "train_loss": loss_sum / seen,
+            "train_acc": 100 * correct / seen,
+            "test_acc": evaluate(model, data),
+        }
+        if epoch_metrics is not None:
+            record.update(epoch_metrics(model))
+        history.append(record)
+        if bar is not None:
+            bar.set_postfix(
+                loss=f"{record['train_loss']:.4f}",
+                acc=f"{record['train_acc']:.2f}",
+                test=f"{record['test_acc']:.2f}",
+                **{k: v for k, v in record.items() if k.startswith("sparsity")},
+            )
+            bar.close()
+        if ckpt_path:
+            _save_checkpoint(
+                ckpt_path,
+                {
+                    "identity": cfg.identity,
+                    "epoch": epoch,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": _rng_state(),
+                    "history": history,
+                    "train_seconds": train_seconds,
+                },
+            )
+        completed = epoch + 1 == cfg.epochs
+        if cfg.stop_after is not None and epoch + 1 - start_epoch >= cfg.stop_after:
+            break
+    return {"history": history, "completed": completed, "train_seconds": train_seconds}
+
+
+def _progress(enabled: bool, total: int, desc: str):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, leave=True, dynamic_ncols=True)
+
+
+def sparsity_metrics(thresholds: dict[str, float]) -> Callable[[nn.Module], dict]:
+    """Per-epoch metric: sparsity in percent at each named threshold (e.g. {"eps": 1.19e-7})."""
+
+    def metrics(model: nn.Module) -> dict:
+        return {
+            f"sparsity@{name}": round(100 * dwf_kernels.sparsity_report(model, thr).total.sparsity, 2)
+            for name, thr in thresholds.items()
+        }
+
+    return metrics
+
+
+def write_json(path: str, payload: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2, default=_jsonable)
+
+
+def _jsonable(obj):
+    if hasattr(obj, "__dataclass_fields__"):
+        return asdict(obj)
+    return str(obj)

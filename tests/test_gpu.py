@@ -1,0 +1,68 @@
+"""CUDA-only checks: tensors past 2^31 elements, CUDA graphs through torch.compile, streams.
+
+Skipped without a GPU (the CPU and interpreter suites cover the same semantics); run by
+bench/gpu_check.sh on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import KERNEL_BACKENDS, make_factors
+
+from dwf_kernels import dwf_product, dwf_product_backward
+
+CUDA_BACKENDS = [p for p in KERNEL_BACKENDS if p.values[0] == "cuda"]
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("device,backend", CUDA_BACKENDS)
+def test_past_two_to_the_31_elements(device, backend):
+    """64-bit indexing: every element of a weight with more than 2^31 entries is right."""
+    n = 2**31 + 4099
+    need = 8 * n * 2  # bf16: factors (2n), w, expected w, grad_w (n each), grad (2n), headroom
+    free, _ = torch.cuda.mem_get_info()
+    if free < need:
+        pytest.skip(f"needs ~{need / 2**30:.0f} GiB free GPU memory, {free / 2**30:.0f} GiB free")
+    pattern = torch.arange(7, device=device, dtype=torch.float32)  # f1[i] = i mod 7, exact in bf16
+    tile = lambda t: t.to(torch.bfloat16).repeat(n // 7 + 1)[:n]  # noqa: E731
+    factors = torch.empty(2, n, dtype=torch.bfloat16, device=device)
+    factors[0].fill_(1.5)
+    factors[1].copy_(tile(pattern))
+    w, sumsq = dwf_product(factors, return_sumsq=True, backend=backend)
+    assert torch.equal(w, tile(1.5 * pattern))
+    counts = [n // 7 + (1 if k < n % 7 else 0) for k in range(7)]
+    exact = n * 2.25 + sum(c * k * k for k, c in enumerate(counts))
+    assert abs(sumsq.item() / exact - 1) < 1e-5
+    del w
+    grad = dwf_product_backward(factors, torch.ones(n, dtype=torch.bfloat16, device=device), backend=backend)
+    assert torch.equal(grad[0], factors[1]) and torch.equal(grad[1], factors[0])
+
+
+@pytest.mark.parametrize("device,backend", CUDA_BACKENDS)
+def test_cuda_graphs_through_reduce_overhead(device, backend):
+    factors = make_factors(4, (257, 33), torch.float32, device).requires_grad_(True)
+    x = torch.randn(8, 257, device=device)
+
+    def step(f):
+        w, sumsq = dwf_product(f, return_sumsq=True, backend=backend)
+        return (x @ w).square().mean() + 1e-3 * sumsq
+
+    torch._dynamo.reset()
+    graphed = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+    expected = torch.autograd.grad(step(factors), factors)[0]
+    for _ in range(3):  # warm-up, record, replay
+        got = torch.autograd.grad(graphed(factors), factors)[0]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device,backend", CUDA_BACKENDS)
+def test_runs_on_the_current_stream(device, backend):
+    factors = make_factors(3, (1 << 20,), torch.float32, device)
+    expected = dwf_product(factors, backend="reference")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        w = dwf_product(factors, backend=backend)
+    stream.synchronize()
+    torch.testing.assert_close(w, expected, rtol=0, atol=0)
