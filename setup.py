@@ -127,7 +127,9 @@ def _extensions() -> tuple[list, dict]:
         )
     with_cuda = have_cuda_toolchain if force_cuda is None else force_cuda
 
-    sources = [os.path.join("csrc", "dwf_ops.cpp"), os.path.join("csrc", "cpu", "dwf_cpu.cpp")]
+    sources = [
+        os.path.join("csrc", name) for name in ("dwf_ops.cpp", "dwf_autograd.cpp", os.path.join("cpu", "dwf_cpu.cpp"))
+    ]
     # No FMA contraction: a*b + c rounds like the reference PyTorch (separate mul and add kernels).
     cpu_isa, isa_flags = _cpu_isa()
     cxx_flags = ["-O3", "-ffp-contract=off", "-fopenmp", "-Wno-unknown-pragmas", *isa_flags]

@@ -43,21 +43,14 @@ def eager_chain(factors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return w, (factors * factors).sum()
 
 
-_compiled_chain = None
-
-
-def _compiled() -> Callable:
-    global _compiled_chain
-    if _compiled_chain is None:
-        _compiled_chain = torch.compile(eager_chain, dynamic=False)
-    return _compiled_chain
-
-
 def forward_fn(provider: str) -> Callable:
     if provider == "eager":
         return eager_chain
     if provider == "compile":
-        return _compiled()
+        # Compiled afresh for each case (static shapes, its best code): dynamo's caches are per code
+        # object and stop recompiling after a limit, after which it would silently run eagerly.
+        torch._dynamo.reset()
+        return torch.compile(eager_chain, dynamic=False)
     return lambda f: dwf_kernels.dwf_product(f, return_sumsq=True, backend=provider)
 
 

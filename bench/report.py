@@ -38,14 +38,25 @@ def load(path: str) -> tuple[dict, list[dict], float | None]:
     return doc, rows, copy_gbs
 
 
+_ELEMENT_SIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
+PAGE_FAULT_MB = 32  # glibc serves fresh allocations this large with new mmaps (page faults on first touch)
+
+
+def fresh_alloc_mb(row: dict) -> float:
+    """The largest output one call allocates: w (forward) or the D x N factor gradient."""
+    elements = row["n"] * (1 if row["mode"] == "forward" else row["depth"])
+    return elements * _ELEMENT_SIZE[row["dtype"]] / 2**20
+
+
 def kernel_table(rows: list[dict], copy_gbs: float | None) -> str:
     kernels = [r for r in rows if r.get("kind") == "kernel"]
     by_case = defaultdict(dict)
     for r in kernels:
         by_case[(r["dtype"], r["mode"], r["depth"], r["n"])][r["provider"]] = r
     lines = [
-        "| dtype | mode | D | N | provider | median ms | p20-p80 ms | GB/s | % copy BW | vs eager | vs compile |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| dtype | mode | D | N | provider | median ms | p20-p80 ms | GB/s | % copy BW | vs eager | vs compile "
+        f"| fresh alloc ≥ {PAGE_FAULT_MB} MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     mode_order = {"forward": 0, "backward": 1, "full": 2}
     for key in sorted(by_case, key=lambda k: (k[0], mode_order.get(k[1], 9), k[2], k[3])):
@@ -54,9 +65,10 @@ def kernel_table(rows: list[dict], copy_gbs: float | None) -> str:
         for provider, r in sorted(case.items(), key=lambda kv: kv[1]["median"]):
             pct = f"{100 * r['gbs'] / copy_gbs:.0f}%" if copy_gbs else "n/a"
             vs = [f"{case[b]['median'] / r['median']:.2f}x" if b in case else "n/a" for b in ("eager", "compile")]
+            faults = "yes" if r.get("device") != "cuda" and fresh_alloc_mb(r) >= PAGE_FAULT_MB else ""
             lines.append(
                 f"| {dtype} | {mode} | {depth} | {n} | {provider} | {1e3 * r['median']:.3f} | "
-                f"{1e3 * r['p20']:.3f}-{1e3 * r['p80']:.3f} | {r['gbs']:.1f} | {pct} | {vs[0]} | {vs[1]} |"
+                f"{1e3 * r['p20']:.3f}-{1e3 * r['p80']:.3f} | {r['gbs']:.1f} | {pct} | {vs[0]} | {vs[1]} | {faults} |"
             )
     return "\n".join(lines)
 

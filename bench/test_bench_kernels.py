@@ -65,7 +65,5 @@ def test_kernel(benchmark, request, provider, mode, depth, n, dtype):
         device=DEVICE,
         device_name=_device_name(),
         **versions(),
-        # Fresh tensors past ~32 MB are new mmaps on CPU, whose page faults swamp any kernel.
-        largest_fresh_alloc_mb=round(depth * n * factors.element_size() / 2**20, 1),
     )
     _timed(benchmark, fn, request.config.option.bench_rounds)

@@ -26,10 +26,15 @@ def fake_backward(factors: torch.Tensor, grad_w: torch.Tensor, grad_sumsq: torch
     return factors.new_empty(factors.shape)
 
 
-def register(forward_name: str, backward_name: str, backward_op: Callable[..., torch.Tensor]) -> None:
-    """Registers fakes for both ops and the autograd formula of the forward op."""
+def register_fakes(forward_name: str, backward_name: str) -> None:
     torch.library.register_fake(forward_name)(fake_forward)
     torch.library.register_fake(backward_name)(fake_backward)
+
+
+def register(forward_name: str, backward_name: str, backward_op: Callable[..., torch.Tensor]) -> None:
+    """Registers fakes for both ops and the autograd formula of the forward op (in Python; the
+    compiled ops carry theirs in C++, csrc/dwf_autograd.cpp)."""
+    register_fakes(forward_name, backward_name)
 
     def setup_context(ctx, inputs, output) -> None:
         factors, _out_dtype, with_sumsq = inputs

@@ -109,16 +109,19 @@ def penalty(model: nn.Module, lam: float) -> torch.Tensor:
     yet has its sum computed here. Equivalent objective: weight_decay = 2 * lam / D on the factors
     (and none elsewhere) with a mean loss.
     """
-    total = None
-    for _, layer in dwf_layers(model):
-        sumsq = layer.last_sumsq
-        if sumsq is None:
-            sumsq = dwf_product(layer.factors, return_sumsq=True)[1]
-        term = (lam / layer.depth) * sumsq
-        total = term if total is None else total + term
-    if total is None:
+    by_depth: dict[int, list[torch.Tensor]] = {}  # one multiply per depth, not per layer
+    for module in model.modules():
+        if isinstance(module, DWFLayer):
+            sumsq = module.last_sumsq
+            if sumsq is None:
+                sumsq = dwf_product(module.factors, return_sumsq=True)[1]
+            by_depth.setdefault(module.depth, []).append(sumsq)
+    if not by_depth:
         return torch.zeros(())
-    return total
+    terms = [
+        (lam / depth) * (sums[0] if len(sums) == 1 else torch.stack(sums).sum()) for depth, sums in by_depth.items()
+    ]
+    return terms[0] if len(terms) == 1 else torch.stack(terms).sum()
 
 
 @torch.no_grad()

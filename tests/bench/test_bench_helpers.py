@@ -1,0 +1,98 @@
+"""The benchmark providers compute what they claim, and the report's arithmetic is right."""
+
+import json
+
+import pytest
+import torch
+
+import dwf_kernels
+import providers
+import report
+
+
+def test_traffic_bytes_is_the_roofline_of_design_md():
+    assert providers.traffic_bytes("forward", 4, 1000, 4) == 5 * 1000 * 4
+    assert providers.traffic_bytes("backward", 4, 1000, 4) == 9 * 1000 * 4
+    assert providers.traffic_bytes("full", 8, 10, 2) == 26 * 10 * 2
+
+
+@pytest.mark.parametrize("provider", ["cpu", "reference", "eager", "compile"])
+def test_providers_compute_the_same_step(provider):
+    if provider == "cpu" and "cpu" not in dwf_kernels.available_backends("cpu"):
+        pytest.skip("compiled extension not loaded")
+    torch.manual_seed(0)
+    factors = 0.5 + torch.rand(3, 257)
+    torch.manual_seed(1)
+    full = providers.make_case(provider, "full", factors)()
+    torch.manual_seed(1)
+    backward = providers.make_case(provider, "backward", factors)()
+    w, sumsq = providers.make_case(provider, "forward", factors)()
+    torch.testing.assert_close(w, factors.prod(0))
+    torch.testing.assert_close(sumsq, factors.square().sum())
+    torch.manual_seed(1)
+    grad_w = torch.randn(257)
+    expected = grad_w * factors.prod(0) / factors + 2 * (1e-3 / 3) * factors
+    torch.testing.assert_close(full[0], expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(backward[0] if isinstance(backward, tuple) else backward, expected, rtol=1e-5, atol=1e-6)
+
+
+def _bench(extra, data):
+    return {"extra_info": extra, "stats": {"data": data}}
+
+
+def test_report_tables_from_benchmark_json(tmp_path):
+    doc = {
+        "datetime": "2026-11-25T10:00:00",
+        "machine_info": {"python_version": "3.11.7"},
+        "benchmarks": [
+            _bench(
+                {"kind": "copy", "bytes": 2_000_000_000, "device_name": "cpu", "torch": "t", "triton": "x"},
+                [0.1, 0.1, 0.1],
+            ),  # 20 GB/s
+            _bench(
+                {
+                    "kind": "kernel",
+                    "provider": "cpu",
+                    "mode": "full",
+                    "depth": 4,
+                    "n": 4_000_000,
+                    "dtype": "float32",
+                    "bytes": 1_000_000_000,
+                },
+                [0.1, 0.1, 0.1],
+            ),  # 10 GB/s
+            _bench(
+                {
+                    "kind": "kernel",
+                    "provider": "compile",
+                    "mode": "full",
+                    "depth": 4,
+                    "n": 4_000_000,
+                    "dtype": "float32",
+                    "bytes": 1_000_000_000,
+                },
+                [0.3, 0.2, 0.4],
+            ),
+            _bench(
+                {
+                    "kind": "kernel",
+                    "provider": "eager",
+                    "mode": "full",
+                    "depth": 4,
+                    "n": 4_000_000,
+                    "dtype": "float32",
+                    "bytes": 1_000_000_000,
+                },
+                [1.0, 1.0, 1.0],
+            ),
+        ],
+    }
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps(doc))
+    _, rows, copy_gbs = report.load(str(path))
+    assert copy_gbs == pytest.approx(20.0)
+    table = report.kernel_table(rows, copy_gbs)
+    cpu_row = next(line for line in table.splitlines() if "| cpu |" in line)
+    assert "| 100.000 |" in cpu_row and "| 10.0 | 50% |" in cpu_row and "10.00x" in cpu_row and "3.00x" in cpu_row
+    assert cpu_row.endswith("| yes |")  # the 40 MB fresh allocation is flagged
+    assert report._quantile([1.0, 2.0, 3.0, 4.0, 5.0], 0.2) == pytest.approx(1.8)
