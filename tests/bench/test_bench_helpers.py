@@ -2,12 +2,12 @@
 
 import json
 
+import providers
 import pytest
+import report
 import torch
 
 import dwf_kernels
-import providers
-import report
 
 
 def test_traffic_bytes_is_the_roofline_of_design_md():
