@@ -59,6 +59,19 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def _pruned_row(method: str, ratio: float, result: dict, seconds: float) -> dict:
+    return dict(
+        method=method,
+        depth=1,
+        lam="",
+        threshold=EXACT_THRESHOLD,
+        target_compression=ratio,
+        compression=result["compression"],
+        test_acc=result["test_acc"],
+        seconds=seconds,
+    )
+
+
 def run_sweep(args) -> list[dict]:
     rows: list[dict] = []
     ratios = _floats(args.ratios)
@@ -103,18 +116,7 @@ def run_sweep(args) -> list[dict]:
     if best_dense is not None:
         for ratio in ratios:
             r = magnitude_pruned(best_dense[1], ratio, best_dense[2])
-            rows.append(
-                dict(
-                    method="magnitude",
-                    depth=1,
-                    lam="",
-                    threshold=EXACT_THRESHOLD,
-                    target_compression=ratio,
-                    compression=r["compression"],
-                    test_acc=r["test_acc"],
-                    seconds=0,
-                )
-            )
+            rows.append(_pruned_row("magnitude", ratio, r, seconds=0))
             print(f"magnitude pruning to {ratio:g}x: acc {r['test_acc']:.2f}%", flush=True)
     for method in [m for m in args.methods.split(",") if m]:
         for ratio in ratios:
@@ -124,18 +126,7 @@ def run_sweep(args) -> list[dict]:
                     method=method, compression=ratio, lr=args.dense_lr, weight_decay=args.dense_weight_decay, **common
                 )
             )
-            rows.append(
-                dict(
-                    method=method,
-                    depth=1,
-                    lam="",
-                    threshold=EXACT_THRESHOLD,
-                    target_compression=ratio,
-                    compression=r["compression"],
-                    test_acc=r["test_acc"],
-                    seconds=round(time.perf_counter() - started, 1),
-                )
-            )
+            rows.append(_pruned_row(method, ratio, r, seconds=round(time.perf_counter() - started, 1)))
             print(f"{method} at {ratio:g}x: acc {r['test_acc']:.2f}%", flush=True)
     return rows
 

@@ -193,3 +193,19 @@ def test_available_backends_lists_fastest_first():
     if "cpu" in names:
         assert names[0] == "cpu"
     assert dwf_kernels.available_backends("meta") == ["reference"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("depth", DEPTHS)
+def test_cpu_kernels_round_exactly_like_the_reference(dtype, depth):
+    """Same products in the same order, no FMA contraction: w and both gradients are bitwise equal."""
+    if "cpu" not in dwf_kernels.available_backends("cpu"):
+        pytest.skip("compiled extension not loaded")
+    factors = make_factors(depth, (40009,), dtype, "cpu", seed=14)
+    grad_w = make_factors(1, (40009,), dtype, "cpu", seed=15)[0]
+    assert torch.equal(dwf_product(factors, backend="cpu"), dwf_product(factors, backend="reference"))
+    for grad_sumsq in (None, torch.tensor(0.37, dtype=dtype)):
+        assert torch.equal(
+            dwf_product_backward(factors, grad_w, grad_sumsq, backend="cpu"),
+            dwf_product_backward(factors, grad_w, grad_sumsq, backend="reference"),
+        )

@@ -52,19 +52,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def run_dwf(cfg: DWFConfig) -> dict:
-    """Trains a factorized model the paper's way and returns the results (also written to
-    output_dir/results.json when output_dir is set)."""
-    return train_dwf(cfg)[0]
-
-
-def train_dwf(cfg: DWFConfig) -> tuple[dict, torch.nn.Module, object]:
-    """run_dwf, also returning the model collapsed at the exact-zero threshold and the data."""
-    if cfg.penalty_mode not in ("penalty", "weight_decay"):
-        raise ValueError(f"penalty_mode must be 'penalty' or 'weight_decay'; got {cfg.penalty_mode!r}")
+def _seeded_data(cfg) -> tuple[torch.device, object]:
+    """Seeds every RNG with cfg.seed and loads cfg.dataset for cfg.device (auto: the GPU if any)."""
     device = resolve_device(cfg.device)
-    if cfg.output_dir:
-        os.makedirs(cfg.output_dir, exist_ok=True)
     seed_everything(cfg.seed)
     data = load_data(
         cfg.dataset,
@@ -75,6 +65,22 @@ def train_dwf(cfg: DWFConfig) -> tuple[dict, torch.nn.Module, object]:
         download=cfg.download,
         num_workers=cfg.num_workers,
     )
+    return device, data
+
+
+def run_dwf(cfg: DWFConfig) -> dict:
+    """Trains a factorized model the paper's way and returns the results (also written to
+    output_dir/results.json when output_dir is set)."""
+    return train_dwf(cfg)[0]
+
+
+def train_dwf(cfg: DWFConfig) -> tuple[dict, torch.nn.Module, object]:
+    """run_dwf, also returning the model collapsed at the exact-zero threshold and the data."""
+    if cfg.penalty_mode not in ("penalty", "weight_decay"):
+        raise ValueError(f"penalty_mode must be 'penalty' or 'weight_decay'; got {cfg.penalty_mode!r}")
+    if cfg.output_dir:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+    device, data = _seeded_data(cfg)
     dense = build_model(cfg.model, data.in_shape, data.num_classes)
     dense_parameters = count_parameters(dense)
     model = dwf_kernels.factorize(dense, cfg.depth).to(device)
@@ -185,17 +191,7 @@ def run_pruned_at_init(cfg: BaselineConfig) -> dict:
     mask held fixed, and returns accuracy and compression."""
     from . import baselines
 
-    device = resolve_device(cfg.device)
-    seed_everything(cfg.seed)
-    data = load_data(
-        cfg.dataset,
-        batch_size=cfg.batch_size,
-        seed=cfg.seed,
-        device=device,
-        data_root=cfg.data_root,
-        download=cfg.download,
-        num_workers=cfg.num_workers,
-    )
+    device, data = _seeded_data(cfg)
     model = build_model(cfg.model, data.in_shape, data.num_classes).to(device)
     if cfg.method == "random":
         masks = baselines.random_masks(model, cfg.compression, torch.Generator().manual_seed(cfg.seed))
