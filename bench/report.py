@@ -86,35 +86,54 @@ def header(doc: dict, rows: list[dict], copy_gbs: float | None) -> str:
             else "No copy baseline in this run.",
             "GB/s counts the bytes the fused algorithm must move: (D+1)N elements forward, (2D+1)N backward, "
             "(3D+2)N full. Each call allocates its outputs (w, and the D x N factor gradient); on CPU "
-            "a fresh allocation of 32 MB or more is an mmap whose page faults are then inside the figure.",
+            f"a fresh allocation of {PAGE_FAULT_MB} MB or more is an mmap whose page faults are inside the figure "
+            "(last column).",
         ]
     )
 
 
 def plot(rows: list[dict], path: str) -> None:
+    """GB/s against N: a panel per (dtype, mode), a colour per provider, a line style per depth."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     kernels = [r for r in rows if r.get("kind") == "kernel"]
-    modes = sorted({r["mode"] for r in kernels})
-    fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 4), squeeze=False)
-    for ax, mode in zip(axes[0], modes, strict=False):
-        series = defaultdict(list)
-        for r in kernels:
-            if r["mode"] == mode:
-                series[(r["provider"], r["depth"], r["dtype"])].append((r["n"], r["gbs"]))
-        for (provider, depth, dtype), pts in sorted(series.items()):
-            pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{provider} D={depth} {dtype}")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("N (weights)")
-        ax.set_ylabel("GB/s")
-        ax.set_title(mode)
-        ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    dtypes = sorted({r["dtype"] for r in kernels})
+    modes = [m for m in ("forward", "backward", "full") if any(r["mode"] == m for r in kernels)]
+    providers = sorted({r["provider"] for r in kernels})
+    depths = sorted({r["depth"] for r in kernels})
+    colors = {p: f"C{i}" for i, p in enumerate(providers)}
+    styles = {d: s for d, s in zip(depths, ["-", "--", "-.", ":", (0, (1, 3))] * 4, strict=False)}
+    fig, axes = plt.subplots(len(dtypes), len(modes), figsize=(4.5 * len(modes), 3.2 * len(dtypes)), squeeze=False)
+    for row, dtype in enumerate(dtypes):
+        for col, mode in enumerate(modes):
+            ax = axes[row][col]
+            series = defaultdict(list)
+            for r in kernels:
+                if r["mode"] == mode and r["dtype"] == dtype:
+                    series[(r["provider"], r["depth"])].append((r["n"], r["gbs"]))
+            for (provider, depth), pts in sorted(series.items()):
+                pts.sort()
+                ax.plot(
+                    [p[0] for p in pts],
+                    [p[1] for p in pts],
+                    color=colors[provider],
+                    linestyle=styles[depth],
+                    marker="o",
+                    markersize=3,
+                )
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"{mode}, {dtype}", fontsize=9)
+            ax.set_xlabel("N (weights)", fontsize=8)
+            ax.set_ylabel("GB/s", fontsize=8)
+            ax.grid(alpha=0.3)
+    handles = [plt.Line2D([], [], color=colors[p], label=p) for p in providers]
+    handles += [plt.Line2D([], [], color="gray", linestyle=styles[d], label=f"D={d}") for d in depths]
+    fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    fig.savefig(path, dpi=110)
 
 
 def main() -> None:

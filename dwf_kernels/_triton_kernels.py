@@ -20,9 +20,9 @@ import triton.language as tl
 # (no autotuning), so the partial-sum layout, and with it sumsq, never changes between runs.
 _FORWARD_BLOCK = {True: 4096, False: 2048}  # keyed by D <= 8
 _BACKWARD_BLOCK = {True: 2048, False: 1024}  # keyed by D <= 4
-_NUM_WARPS = 8
+# 8 warps per program; enable_fp_fusion=False: no FMA contraction, so a*b + c rounds like the reference.
+LAUNCH_OPTIONS = {"num_warps": 8, "enable_fp_fusion": False}
 _REDUCE_BLOCK = 1024
-# Launch option enable_fp_fusion=False: no FMA contraction, so a*b + c rounds like the reference.
 
 
 @triton.jit
@@ -139,8 +139,7 @@ def forward(factors: torch.Tensor, out_dtype: torch.dtype, with_sumsq: bool) -> 
             WITH_SUMSQ=with_sumsq,
             IS_FP64=is_fp64,
             BLOCK=block,
-            num_warps=_NUM_WARPS,
-            enable_fp_fusion=False,
+            **LAUNCH_OPTIONS,
         )
         if with_sumsq:
             torch.library.wrap_triton(_sum_partials_kernel)[(1,)](
@@ -172,7 +171,6 @@ def backward(factors: torch.Tensor, grad_w: torch.Tensor, grad_sumsq: torch.Tens
             HAS_PENALTY=has_penalty,
             IS_FP64=factors.dtype == torch.float64,
             BLOCK=block,
-            num_warps=_NUM_WARPS,
-            enable_fp_fusion=False,
+            **LAUNCH_OPTIONS,
         )
     return grad_factors

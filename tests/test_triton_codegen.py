@@ -1,0 +1,142 @@
+"""The Triton kernels compile for real GPU targets (sm_80, sm_90) on a machine without a GPU.
+
+The interpreter tests check the math; they never run Triton's code generator, so a kernel that
+only fails to compile for a GPU (e.g. a constexpr reassigned in an unrolled loop) would pass them.
+Here the kernels are compiled through PTX to cubin with Triton's bundled ptxas, and the PTX is
+checked for 16-byte vector accesses and for register spills to local memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("triton")
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from dwf_kernels import _triton_kernels as K
+
+    DIVISIBLE = [["tt.divisibility", 16]]  # what Triton's launcher specializes for aligned pointers and sizes
+    cases = json.loads(sys.argv[1])
+    out = []
+    for case in cases:
+        kernel = getattr(K, case["kernel"])
+        n_args = len(case["signature"]) - len(case["constexprs"])
+        src = ASTSource(fn=kernel, signature=case["signature"], constexprs=case["constexprs"],
+                        attrs={(i,): DIVISIBLE for i in range(n_args)})
+        options = dict(K.LAUNCH_OPTIONS, num_warps=case["num_warps"])  # what the launchers pass
+        compiled = triton.compile(src, target=GPUTarget("cuda", case["arch"], 32), options=options)
+        ptx = compiled.asm["ptx"]
+        wide = lambda op: ptx.count(op + ".v4.b32") + ptx.count(op + ".v2.b64")  # 16-byte accesses
+        out.append({"has_cubin": len(compiled.asm["cubin"]) > 0, "ld_16B": wide("ld.global"),
+                    "st_16B": wide("st.global"),
+                    "local": ptx.count("ld.local") + ptx.count("st.local"), "fma": ptx.count("fma.rn")})
+    print(json.dumps(out))
+    """
+)
+
+FORWARD_SIG = {
+    "F": "*fp32",
+    "W": "*fp32",
+    "partials": "*fp32",
+    "n": "i64",
+    "D": "constexpr",
+    "WITH_SUMSQ": "constexpr",
+    "IS_FP64": "constexpr",
+    "BLOCK": "constexpr",
+}
+BACKWARD_SIG = {
+    "F": "*fp32",
+    "GW": "*fp32",
+    "GF": "*fp32",
+    "grad_sumsq": "*fp32",
+    "n": "i64",
+    "D": "constexpr",
+    "HAS_PENALTY": "constexpr",
+    "IS_FP64": "constexpr",
+    "BLOCK": "constexpr",
+}
+
+
+def _case(kernel, signature, arch, **constexprs):
+    from dwf_kernels import _triton_kernels as K
+
+    return {
+        "kernel": kernel,
+        "signature": signature,
+        "constexprs": constexprs,
+        "arch": arch,
+        "num_warps": K.LAUNCH_OPTIONS["num_warps"],
+    }
+
+
+def _compile(cases):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, json.dumps(cases)], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_kernels_compile_to_cubin_with_vector_accesses_and_no_spills(arch):
+    from dwf_kernels import _triton_kernels as K
+
+    depths = [1, 4, 8, 16]
+    cases = []
+    for depth in depths:
+        cases.append(
+            _case(
+                "_dwf_forward_kernel",
+                FORWARD_SIG,
+                arch,
+                D=depth,
+                WITH_SUMSQ=True,
+                IS_FP64=False,
+                BLOCK=K._FORWARD_BLOCK[depth <= 8],
+            )
+        )
+        cases.append(
+            _case(
+                "_dwf_backward_kernel",
+                BACKWARD_SIG,
+                arch,
+                D=depth,
+                HAS_PENALTY=True,
+                IS_FP64=False,
+                BLOCK=K._BACKWARD_BLOCK[depth <= 4],
+            )
+        )
+    mixed = dict(FORWARD_SIG, W="*bf16")
+    cases.append(_case("_dwf_forward_kernel", mixed, arch, D=4, WITH_SUMSQ=True, IS_FP64=False, BLOCK=4096))
+    fp64 = {k: ("*fp64" if v == "*fp32" else v) for k, v in BACKWARD_SIG.items()}
+    cases.append(_case("_dwf_backward_kernel", fp64, arch, D=3, HAS_PENALTY=True, IS_FP64=True, BLOCK=1024))
+    reduce_sig = {"partials": "*fp32", "out": "*fp32", "m": "i64", "BLOCK": "constexpr"}
+    cases.append(
+        {
+            "kernel": "_sum_partials_kernel",
+            "signature": reduce_sig,
+            "constexprs": {"BLOCK": 1024},
+            "arch": arch,
+            "num_warps": 4,
+        }
+    )
+    results = _compile(cases)
+    for case, r in zip(cases, results, strict=True):
+        what = f"{case['kernel']} D={case['constexprs'].get('D')} sm_{arch}"
+        assert r["has_cubin"], what
+        assert r["local"] == 0, f"{what}: registers spill to local memory"
+        assert r["fma"] == 0, f"{what}: FMA contraction would change rounding against the reference"
+        if case["kernel"] != "_sum_partials_kernel":
+            assert r["ld_16B"] > 0 and r["st_16B"] > 0, f"{what}: no 16-byte vector loads/stores"
