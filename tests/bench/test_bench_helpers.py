@@ -96,3 +96,13 @@ def test_report_tables_from_benchmark_json(tmp_path):
     assert "| 100.000 |" in cpu_row and "| 10.0 | 50% |" in cpu_row and "10.00x" in cpu_row and "3.00x" in cpu_row
     assert cpu_row.endswith("| yes |")  # the 40 MB fresh allocation is flagged
     assert report._quantile([1.0, 2.0, 3.0, 4.0, 5.0], 0.2) == pytest.approx(1.8)
+
+
+def test_ab_prints_interleaved_medians_and_ratios(capsys):
+    import ab
+
+    assert ab.main(["--providers", "reference,eager", "--n", "4099", "--rounds", "3", "--depth", "3"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(":")[0].strip() for line in lines] == ["reference", "eager"]
+    assert all("median of 3 interleaved rounds" in line for line in lines)
+    assert any(line.endswith("1.00x vs slowest") for line in lines)
