@@ -49,3 +49,27 @@ def test_missing_dataset_says_what_to_put_where(tmp_path, name, folder):
 def test_unknown_dataset():
     with pytest.raises(ValueError, match="dataset must be one of"):
         load_data("imagenet", batch_size=8, seed=0)
+
+
+def test_tiny_imagenet_layout(tmp_path):
+    """The ImageFolder train split and the val split read from val_annotations.txt."""
+    from PIL import Image
+
+    base = tmp_path / "tiny-imagenet-200"
+    wnids = ["n01443537", "n01629819"]
+    for k, wnid in enumerate(wnids):
+        folder = base / "train" / wnid / "images"
+        folder.mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (64, 64), color=(40 * k, 10 * i, 0)).save(folder / f"{wnid}_{i}.JPEG")
+    (base / "val" / "images").mkdir(parents=True)
+    rows = []
+    for i, wnid in enumerate([wnids[1], wnids[0]]):
+        Image.new("RGB", (64, 64)).save(base / "val" / "images" / f"val_{i}.JPEG")
+        rows.append(f"val_{i}.JPEG\t{wnid}\t0\t0\t63\t63")
+    (base / "val" / "val_annotations.txt").write_text("\n".join(rows) + "\n")
+    data = load_data("tiny-imagenet", batch_size=4, seed=0, data_root=str(tmp_path))
+    assert (data.train_size, data.test_size, data.in_shape, data.num_classes) == (6, 2, (3, 64, 64), 200)
+    x, y = next(iter(data.test_batches()))
+    assert x.shape == (2, 3, 64, 64) and y.tolist() == [1, 0]
+    assert sum(len(y) for _, y in data.train_batches(0)) == 6
