@@ -123,7 +123,8 @@ def forward(factors: torch.Tensor, out_dtype: torch.dtype, with_sumsq: bool) -> 
     is_fp64 = factors.dtype == torch.float64
     acc = torch.float64 if is_fp64 else torch.float32
     w = torch.empty(factors.shape[1:], dtype=out_dtype, device=factors.device)
-    sumsq = torch.zeros((), dtype=acc, device=factors.device)
+    # The reduction kernel writes sumsq when it is requested; otherwise it is 0.
+    sumsq = (torch.empty if with_sumsq and n > 0 else torch.zeros)((), dtype=acc, device=factors.device)
     if n == 0:
         return w, sumsq
     block = _FORWARD_BLOCK[depth <= 8]
