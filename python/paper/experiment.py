@@ -100,7 +100,6 @@ def train_dwf(cfg: DWFConfig) -> tuple[dict, torch.nn.Module, object]:
         epochs=cfg.epochs,
         lr=cfg.lr,
         momentum=cfg.momentum,
-        seed=cfg.seed,
         progress=cfg.progress,
         stop_after=cfg.stop_after,
         output_dir=cfg.output_dir,
@@ -201,7 +200,7 @@ def run_pruned_at_init(cfg: BaselineConfig) -> dict:
         masks = baselines.synflow_masks(model, cfg.compression, data.in_shape)
     else:
         raise ValueError(f"method must be 'random', 'snip' or 'synflow'; got {cfg.method!r}")
-    loop = LoopConfig(epochs=cfg.epochs, lr=cfg.lr, momentum=cfg.momentum, seed=cfg.seed, progress=cfg.progress)
+    loop = LoopConfig(epochs=cfg.epochs, lr=cfg.lr, momentum=cfg.momentum, progress=cfg.progress)
     groups = [{"params": list(model.parameters()), "weight_decay": cfg.weight_decay}]
     outcome = fit(model, data, groups, loop, after_step=lambda m: baselines.apply_masks(m, masks))
     report = dwf_kernels.sparsity_report(model, EXACT_THRESHOLD)

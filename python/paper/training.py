@@ -18,7 +18,7 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -36,7 +36,6 @@ class LoopConfig:
     epochs: int
     lr: float
     momentum: float = 0.9
-    seed: int = 0
     progress: bool = True
     stop_after: int | None = None  # stop after this many epochs of this invocation (resume later)
     output_dir: str | None = None
@@ -120,7 +119,11 @@ def fit(
     for epoch in range(start_epoch, cfg.epochs):
         started = time.perf_counter()
         model.train()
-        loss_sum = correct = seen = 0.0
+        # Running sums stay on the device; reading them back (a host sync) only when shown keeps GPU
+        # steps asynchronous.
+        loss_sum = torch.zeros((), device=data.device)
+        correct = torch.zeros((), dtype=torch.long, device=data.device)
+        seen = 0
         bar = _progress(cfg.progress, data.num_train_batches(), f"epoch {epoch + 1}/{cfg.epochs}")
         for step, (x, y) in enumerate(data.train_batches(epoch)):
             logits = model(x)
@@ -131,20 +134,20 @@ def fit(
             optimizer.step()
             if after_step is not None:
                 after_step(model)
-            loss_sum += loss.item() * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.detach().argmax(1) == y).sum()
             seen += len(y)
             if bar is not None:
                 bar.update(1)
                 if step % 10 == 0:
-                    bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{100 * correct / seen:.2f}")
+                    bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{100 * correct.item() / seen:.2f}")
         scheduler.step()
         train_seconds += time.perf_counter() - started
         record = {
             "epoch": epoch + 1,
             "lr": optimizer.param_groups[0]["lr"],
-            "train_loss": loss_sum / seen,
-            "train_acc": 100 * correct / seen,
+            "train_loss": loss_sum.item() / seen,
+            "train_acc": 100 * correct.item() / seen,
             "test_acc": evaluate(model, data),
         }
         if epoch_metrics is not None:
@@ -200,10 +203,4 @@ def sparsity_metrics(thresholds: dict[str, float]) -> Callable[[nn.Module], dict
 
 def write_json(path: str, payload: dict) -> None:
     with open(path, "w") as f:
-        json.dump(payload, f, indent=2, default=_jsonable)
-
-
-def _jsonable(obj):
-    if hasattr(obj, "__dataclass_fields__"):
-        return asdict(obj)
-    return str(obj)
+        json.dump(payload, f, indent=2, default=str)
