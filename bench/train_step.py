@@ -4,7 +4,9 @@
 
 One step = forward + backward + SGD-with-momentum update at batch 128, for LeNet-300-100 and
 LeNet-5 (MNIST shapes), VGG-16 and ResNet-18 (CIFAR shapes). DWF adds its penalty (from the fused
-forward, or from the reference's autograd); dense uses weight decay. Each (model, variant) runs in
+forward, or from the reference's autograd); dense uses weight decay. Variants: dense; DWF on the
+reference backend; DWF fused (fused op, torch.optim.SGD); DWF fused + dwf_kernels.optim.FusedSGD
+(the backward fused into the update, DESIGN.md §7b). Each (model, variant) runs in
 a fresh process so its peak memory is its own: CUDA max_memory_allocated on a GPU, the process's
 peak RSS on CPU. Reports median and p20/p80 step time and the DWF overhead over dense.
 """
@@ -33,7 +35,7 @@ MODELS = {
     "vgg16": ((3, 32, 32), 10),
     "resnet18": ((3, 32, 32), 10),
 }
-VARIANTS = ("dense", "dwf-reference", "dwf-fused")
+VARIANTS = ("dense", "dwf-reference", "dwf-fused", "dwf-fused-sgd")
 
 
 def _quantile(data, q):
@@ -56,9 +58,9 @@ def run_case(model_name: str, variant: str, depth: int, batch: int, rounds: int,
         dwf_kernels.factorize(model, depth)
     model.to(device).train()
     lam = 1e-4
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4 if variant == "dense" else 0.0
-    )
+    # dwf-fused-sgd: the fused layers plus FusedSGD, whose step runs the DWF backward fused with the update.
+    sgd = dwf_kernels.optim.FusedSGD if variant == "dwf-fused-sgd" else torch.optim.SGD
+    optimizer = sgd(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4 if variant == "dense" else 0.0)
     x = torch.randn(batch, *in_shape, device=device)
     y = torch.randint(0, classes, (batch,), device=device)
     backend = "reference" if variant == "dwf-reference" else None
@@ -121,7 +123,7 @@ def markdown(results: list[dict], meta: dict) -> str:
             if r["model"] in dense and r["variant"] != "dense"
             else ""
         )
-        name = r["variant"] + (f" ({r['backend']})" if r["variant"] == "dwf-fused" else "")
+        name = r["variant"] + (f" ({r['backend']})" if r["variant"].startswith("dwf-fused") else "")
         lines.append(
             f"| {r['model']} | {name} | {r['median_ms']:.2f} | {r['p20_ms']:.2f}-{r['p80_ms']:.2f} | "
             f"{overhead} | {r['peak_mb']:.0f} |"

@@ -68,6 +68,32 @@ inline void check_backward_args(const at::Tensor& factors, const at::Tensor& gra
   }
 }
 
+// The fused backward + SGD step updates factors (and the momentum buffer) in place.
+inline void check_sgd_step_args(const at::Tensor& factors, const std::optional<at::Tensor>& momentum_buffer,
+                                const at::Tensor& grad_w, const std::optional<at::Tensor>& grad_sumsq,
+                                double momentum) {
+  check_backward_args(factors, grad_w, grad_sumsq);
+  TORCH_CHECK(factors.is_contiguous(), "dwf_kernels: factors must be contiguous to be updated in place");
+  if (momentum != 0) {
+    TORCH_CHECK(momentum_buffer.has_value(), "dwf_kernels: momentum_buffer is required when momentum != 0");
+    TORCH_CHECK(momentum_buffer->sizes() == factors.sizes() && momentum_buffer->dtype() == factors.dtype() &&
+                    momentum_buffer->device() == factors.device() && momentum_buffer->is_contiguous(),
+                "dwf_kernels: momentum_buffer must be a contiguous tensor with the factors' shape ", factors.sizes(),
+                ", dtype and device; got shape ", momentum_buffer->sizes(), ", ", momentum_buffer->dtype(), ", ",
+                momentum_buffer->device());
+  }
+}
+
+// The SGD hyper-parameters in the arithmetic type A. They are rounded to A first, exactly as
+// torch rounds a Python float Scalar to the tensor's dtype.
+template <typename A>
+SgdStep<A> make_sgd_step(double lr, double momentum, double dampening, double weight_decay, bool nesterov,
+                         bool maximize, bool init_buffer) {
+  return SgdStep<A>{static_cast<A>(-lr), static_cast<A>(momentum), static_cast<A>(1.0 - dampening),
+                    static_cast<A>(weight_decay), A(-1), momentum != 0, weight_decay != 0, nesterov, maximize,
+                    init_buffer};
+}
+
 // Calls f(std::integral_constant<int, kD>) with kD = depth for the fast paths 2..8 and kD = 0
 // (the general, runtime-depth path) for 1 and 9..16.
 template <typename F>

@@ -16,6 +16,8 @@
 #define DWF_UNROLL _Pragma("GCC unroll 16")
 #endif
 
+#include <cmath>
+
 namespace dwf {
 
 constexpr int kMaxDepth = 16;
@@ -78,6 +80,41 @@ DWF_HD void add_penalty_grads(const T* f, int depth, T two_s, T* grad) {
   const int D = resolve_depth<kD>(depth);
   DWF_UNROLL
   for (int d = 0; d < D; ++d) grad[d] = grad[d] + two_s * f[d];
+}
+
+// a * b + c with one rounding. Scalars here; the CPU kernels' SIMD registers find at::vec::fmadd
+// by argument-dependent lookup (a true FMA instruction on AVX2/AVX-512).
+DWF_HD float fmadd(float a, float b, float c) { return fmaf(a, b, c); }
+DWF_HD double fmadd(double a, double b, double c) { return fma(a, b, c); }
+
+// The hyper-parameters of one SGD step, as values of the arithmetic type V (a scalar, or a SIMD
+// register with the value in every lane).
+template <typename V>
+struct SgdStep {
+  V neg_lr;               // -lr
+  V momentum;
+  V one_minus_dampening;  // 1 - dampening
+  V weight_decay;
+  V minus_one;
+  bool has_momentum;
+  bool has_weight_decay;
+  bool nesterov;
+  bool maximize;
+  bool init_buffer;  // first step: the momentum buffer starts as the gradient (it is not read)
+};
+
+// One torch.optim.SGD step of one parameter element p (and its momentum buffer) from gradient g,
+// in torch's order and with its roundings: torch's `a.add(b, alpha=x)` is fmadd(b, x, a) and
+// `buf.mul_(momentum)` rounds before the add. So fp32/fp64 results equal torch.optim.SGD's.
+template <typename V>
+DWF_HD void sgd_update(const SgdStep<V>& s, V g, V& p, V& buf) {
+  if (s.maximize) g = g * s.minus_one;
+  if (s.has_weight_decay) g = fmadd(p, s.weight_decay, g);
+  if (s.has_momentum) {
+    buf = s.init_buffer ? g : fmadd(g, s.one_minus_dampening, buf * s.momentum);
+    g = s.nesterov ? fmadd(buf, s.momentum, g) : buf;
+  }
+  p = fmadd(g, s.neg_lr, p);
 }
 
 }  // namespace dwf

@@ -22,4 +22,12 @@ TORCH_LIBRARY(dwf_kernels, m) {
   // d/dfactors of L given grad_w = dL/dw and grad_sumsq = dL/dsumsq (None: the penalty is unused).
   m.def("dwf_backward(Tensor factors, Tensor grad_w, Tensor? grad_sumsq) -> Tensor",
         {at::Tag::pt2_compliant_tag});
+  // The fused backward + torch.optim.SGD step (DESIGN.md §7b): the factor gradients of dwf_backward
+  // are formed in registers and applied at once, updating factors and momentum_buffer in place;
+  // no gradient tensor exists. init_buffer: this is the buffer's first step (it is written, not read).
+  m.def(
+      "dwf_sgd_step(Tensor(a!) factors, Tensor(b!)? momentum_buffer, Tensor grad_w, Tensor? grad_sumsq, "
+      "float lr, float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, "
+      "bool init_buffer) -> ()",
+      {at::Tag::pt2_compliant_tag});
 }

@@ -5,6 +5,7 @@
 
     model = dwf_kernels.factorize(model, depth=4)                   # Linear/Conv -> DWF layers
     loss = criterion(model(x), y) + dwf_kernels.penalty(model, lam)
+    optimizer = dwf_kernels.optim.FusedSGD(model.parameters(), lr, momentum=0.9)  # backward fused into step
     sparse = dwf_kernels.collapse(model)                             # plain torch.nn, exact zeros
     print(dwf_kernels.sparsity_report(sparse))
 
@@ -15,10 +16,11 @@ from . import (
     _extension,  # noqa: F401  (loads dwf_kernels._C, or warns once)
     init,
     nn,
+    optim,
 )
 from .backends import BACKENDS, available_backends, current_backend, use_backend
 from .model import DEFAULT_THRESHOLD, collapse, factorize, penalty, sparsity_report
-from .ops import dwf_product, dwf_product_backward
+from .ops import dwf_product, dwf_product_backward, dwf_sgd_step
 
 __all__ = [
     "BACKENDS",
@@ -28,9 +30,11 @@ __all__ = [
     "current_backend",
     "dwf_product",
     "dwf_product_backward",
+    "dwf_sgd_step",
     "factorize",
     "init",
     "nn",
+    "optim",
     "penalty",
     "sparsity_report",
     "use_backend",

@@ -26,15 +26,22 @@ def fake_backward(factors: torch.Tensor, grad_w: torch.Tensor, grad_sumsq: torch
     return factors.new_empty(factors.shape)
 
 
-def register_fakes(forward_name: str, backward_name: str) -> None:
+def fake_sgd_step(factors, momentum_buffer, grad_w, grad_sumsq, *hyper) -> None:
+    return None  # updates its inputs in place; no outputs
+
+
+def register_fakes(forward_name: str, backward_name: str, sgd_step_name: str) -> None:
     torch.library.register_fake(forward_name)(fake_forward)
     torch.library.register_fake(backward_name)(fake_backward)
+    torch.library.register_fake(sgd_step_name)(fake_sgd_step)
 
 
-def register(forward_name: str, backward_name: str, backward_op: Callable[..., torch.Tensor]) -> None:
+def register(
+    forward_name: str, backward_name: str, sgd_step_name: str, backward_op: Callable[..., torch.Tensor]
+) -> None:
     """Registers fakes for both ops and the autograd formula of the forward op (in Python; the
     compiled ops carry theirs in C++, csrc/dwf_autograd.cpp)."""
-    register_fakes(forward_name, backward_name)
+    register_fakes(forward_name, backward_name, sgd_step_name)
 
     def setup_context(ctx, inputs, output) -> None:
         factors, _out_dtype, with_sumsq = inputs

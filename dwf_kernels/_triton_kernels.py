@@ -64,6 +64,20 @@ def _sum_partials_kernel(partials, out, m, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _load_factors(F, offs, mask, n, D: tl.constexpr, IS_FP64: tl.constexpr):
+    """All D factors and prefix[d] = f[0] * ... * f[d-1] (prefix[0] is unused), held in registers."""
+    f0 = _to_acc(tl.load(F + offs, mask=mask, other=0.0), IS_FP64)
+    fs = (f0,)
+    prefix = (f0, f0)
+    for d in tl.static_range(1, D):
+        fd = _to_acc(tl.load(F + d * n + offs, mask=mask, other=0.0), IS_FP64)
+        fs = fs + (fd,)
+        if d >= 2:
+            prefix = prefix + (prefix[d - 1] * fs[d - 1],)
+    return fs, prefix
+
+
+@triton.jit
 def _dwf_backward_kernel(
     F,
     GW,
@@ -78,15 +92,7 @@ def _dwf_backward_kernel(
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    # All D factors, and prefix[d] = f[0] * ... * f[d-1] (prefix[0] is unused), held in registers.
-    f0 = _to_acc(tl.load(F + offs, mask=mask, other=0.0), IS_FP64)
-    fs = (f0,)
-    prefix = (f0, f0)
-    for d in tl.static_range(1, D):
-        fd = _to_acc(tl.load(F + d * n + offs, mask=mask, other=0.0), IS_FP64)
-        fs = fs + (fd,)
-        if d >= 2:
-            prefix = prefix + (prefix[d - 1] * fs[d - 1],)
+    fs, prefix = _load_factors(F, offs, mask, n, D, IS_FP64)
     # The suffix product carries g: grad[d] = prefix[d] * (g * f[D-1] * ... * f[d+1]). No division
     # (factors reach exactly 0), and the same association as autograd of the left-to-right chain.
     suffix = _to_acc(tl.load(GW + offs, mask=mask, other=0.0), IS_FP64)
@@ -101,6 +107,69 @@ def _dwf_backward_kernel(
         if HAS_PENALTY:
             grad = grad + two_s * fs[k]
         tl.store(GF + k * n + offs, grad.to(GF.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dwf_sgd_step_kernel(
+    F,
+    B,
+    GW,
+    grad_sumsq,
+    hyper,
+    n,
+    neg_lr,
+    momentum,
+    one_minus_dampening,
+    weight_decay,
+    D: tl.constexpr,
+    HAS_PENALTY: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr,
+    INIT_BUFFER: tl.constexpr,
+    HAS_WEIGHT_DECAY: tl.constexpr,
+    NESTEROV: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    IS_FP64: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # The backward kernel's gradients, applied at once as torch.optim.SGD does (csrc/dwf_math.h
+    # sgd_update: same order, `a.add(b, alpha=x)` as fma(b, x, a)); factors and buffer in place.
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    if IS_FP64:
+        # Triton passes float arguments as fp32; fp64 hyper-parameters come from a tensor.
+        neg_lr = tl.load(hyper)
+        momentum = tl.load(hyper + 1)
+        one_minus_dampening = tl.load(hyper + 2)
+        weight_decay = tl.load(hyper + 3)
+    fs, prefix = _load_factors(F, offs, mask, n, D, IS_FP64)
+    suffix = _to_acc(tl.load(GW + offs, mask=mask, other=0.0), IS_FP64)
+    if HAS_PENALTY:
+        two_s = 2.0 * _to_acc(tl.load(grad_sumsq), IS_FP64)
+    for k in tl.static_range(D - 1, -1, -1):
+        if k >= 1:
+            grad = prefix[k] * suffix
+            suffix = suffix * fs[k]
+        else:
+            grad = suffix
+        if HAS_PENALTY:
+            grad = grad + two_s * fs[k]
+        if MAXIMIZE:
+            grad = -grad
+        if HAS_WEIGHT_DECAY:
+            grad = tl.fma(fs[k], weight_decay, grad)
+        if HAS_MOMENTUM:
+            if INIT_BUFFER:
+                buf = grad
+            else:
+                buf = _to_acc(tl.load(B + k * n + offs, mask=mask, other=0.0), IS_FP64)
+                buf = tl.fma(grad, one_minus_dampening, buf * momentum)
+            tl.store(B + k * n + offs, buf.to(B.dtype.element_ty), mask=mask)
+            if NESTEROV:
+                grad = tl.fma(buf, momentum, grad)
+            else:
+                grad = buf
+        tl.store(F + k * n + offs, tl.fma(grad, neg_lr, fs[k]).to(F.dtype.element_ty), mask=mask)
 
 
 def _launch_guard(t: torch.Tensor):
@@ -175,3 +244,49 @@ def backward(factors: torch.Tensor, grad_w: torch.Tensor, grad_sumsq: torch.Tens
             **LAUNCH_OPTIONS,
         )
     return grad_factors
+
+
+def sgd_step(
+    factors: torch.Tensor,
+    momentum_buffer: torch.Tensor | None,
+    grad_w: torch.Tensor,
+    grad_sumsq: torch.Tensor | None,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+    init_buffer: bool,
+) -> None:
+    """Launches the fused backward + SGD step: updates factors (and momentum_buffer) in place."""
+    grad_w = grad_w.contiguous()
+    depth = factors.shape[0]
+    n = factors[0].numel()
+    if n == 0:
+        return
+    is_fp64 = factors.dtype == torch.float64
+    has_penalty = grad_sumsq is not None
+    values = (-float(lr), float(momentum), 1.0 - float(dampening), float(weight_decay))
+    hyper = torch.tensor(values, dtype=torch.float64, device=factors.device) if is_fp64 else grad_w
+    block = _BACKWARD_BLOCK[depth <= 4]
+    with _launch_guard(factors):
+        torch.library.wrap_triton(_dwf_sgd_step_kernel)[(triton.cdiv(n, block),)](
+            factors,
+            momentum_buffer if momentum != 0 else factors,  # any pointer when unused
+            grad_w,
+            grad_sumsq.reshape(()) if has_penalty else grad_w,
+            hyper,
+            n,
+            *values,
+            D=depth,
+            HAS_PENALTY=has_penalty,
+            HAS_MOMENTUM=momentum != 0,
+            INIT_BUFFER=init_buffer,
+            HAS_WEIGHT_DECAY=weight_decay != 0,
+            NESTEROV=nesterov,
+            MAXIMIZE=maximize,
+            IS_FP64=is_fp64,
+            BLOCK=block,
+            **LAUNCH_OPTIONS,
+        )

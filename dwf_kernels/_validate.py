@@ -83,3 +83,41 @@ def check_backward(factors: torch.Tensor, grad_w: torch.Tensor, grad_sumsq: torc
             raise ValueError(f"grad_sumsq must be on the factors' device {factors.device}; got {grad_sumsq.device}")
         if not grad_sumsq.dtype.is_floating_point:
             raise TypeError(f"grad_sumsq must be floating; got {_dtype_name(grad_sumsq.dtype)}")
+
+
+def check_sgd_step(
+    factors: torch.Tensor,
+    grad_w: torch.Tensor,
+    grad_sumsq: torch.Tensor | None,
+    momentum_buffer: torch.Tensor | None,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+) -> None:
+    """The fused SGD step's arguments: those of the backward, the buffer, and torch.optim.SGD's rules."""
+    check_backward(factors, grad_w, grad_sumsq)
+    if not factors.is_contiguous():
+        raise ValueError("factors must be contiguous: the fused SGD step updates them in place")
+    for name, value in (("lr", lr), ("momentum", momentum), ("dampening", dampening), ("weight_decay", weight_decay)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a Python float; got {type(value).__name__}")
+        if not value >= 0.0:
+            raise ValueError(f"{name} must be >= 0; got {value}")
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError("nesterov momentum requires momentum > 0 and zero dampening")
+    if momentum_buffer is not None:
+        if not isinstance(momentum_buffer, torch.Tensor):
+            raise TypeError(f"momentum_buffer must be a torch.Tensor or None; got {type(momentum_buffer).__name__}")
+        if (
+            momentum_buffer.shape != factors.shape
+            or momentum_buffer.dtype != factors.dtype
+            or momentum_buffer.device != factors.device
+            or not momentum_buffer.is_contiguous()
+        ):
+            raise ValueError(
+                "momentum_buffer must be a contiguous tensor with the factors' shape, dtype and device "
+                f"({tuple(factors.shape)}, {_dtype_name(factors.dtype)}, {factors.device}); got "
+                f"{tuple(momentum_buffer.shape)}, {_dtype_name(momentum_buffer.dtype)}, {momentum_buffer.device}"
+            )

@@ -7,11 +7,17 @@ The bias is an ordinary, unfactorized, unpenalized parameter.
 
 Under torch.autocast the fused op writes w directly in the autocast dtype (fp32 factors, bf16/fp16
 w), so mixed precision costs no extra cast pass.
+
+A layer whose factors a `dwf_kernels.optim.FusedSGD` updates is in fused mode: its training
+forwards hand autograd w and sumsq as leaves, and the optimizer collects dL/dw and dL/dsumsq
+(`pending_grads`) in place of factor gradients.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -25,6 +31,14 @@ class DWFLayer(nn.Module):
 
     factors: nn.Parameter
     bias: nn.Parameter | None
+    pending_grads = None  # a dwf_kernels.optim.PendingGrads while a FusedSGD updates this layer
+
+    _live: weakref.WeakSet[DWFLayer] = weakref.WeakSet()
+
+    @classmethod
+    def live_layers(cls) -> Iterator[DWFLayer]:
+        """Every DWF layer that exists now (FusedSGD finds the layers of its parameters here)."""
+        return iter(list(cls._live))
 
     def _setup_factors(self, weight_shape: torch.Size, depth: int, bias: bool, device, dtype) -> None:
         if not isinstance(depth, int) or not 1 <= depth <= 16:
@@ -35,6 +49,7 @@ class DWFLayer(nn.Module):
         out_features = weight_shape[0]
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
         self.last_sumsq: torch.Tensor | None = None
+        DWFLayer._live.add(self)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -53,7 +68,21 @@ class DWFLayer(nn.Module):
             autocast_dtype = torch.get_autocast_dtype(device_type)
             if autocast_dtype in (torch.bfloat16, torch.float16):
                 out_dtype = autocast_dtype
-        w, sumsq = dwf_product(self.factors, return_sumsq=True, out_dtype=out_dtype)
+        pending = self.pending_grads
+        if (
+            pending is not None
+            and pending.active()
+            and torch.is_grad_enabled()
+            and self.factors.requires_grad
+            and not torch.compiler.is_compiling()
+        ):
+            # Fused mode: autograd stops at w and sumsq; the optimizer's step applies the backward.
+            with torch.no_grad():
+                w, sumsq = dwf_product(self.factors, return_sumsq=True, out_dtype=out_dtype)
+            w.requires_grad_(True).register_post_accumulate_grad_hook(pending.take_grad_w)
+            sumsq.requires_grad_(True).register_post_accumulate_grad_hook(pending.take_grad_sumsq)
+        else:
+            w, sumsq = dwf_product(self.factors, return_sumsq=True, out_dtype=out_dtype)
         self.last_sumsq = sumsq
         return w
 
@@ -78,9 +107,15 @@ class DWFLayer(nn.Module):
     def __getstate__(self) -> dict:
         # The recorded sum of squares belongs to one forward's autograd graph: a non-leaf tensor,
         # which deepcopy refuses and pickling must not carry. A copy starts without one.
+        # A copy is not updated by this layer's FusedSGD either: it starts outside fused mode.
         state = self.__dict__.copy()
         state["last_sumsq"] = None
+        state.pop("pending_grads", None)
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        DWFLayer._live.add(self)
 
 
 class DWFLinear(DWFLayer):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import compiled_ops, reference, triton_ops
-from ._validate import check_backward, check_forward
+from ._validate import check_backward, check_forward, check_sgd_step
 from .backends import resolve_backend
 
 
@@ -22,6 +22,10 @@ def _forward_op(backend: str):
 
 def _backward_op(backend: str):
     return triton_ops.backward_op if backend == "triton" else compiled_ops.backward_op
+
+
+def _sgd_step_op(backend: str):
+    return triton_ops.sgd_step_op if backend == "triton" else compiled_ops.sgd_step_op
 
 
 def dwf_product(
@@ -72,3 +76,54 @@ def dwf_product_backward(
     if name == "reference":
         return reference.dwf_backward_reference(factors, grad_w, grad_sumsq)
     return _backward_op(name)(factors, grad_w, grad_sumsq)
+
+
+def dwf_sgd_step(
+    factors: torch.Tensor,
+    grad_w: torch.Tensor,
+    grad_sumsq: torch.Tensor | None = None,
+    momentum_buffer: torch.Tensor | None = None,
+    *,
+    lr: float,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    maximize: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor | None:
+    """The fused backward + SGD step (DESIGN.md §7b): one pass, no factor-gradient tensor.
+
+    Updates `factors` in place exactly as torch.optim.SGD (same hyper-parameters, same order of
+    operations) would with the gradient `dwf_product_backward(factors, grad_w, grad_sumsq)`; that
+    gradient is formed per element in registers and never written. It moves 4D+1 elements per
+    weight (read D factors, grad_w and D buffers; write D factors and D buffers) where the backward
+    followed by the optimizer moves 7D+1 or more.
+
+    momentum_buffer: the buffer of earlier steps (updated in place), or None on the first step, as
+    torch.optim.SGD keeps it. Returns the buffer (new on the first step) when momentum != 0, else None.
+    """
+    check_sgd_step(factors, grad_w, grad_sumsq, momentum_buffer, lr, momentum, dampening, weight_decay, nesterov)
+    name = resolve_backend(factors.device.type, backend)
+    init_buffer = momentum != 0 and momentum_buffer is None
+    if init_buffer:
+        momentum_buffer = torch.empty_like(factors, memory_format=torch.contiguous_format)
+    args = (
+        factors,
+        momentum_buffer if momentum != 0 else None,
+        grad_w,
+        grad_sumsq,
+        float(lr),
+        float(momentum),
+        float(dampening),
+        float(weight_decay),
+        bool(nesterov),
+        bool(maximize),
+        init_buffer,
+    )
+    with torch.no_grad():
+        if name == "reference":
+            reference.dwf_sgd_step_reference(*args)
+        else:
+            _sgd_step_op(name)(*args)
+    return momentum_buffer if momentum != 0 else None

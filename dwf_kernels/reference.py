@@ -8,6 +8,7 @@ backward. Nothing here is fused; it moves several times the memory of the kernel
 from __future__ import annotations
 
 import torch
+from torch.optim.sgd import sgd as _torch_sgd
 
 from ._validate import acc_dtype
 
@@ -37,3 +38,44 @@ def dwf_backward_reference(
             grads.append(grad_sumsq.reshape(()).to(sumsq.dtype))
         (grad,) = torch.autograd.grad(outputs, [f], grads)
     return grad
+
+
+def dwf_sgd_step_reference(
+    factors: torch.Tensor,
+    momentum_buffer: torch.Tensor | None,
+    grad_w: torch.Tensor,
+    grad_sumsq: torch.Tensor | None,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+    init_buffer: bool,
+) -> None:
+    """The factor gradients of dwf_backward_reference, then torch.optim.SGD's own update, in place.
+
+    The arithmetic is the kernels': fp32 (fp64 for fp64) from the values as loaded, rounded once
+    when stored, so bf16/fp16 factors and buffers are updated through fp32 copies.
+    """
+    acc = acc_dtype(factors.dtype)
+    grad = dwf_backward_reference(factors.to(acc), grad_w if factors.dtype == acc else grad_w.to(acc), grad_sumsq)
+    params = [factors if factors.dtype == acc else factors.to(acc)]
+    buffers = [None if init_buffer or momentum == 0 else momentum_buffer.to(acc)]
+    with torch.no_grad():
+        _torch_sgd(
+            params,
+            [grad],
+            buffers,
+            foreach=False,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            lr=lr,
+            dampening=dampening,
+            nesterov=nesterov,
+            maximize=maximize,
+        )
+        if params[0] is not factors:
+            factors.copy_(params[0])
+        if momentum != 0 and buffers[0] is not momentum_buffer:
+            momentum_buffer.copy_(buffers[0])

@@ -1,4 +1,4 @@
-"""The `triton` backend: the Triton kernels registered as custom ops dwf_triton::dwf_forward/backward.
+"""The `triton` backend: the Triton kernels as custom ops dwf_triton::dwf_forward/backward/sgd_step.
 
 Registered with torch.library.custom_op + register_fake, launching through wrap_triton, so
 torch.compile(fullgraph=True) sees one node and opcheck passes, on a GPU and under
@@ -24,7 +24,7 @@ try:
 except ImportError as exc:
     AVAILABLE = False
     IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
-    forward_op = backward_op = None
+    forward_op = backward_op = sgd_step_op = None
 else:
     AVAILABLE = True
 
@@ -40,6 +40,43 @@ else:
         _validate.check_backward(factors, grad_w, grad_sumsq)
         return _triton_kernels.backward(factors, grad_w, grad_sumsq)
 
-    _autograd.register("dwf_triton::dwf_forward", "dwf_triton::dwf_backward", torch.ops.dwf_triton.dwf_backward)
+    @torch.library.custom_op("dwf_triton::dwf_sgd_step", mutates_args=("factors", "momentum_buffer"))
+    def _dwf_sgd_step(
+        factors: torch.Tensor,
+        momentum_buffer: torch.Tensor | None,
+        grad_w: torch.Tensor,
+        grad_sumsq: torch.Tensor | None,
+        lr: float,
+        momentum: float,
+        dampening: float,
+        weight_decay: float,
+        nesterov: bool,
+        maximize: bool,
+        init_buffer: bool,
+    ) -> None:
+        _validate.check_sgd_step(
+            factors, grad_w, grad_sumsq, momentum_buffer, lr, momentum, dampening, weight_decay, nesterov
+        )
+        _triton_kernels.sgd_step(
+            factors,
+            momentum_buffer,
+            grad_w,
+            grad_sumsq,
+            lr,
+            momentum,
+            dampening,
+            weight_decay,
+            nesterov,
+            maximize,
+            init_buffer,
+        )
+
+    _autograd.register(
+        "dwf_triton::dwf_forward",
+        "dwf_triton::dwf_backward",
+        "dwf_triton::dwf_sgd_step",
+        torch.ops.dwf_triton.dwf_backward,
+    )
     forward_op = torch.ops.dwf_triton.dwf_forward
     backward_op = torch.ops.dwf_triton.dwf_backward
+    sgd_step_op = torch.ops.dwf_triton.dwf_sgd_step

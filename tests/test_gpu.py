@@ -1,4 +1,4 @@
-"""CUDA-only checks: tensors past 2^31 elements, CUDA graphs through torch.compile, streams.
+"""CUDA-only checks: tensors past 2^31 elements, CUDA graphs (torch.compile, a captured SGD step), streams.
 
 Skipped without a GPU (the CPU and interpreter suites cover the same semantics); run by
 bench/gpu_check.sh on a GPU machine.
@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import KERNEL_BACKENDS, make_factors
 
-from dwf_kernels import dwf_product, dwf_product_backward
+from dwf_kernels import dwf_product, dwf_product_backward, dwf_sgd_step
 
 CUDA_BACKENDS = [p for p in KERNEL_BACKENDS if p.values[0] == "cuda"]
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -66,3 +66,32 @@ def test_runs_on_the_current_stream(device, backend):
         w = dwf_product(factors, backend=backend)
     stream.synchronize()
     torch.testing.assert_close(w, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device,backend", CUDA_BACKENDS)
+def test_sgd_step_replays_in_a_cuda_graph(device, backend):
+    """The fused step reads the penalty scale on the device (no host sync), so it can be captured."""
+    factors = make_factors(4, (4099,), torch.float32, device)
+    start_buffer = make_factors(4, (4099,), torch.float32, device, seed=1)
+    grad_w = make_factors(1, (4099,), torch.float32, device, seed=2)[0]
+    s = torch.tensor(0.01, device=device)
+    options = {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4}
+    expected, expected_buffer = factors.clone(), start_buffer.clone()
+    for _ in range(3):
+        dwf_sgd_step(expected, grad_w, s, expected_buffer, backend=backend, **options)
+
+    f, buffer = factors.clone(), start_buffer.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (Triton compiles) outside the capture
+        dwf_sgd_step(f, grad_w, s, buffer, backend=backend, **options)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        dwf_sgd_step(f, grad_w, s, buffer, backend=backend, **options)
+    f.copy_(factors)
+    buffer.copy_(start_buffer)
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(f, expected) and torch.equal(buffer, expected_buffer)

@@ -31,9 +31,10 @@ SCRIPT = textwrap.dedent(
     out = []
     for case in cases:
         kernel = getattr(K, case["kernel"])
-        n_args = len(case["signature"]) - len(case["constexprs"])
+        kinds = list(case["signature"].values())
+        aligned = [i for i, kind in enumerate(kinds) if kind.startswith("*") or kind == "i64"]
         src = ASTSource(fn=kernel, signature=case["signature"], constexprs=case["constexprs"],
-                        attrs={(i,): DIVISIBLE for i in range(n_args)})
+                        attrs={(i,): DIVISIBLE for i in aligned})
         options = dict(K.LAUNCH_OPTIONS, num_warps=case["num_warps"])  # what the launchers pass
         compiled = triton.compile(src, target=GPUTarget("cuda", case["arch"], 32), options=options)
         ptx = compiled.asm["ptx"]
@@ -63,6 +64,27 @@ BACKWARD_SIG = {
     "n": "i64",
     "D": "constexpr",
     "HAS_PENALTY": "constexpr",
+    "IS_FP64": "constexpr",
+    "BLOCK": "constexpr",
+}
+SGD_STEP_SIG = {
+    "F": "*fp32",
+    "B": "*fp32",
+    "GW": "*fp32",
+    "grad_sumsq": "*fp32",
+    "hyper": "*fp32",
+    "n": "i64",
+    "neg_lr": "fp32",
+    "momentum": "fp32",
+    "one_minus_dampening": "fp32",
+    "weight_decay": "fp32",
+    "D": "constexpr",
+    "HAS_PENALTY": "constexpr",
+    "HAS_MOMENTUM": "constexpr",
+    "INIT_BUFFER": "constexpr",
+    "HAS_WEIGHT_DECAY": "constexpr",
+    "NESTEROV": "constexpr",
+    "MAXIMIZE": "constexpr",
     "IS_FP64": "constexpr",
     "BLOCK": "constexpr",
 }
@@ -132,11 +154,68 @@ def test_kernels_compile_to_cubin_with_vector_accesses_and_no_spills(arch):
             "num_warps": 4,
         }
     )
+    for depth, init_buffer in ((1, False), (4, False), (4, True), (8, False), (16, False)):
+        cases.append(
+            _case(
+                "_dwf_sgd_step_kernel",
+                SGD_STEP_SIG,
+                arch,
+                D=depth,
+                HAS_PENALTY=True,
+                HAS_MOMENTUM=True,
+                INIT_BUFFER=init_buffer,
+                HAS_WEIGHT_DECAY=True,
+                NESTEROV=True,
+                MAXIMIZE=False,
+                IS_FP64=False,
+                BLOCK=K._BACKWARD_BLOCK[depth <= 4],
+            )
+        )
+    plain = {"HAS_MOMENTUM": False, "INIT_BUFFER": False, "HAS_WEIGHT_DECAY": False, "NESTEROV": False}
+    mixed_sgd = dict(SGD_STEP_SIG, GW="*bf16")
+    cases.append(
+        _case(
+            "_dwf_sgd_step_kernel",
+            mixed_sgd,
+            arch,
+            D=4,
+            HAS_PENALTY=False,
+            MAXIMIZE=True,
+            IS_FP64=False,
+            BLOCK=2048,
+            **plain,
+        )
+    )
+    fp64_sgd = {k: ("*fp64" if v == "*fp32" else v) for k, v in SGD_STEP_SIG.items()}
+    cases.append(
+        _case(
+            "_dwf_sgd_step_kernel",
+            fp64_sgd,
+            arch,
+            D=3,
+            HAS_PENALTY=True,
+            HAS_MOMENTUM=True,
+            INIT_BUFFER=False,
+            HAS_WEIGHT_DECAY=False,
+            NESTEROV=False,
+            MAXIMIZE=False,
+            IS_FP64=True,
+            BLOCK=2048,
+        )
+    )
     results = _compile(cases)
     for case, r in zip(cases, results, strict=True):
         what = f"{case['kernel']} D={case['constexprs'].get('D')} sm_{arch}"
         assert r["has_cubin"], what
         assert r["local"] == 0, f"{what}: registers spill to local memory"
-        assert r["fma"] == 0, f"{what}: FMA contraction would change rounding against the reference"
+        if case["kernel"] == "_dwf_sgd_step_kernel":
+            # Exactly the explicit fmas of torch.optim.SGD's update (weight decay, momentum, nesterov,
+            # the step) per factor element, and no contraction of the gradient math around them.
+            c = case["constexprs"]
+            per_element = 1 + c["HAS_WEIGHT_DECAY"] + (c["HAS_MOMENTUM"] and not c["INIT_BUFFER"]) + c["NESTEROV"]
+            elements_per_thread = c["BLOCK"] // (32 * case["num_warps"])
+            assert r["fma"] == c["D"] * elements_per_thread * per_element, f"{what}: {r['fma']} fma instructions"
+        else:
+            assert r["fma"] == 0, f"{what}: FMA contraction would change rounding against the reference"
         if case["kernel"] != "_sum_partials_kernel":
             assert r["ld_16B"] > 0 and r["st_16B"] > 0, f"{what}: no 16-byte vector loads/stores"

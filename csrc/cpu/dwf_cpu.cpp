@@ -154,6 +154,63 @@ void backward_kernel(const T* F, const G* GW, T* GF, int64_t n, int depth, bool 
   });
 }
 
+// One pass of the fused backward + SGD step: per element, the D factor gradients of
+// backward_kernel are formed in registers and applied by sgd_update; factors and momentum buffer
+// are updated in place. Reads D factors, grad_w and D buffers; writes D factors and D buffers.
+template <int kD, typename T, typename G>
+void sgd_step_kernel(T* F, T* B, const G* GW, int64_t n, int depth, bool has_penalty,
+                     typename AccType<T>::type two_s, const SgdStep<typename AccType<T>::type>& step) {
+  using IO = VecIO<T>;
+  using acc_t = typename IO::acc_t;
+  using Vec = typename IO::Vec;
+  constexpr int kSlots = DepthSlots<kD>::value;
+  const int D = resolve_depth<kD>(depth);
+  const Vec two_s_vec(two_s);
+  const SgdStep<Vec> vstep{Vec(step.neg_lr),       Vec(step.momentum), Vec(step.one_minus_dampening),
+                           Vec(step.weight_decay), Vec(step.minus_one), step.has_momentum,
+                           step.has_weight_decay,  step.nesterov,       step.maximize,
+                           step.init_buffer};
+  const bool read_buffer = step.has_momentum && !step.init_buffer;
+
+  at::parallel_for(0, num_chunks(n), 1, [&](int64_t c0, int64_t c1) {
+    const int64_t begin = c0 * kChunk;
+    const int64_t end = std::min(n, c1 * kChunk);
+    Vec fa[kSlots], fb[kSlots], ga[kSlots], gb[kSlots];
+    int64_t i = begin;
+    for (; i + IO::kStep <= end; i += IO::kStep) {
+      for (int d = 0; d < D; ++d) IO::load(F + d * n + i, fa[d], fb[d]);
+      Vec gwa, gwb;
+      VecIO<G>::load(GW + i, gwa, gwb);
+      factor_grads<kD>(fa, depth, gwa, ga);
+      factor_grads<kD>(fb, depth, gwb, gb);
+      if (has_penalty) {
+        add_penalty_grads<kD>(fa, depth, two_s_vec, ga);
+        add_penalty_grads<kD>(fb, depth, two_s_vec, gb);
+      }
+      for (int d = 0; d < D; ++d) {
+        Vec ba, bb;
+        if (read_buffer) IO::load(B + d * n + i, ba, bb);
+        sgd_update(vstep, ga[d], fa[d], ba);
+        sgd_update(vstep, gb[d], fb[d], bb);
+        IO::store(F + d * n + i, fa[d], fb[d]);
+        if (step.has_momentum) IO::store(B + d * n + i, ba, bb);
+      }
+    }
+    for (; i < end; ++i) {
+      acc_t f[kSlots], g[kSlots];
+      for (int d = 0; d < D; ++d) f[d] = static_cast<acc_t>(F[d * n + i]);
+      factor_grads<kD>(f, depth, static_cast<acc_t>(GW[i]), g);
+      if (has_penalty) add_penalty_grads<kD>(f, depth, two_s, g);
+      for (int d = 0; d < D; ++d) {
+        acc_t b = read_buffer ? static_cast<acc_t>(B[d * n + i]) : acc_t(0);
+        sgd_update(step, g[d], f[d], b);
+        F[d * n + i] = static_cast<T>(f[d]);
+        if (step.has_momentum) B[d * n + i] = static_cast<T>(b);
+      }
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> dwf_forward_cpu(const at::Tensor& factors_arg,
                                                    std::optional<at::ScalarType> out_dtype, bool with_sumsq) {
   const at::ScalarType out = check_forward_args(factors_arg, out_dtype);
@@ -204,11 +261,37 @@ at::Tensor dwf_backward_cpu(const at::Tensor& factors_arg, const at::Tensor& gra
   return grad_factors;
 }
 
+void dwf_sgd_step_cpu(const at::Tensor& factors, const std::optional<at::Tensor>& momentum_buffer,
+                      const at::Tensor& grad_w_arg, const std::optional<at::Tensor>& grad_sumsq, double lr,
+                      double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
+                      bool init_buffer) {
+  check_sgd_step_args(factors, momentum_buffer, grad_w_arg, grad_sumsq, momentum);
+  const at::Tensor grad_w = grad_w_arg.contiguous();
+  const int64_t depth = factors.size(0);
+  const int64_t n = factors.numel() / depth;
+
+  dispatch_io_types(factors.scalar_type(), grad_w.scalar_type(), [&](auto* t_tag, auto* g_tag) {
+    using T = std::remove_pointer_t<decltype(t_tag)>;
+    using G = std::remove_pointer_t<decltype(g_tag)>;
+    using acc_t = typename AccType<T>::type;
+    const bool has_penalty = grad_sumsq.has_value();
+    const acc_t two_s = has_penalty ? acc_t(2) * grad_sumsq->item<acc_t>() : acc_t(0);
+    const SgdStep<acc_t> step =
+        make_sgd_step<acc_t>(lr, momentum, dampening, weight_decay, nesterov, maximize, init_buffer);
+    T* B = momentum != 0 ? momentum_buffer->mutable_data_ptr<T>() : nullptr;
+    dispatch_depth(depth, [&](auto kd) {
+      sgd_step_kernel<decltype(kd)::value, T, G>(factors.mutable_data_ptr<T>(), B, grad_w.const_data_ptr<G>(), n,
+                                                 static_cast<int>(depth), has_penalty, two_s, step);
+    });
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dwf_kernels, CPU, m) {
   m.impl("dwf_forward", &dwf_forward_cpu);
   m.impl("dwf_backward", &dwf_backward_cpu);
+  m.impl("dwf_sgd_step", &dwf_sgd_step_cpu);
 }
 
 }  // namespace dwf

@@ -153,6 +153,61 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// The fused backward + SGD step: the factor gradients of dwf_backward_kernel, formed per element
+// in registers and applied at once by sgd_update to the factors and momentum buffer, in place.
+template <int kD, typename T, typename G, int V>
+__global__ void __launch_bounds__(kThreads)
+    dwf_sgd_step_kernel(T* __restrict__ F, T* __restrict__ B, const G* __restrict__ GW,
+                        const acc_type_t<T>* __restrict__ grad_sumsq, int64_t n, int depth,
+                        SgdStep<acc_type_t<T>> step) {
+  using acc_t = acc_type_t<T>;
+  constexpr int kSlots = DepthSlots<kD>::value;
+  const int D = resolve_depth<kD>(depth);
+  const bool has_penalty = grad_sumsq != nullptr;
+  const acc_t two_s = has_penalty ? acc_t(2) * *grad_sumsq : acc_t(0);
+  const bool read_buffer = step.has_momentum && !step.init_buffer;
+  const int64_t packs = n / V;
+  for (int64_t p = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; p < packs;
+       p += int64_t(gridDim.x) * blockDim.x) {
+    Pack<T, V> f[kSlots], b[kSlots];
+#pragma unroll
+    for (int d = 0; d < kSlots; ++d) {
+      if (d < D) f[d] = reinterpret_cast<const Pack<T, V>*>(F + d * n)[p];
+    }
+    const Pack<G, V> g = reinterpret_cast<const Pack<G, V>*>(GW)[p];
+#pragma unroll
+    for (int d = 0; d < kSlots; ++d) {
+      if (d < D && read_buffer) b[d] = reinterpret_cast<const Pack<T, V>*>(B + d * n)[p];
+    }
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      acc_t column[kSlots], grad[kSlots];
+#pragma unroll
+      for (int d = 0; d < kSlots; ++d) {
+        if (d < D) column[d] = static_cast<acc_t>(f[d].v[j]);
+      }
+      factor_grads<kD>(column, depth, static_cast<acc_t>(g.v[j]), grad);
+      if (has_penalty) add_penalty_grads<kD>(column, depth, two_s, grad);
+#pragma unroll
+      for (int d = 0; d < kSlots; ++d) {
+        if (d < D) {
+          acc_t buf = read_buffer ? static_cast<acc_t>(b[d].v[j]) : acc_t(0);
+          sgd_update(step, grad[d], column[d], buf);
+          f[d].v[j] = static_cast<T>(column[d]);
+          b[d].v[j] = static_cast<T>(buf);
+        }
+      }
+    }
+#pragma unroll
+    for (int d = 0; d < kSlots; ++d) {
+      if (d < D) {
+        reinterpret_cast<Pack<T, V>*>(F + d * n)[p] = f[d];
+        if (step.has_momentum) reinterpret_cast<Pack<T, V>*>(B + d * n)[p] = b[d];
+      }
+    }
+  }
+}
+
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // The vector width in elements for factors of type T: 16-byte packs when every row start of
@@ -248,11 +303,54 @@ at::Tensor dwf_backward_cuda(const at::Tensor& factors_arg, const at::Tensor& gr
   return grad_factors;
 }
 
+void dwf_sgd_step_cuda(const at::Tensor& factors, const std::optional<at::Tensor>& momentum_buffer,
+                       const at::Tensor& grad_w_arg, const std::optional<at::Tensor>& grad_sumsq, double lr,
+                       double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
+                       bool init_buffer) {
+  check_sgd_step_args(factors, momentum_buffer, grad_w_arg, grad_sumsq, momentum);
+  const c10::cuda::CUDAGuard guard(factors.device());
+  const at::Tensor grad_w = grad_w_arg.contiguous();
+  const int64_t depth = factors.size(0);
+  const int64_t n = factors.numel() / depth;
+  const int device = factors.get_device();
+  const at::Tensor s = grad_sumsq.has_value()
+                           ? grad_sumsq->reshape({}).to(sumsq_dtype(factors.scalar_type())).contiguous()
+                           : at::Tensor();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (n == 0) return;
+
+  dispatch_io_types(factors.scalar_type(), grad_w.scalar_type(), [&](auto* t_tag, auto* g_tag) {
+    using T = std::remove_pointer_t<decltype(t_tag)>;
+    using G = std::remove_pointer_t<decltype(g_tag)>;
+    using acc_t = acc_type_t<T>;
+    T* F = factors.mutable_data_ptr<T>();
+    T* B = momentum != 0 ? momentum_buffer->mutable_data_ptr<T>() : nullptr;
+    const G* GW = grad_w.const_data_ptr<G>();
+    const acc_t* S = s.defined() ? s.const_data_ptr<acc_t>() : nullptr;
+    const SgdStep<acc_t> step =
+        make_sgd_step<acc_t>(lr, momentum, dampening, weight_decay, nesterov, maximize, init_buffer);
+    const bool vec = pack_width<T, G>(n, F, GW) > 1 && (B == nullptr || aligned16(B));
+    const int V = vec ? 16 / int(sizeof(T)) : 1;
+    const int64_t grid = grid_for(n / V, device);
+    dispatch_depth(depth, [&](auto kd) {
+      constexpr int kD = decltype(kd)::value;
+      constexpr int kV = 16 / sizeof(T);
+      if (V == kV) {
+        dwf_sgd_step_kernel<kD, T, G, kV><<<grid, kThreads, 0, stream>>>(F, B, GW, S, n, int(depth), step);
+      } else {
+        dwf_sgd_step_kernel<kD, T, G, 1><<<grid, kThreads, 0, stream>>>(F, B, GW, S, n, int(depth), step);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dwf_kernels, CUDA, m) {
   m.impl("dwf_forward", &dwf_forward_cuda);
   m.impl("dwf_backward", &dwf_backward_cuda);
+  m.impl("dwf_sgd_step", &dwf_sgd_step_cuda);
 }
 
 }  // namespace dwf

@@ -1,0 +1,196 @@
+"""dwf_sgd_step, the fused backward + SGD update, on every backend against torch.optim.SGD's math.
+
+The reference backend is torch's own SGD (torch.optim.sgd.sgd) applied to the reference factor
+gradients, so "matches the reference" means "is the step torch.optim.SGD takes".
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import DEPTHS, DTYPES, KERNEL_BACKENDS, assert_close, make_factors
+
+from dwf_kernels import _build_info, compiled_ops, dwf_product_backward, dwf_sgd_step, triton_ops
+
+ALL_BACKENDS = KERNEL_BACKENDS + [pytest.param("cpu", "reference", id="cpu-reference")]
+
+OPTIONS = [
+    pytest.param({"lr": 0.1}, id="plain"),
+    pytest.param({"lr": 0.05, "momentum": 0.9}, id="momentum"),
+    pytest.param({"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-3}, id="nesterov-wd"),
+    pytest.param({"lr": 0.2, "momentum": 0.5, "dampening": 0.3, "maximize": True}, id="dampening-maximize"),
+]
+
+# Where the SIMD registers have an FMA instruction, the CPU kernels round every operation exactly as
+# torch's CPU kernels do (torch's `add(b, alpha=x)` is one FMA), so their results are bitwise
+# torch.optim.SGD's (bf16/fp16: its fp32 step rounded once, which is what the reference defines).
+# Triton's interpreter evaluates tl.fma as a*b+c with two roundings, so the interpreted Triton
+# step differs by rounding only.
+CPU_FMA = getattr(_build_info, "CPU_ISA", None) in ("avx2", "avx512")
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _expected_step(factors, buffer, grad_w, grad_sumsq, options):
+    """torch.optim.SGD's step in the arithmetic dtype (fp32 for bf16/fp16 factors), rounded once."""
+    acc = _acc(factors.dtype)
+    f = factors.to(acc).clone()
+    b = None if buffer is None else buffer.to(acc).clone()
+    w_dtype = grad_w.dtype if factors.dtype == torch.float32 else acc
+    b = dwf_sgd_step(f, grad_w.to(w_dtype), grad_sumsq, b, backend="reference", **options)
+    return f.to(factors.dtype), None if b is None else b.to(factors.dtype)
+
+
+def _check_step(device, backend, factors, buffer, grad_w, grad_sumsq, options, exact):
+    expected_f, expected_b = _expected_step(factors, buffer, grad_w, grad_sumsq, options)
+    f = factors.clone()
+    b = None if buffer is None else buffer.clone()
+    returned = dwf_sgd_step(f, grad_w, grad_sumsq, b, backend=backend, **options)
+    momentum = options.get("momentum", 0.0)
+    if momentum == 0:
+        assert returned is None
+    else:
+        assert returned.shape == factors.shape and returned.dtype == factors.dtype and returned.device == f.device
+        if b is not None:
+            assert returned is b  # updated in place
+    if exact:
+        assert torch.equal(f, expected_f), "factors differ from torch.optim.SGD's step"
+        if momentum:
+            assert torch.equal(returned, expected_b), "momentum buffer differs from torch.optim.SGD's"
+    else:
+        assert_close(f, expected_f, factors.dtype, "factors")
+        if momentum:
+            assert_close(returned, expected_b, factors.dtype, "momentum_buffer")
+    return f, returned
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("depth", DEPTHS)
+@pytest.mark.parametrize("options", OPTIONS)
+def test_sgd_step_matches_torch_sgd(device, backend, dtype, depth, options):
+    """The first step (buffer created) and a later one (buffer read), with and without the penalty."""
+    shape = (1031,)
+    factors = make_factors(depth, shape, dtype, device, seed=21)
+    exact = (backend == "cpu" and CPU_FMA) or backend == "reference"
+    for step, grad_sumsq in enumerate((None, torch.tensor(0.37, dtype=_acc(dtype), device=device))):
+        grad_w = make_factors(1, shape, dtype, device, seed=22 + step)[0]
+        first = options.get("momentum") and step == 0
+        buffer = None if first else make_factors(depth, shape, dtype, device, seed=30 + step) * 0.1
+        _check_step(device, backend, factors, buffer, grad_w, grad_sumsq, options, exact)
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_sgd_step_reads_a_narrow_grad_w(device, backend, out_dtype):
+    """fp32 factors under autocast: grad_w arrives in bf16/fp16 and is read directly."""
+    factors = make_factors(4, (13, 17), torch.float32, device, seed=23)
+    grad_w = make_factors(1, (13, 17), out_dtype, device, seed=24)[0]
+    buffer = make_factors(4, (13, 17), torch.float32, device, seed=25)
+    options = {"lr": 0.1, "momentum": 0.9}
+    exact = backend == "cpu" and CPU_FMA
+    _check_step(device, backend, factors, buffer, grad_w, torch.tensor(0.2, device=device), options, exact)
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("shape", [(), (1,), (13, 17), (0,), (2, 0, 3)], ids=str)
+def test_sgd_step_shapes(device, backend, shape):
+    factors = make_factors(3, shape, torch.float32, device, seed=26)
+    grad_w = make_factors(1, shape, torch.float32, device, seed=27)[0]
+    options = {"lr": 0.1, "momentum": 0.9}
+    f, buffer = _check_step(device, backend, factors, None, grad_w, None, options, exact=False)
+    _check_step(device, backend, f, buffer, grad_w, None, options, exact=False)
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("depth", [1, 2, 4, 13])
+def test_sgd_step_zeros_inf_nan_like_torch(device, backend, dtype, depth):
+    """Zeros of both signs, +-Inf and NaN in the factors propagate as in torch.optim.SGD."""
+    base = make_factors(depth, (97,), torch.float64, "cpu", seed=5)
+    specials = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan")], dtype=torch.float64)
+    gen = torch.Generator().manual_seed(6)
+    mask = torch.rand(base.shape, generator=gen) < 0.3
+    picks = specials[torch.randint(0, len(specials), base.shape, generator=gen)]
+    factors = torch.where(mask, picks, base).to(dtype=dtype, device=device)
+    grad_w = make_factors(1, (97,), dtype, device, seed=7)[0]
+    buffer = make_factors(depth, (97,), dtype, device, seed=8)
+    for grad_sumsq in (None, torch.tensor(0.25, device=device)):
+        _check_step(device, backend, factors, buffer, grad_w, grad_sumsq, {"lr": 0.1, "momentum": 0.9}, False)
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
+def test_sgd_step_equals_backward_then_sgd_step(device, backend):
+    """The fused step is exactly the backward op of the same backend followed by torch's SGD."""
+    factors = make_factors(4, (4099,), torch.float32, device, seed=28)
+    grad_w = make_factors(1, (4099,), torch.float32, device, seed=29)[0]
+    s = torch.tensor(0.01, device=device)
+    p = factors.clone().requires_grad_(True)
+    torch_sgd = torch.optim.SGD([p], lr=0.1, momentum=0.9, foreach=False)
+    fused, buffer = factors.clone(), None
+    for _ in range(3):
+        p.grad = dwf_product_backward(p.detach(), grad_w, s, backend=backend)
+        torch_sgd.step()
+        buffer = dwf_sgd_step(fused, grad_w, s, buffer, lr=0.1, momentum=0.9, backend=backend)
+    if backend == "cpu" and CPU_FMA:
+        assert torch.equal(fused, p.detach()) and torch.equal(buffer, torch_sgd.state[p]["momentum_buffer"])
+    else:
+        assert_close(fused, p.detach(), torch.float32, "factors")
+
+
+def test_sgd_step_front_door_checks_arguments():
+    factors = torch.ones(2, 3, 4)
+    grad_w = torch.ones(3, 4)
+    with pytest.raises(ValueError, match="factors must be contiguous"):
+        dwf_sgd_step(factors.transpose(1, 2), grad_w.t(), lr=0.1)
+    with pytest.raises(TypeError, match="lr must be a Python float; got Tensor"):
+        dwf_sgd_step(factors, grad_w, lr=torch.tensor(0.1))
+    with pytest.raises(ValueError, match="momentum must be >= 0; got -0.5"):
+        dwf_sgd_step(factors, grad_w, lr=0.1, momentum=-0.5)
+    with pytest.raises(ValueError, match="nesterov momentum requires momentum > 0 and zero dampening"):
+        dwf_sgd_step(factors, grad_w, lr=0.1, nesterov=True)
+    with pytest.raises(ValueError, match=r"momentum_buffer must be a contiguous tensor with the factors' shape"):
+        dwf_sgd_step(factors, grad_w, None, torch.zeros(2, 3, 4, dtype=torch.float64), lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match=r"grad_w must have the weight shape"):
+        dwf_sgd_step(factors, torch.ones(4, 3), lr=0.1)
+    assert torch.equal(factors, torch.ones(2, 3, 4)), "a refused step must not touch the factors"
+
+
+@pytest.mark.skipif(compiled_ops.sgd_step_op is None, reason="compiled extension not loaded")
+def test_compiled_sgd_step_checks_arguments_too():
+    factors = torch.ones(2, 3)
+    with pytest.raises(RuntimeError, match="momentum_buffer is required when momentum != 0"):
+        compiled_ops.sgd_step_op(factors, None, torch.ones(3), None, 0.1, 0.9, 0.0, 0.0, False, False, True)
+    with pytest.raises(RuntimeError, match="factors must be contiguous"):
+        compiled_ops.sgd_step_op(
+            torch.ones(2, 3, 4).transpose(1, 2), None, torch.ones(4, 3), None, 0.1, 0.0, 0.0, 0.0, False, False, False
+        )
+
+
+def _sgd_op_families():
+    families = []
+    for name, module in (("dwf_kernels", compiled_ops), ("dwf_triton", triton_ops)):
+        devices = sorted({p.values[0] for p in KERNEL_BACKENDS if (p.values[1] == "triton") == (module is triton_ops)})
+        families.append(pytest.param(module, devices, id=name))
+    return families
+
+
+@pytest.mark.parametrize("module,devices", _sgd_op_families())
+def test_opcheck_sgd_step(module, devices):
+    if module.sgd_step_op is None or not devices:
+        pytest.skip("op family not available here")
+    for device in devices:
+        for dtype, grad_dtype, momentum, init in (
+            (torch.float32, torch.float32, 0.9, True),
+            (torch.float32, torch.bfloat16, 0.9, False),
+            (torch.float64, torch.float64, 0.0, False),
+            (torch.float16, torch.float16, 0.5, False),
+        ):
+            factors = make_factors(3, (5, 7), dtype, device)
+            buffer = make_factors(3, (5, 7), dtype, device, seed=1) if momentum else None
+            grad_w = make_factors(1, (5, 7), grad_dtype, device, seed=2)[0]
+            for grad_sumsq in (None, torch.tensor(0.5, device=device, dtype=_acc(dtype))):
+                args = (factors, buffer, grad_w, grad_sumsq, 0.1, momentum, 0.0, 1e-4, False, False, init)
+                torch.library.opcheck(module.sgd_step_op.default, args)
