@@ -14,7 +14,8 @@ lives, the layers it updates hand autograd their weight w (and sum of squares) a
 backward pass stops at dL/dw; `step()` then runs one fused kernel per layer that forms the D factor
 gradients in registers and applies the SGD update to factors and momentum buffer in place
 (`dwf_kernels.dwf_sgd_step`, DESIGN.md §7b). No factor-gradient tensor is ever allocated, and the
-backward plus optimizer move 4D+1 elements per weight instead of 9D+1.
+backward plus optimizer move 4D+1 elements per weight instead of 7D+1 (10D+1 with torch's
+per-tensor SGD, its default on CPU).
 
 Consequences of never materializing the factor gradients (use torch.optim.SGD where they matter):
   * factors.grad stays None, so code that reads parameter gradients does not see the factors:

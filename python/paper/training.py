@@ -93,7 +93,9 @@ def fit(
     epoch_metrics: Callable[[nn.Module], dict] | None = None,
 ) -> dict:
     """Trains `model` on `data`; returns {"history": [...], "completed": bool, "train_seconds": float}."""
-    optimizer = torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum)
+    # FusedSGD is torch.optim.SGD with the DWF layers' backward fused into the update (same results;
+    # plain parameters take torch's own SGD code).
+    optimizer = dwf_kernels.optim.FusedSGD(param_groups, lr=cfg.lr, momentum=cfg.momentum)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
     history: list[dict] = []
     start_epoch, train_seconds = 0, 0.0
