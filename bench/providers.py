@@ -5,7 +5,9 @@
   compile     torch.compile of that same chain (Inductor fuses it as best it can)
 
 Modes: forward (w and sumsq), backward (all factor gradients with the penalty term, from a given
-grad_w and grad_sumsq) and full (forward + backward + penalty, what one training step needs).
+grad_w and grad_sumsq), full (forward + backward + penalty, what one training step needs) and sgd
+(backward + SGD-momentum update of the factors: a backend runs the fused dwf_sgd_step; eager and
+compile differentiate their chain and step torch.optim.SGD, as a user of either would).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 
 import dwf_kernels
 
-MODES = ("forward", "backward", "full")
+MODES = ("forward", "backward", "full", "sgd")
 
 
 def versions() -> dict:
@@ -32,7 +34,7 @@ def versions() -> dict:
 
 def traffic_bytes(mode: str, depth: int, n: int, element_size: int) -> int:
     """Bytes the fused algorithm must move (DESIGN.md §2): the roofline's numerator."""
-    elements = {"forward": depth + 1, "backward": 2 * depth + 1, "full": 3 * depth + 2}[mode]
+    elements = {"forward": depth + 1, "backward": 2 * depth + 1, "full": 3 * depth + 2, "sgd": 4 * depth + 1}[mode]
     return elements * n * element_size
 
 
@@ -63,6 +65,8 @@ def make_case(provider: str, mode: str, factors: torch.Tensor, lam: float = 1e-3
     if mode == "forward":
         f = factors.detach()
         return lambda: forward(f)
+    if mode == "sgd":
+        return _sgd_case(provider, forward, factors, grad_w, grad_sumsq)
     f = factors.detach().requires_grad_(True)
     if mode == "backward":
         if provider not in ("eager", "compile"):
@@ -75,3 +79,29 @@ def make_case(provider: str, mode: str, factors: torch.Tensor, lam: float = 1e-3
         return torch.autograd.grad([w, sumsq], [f], [grad_w, grad_sumsq])
 
     return full
+
+
+def _sgd_case(provider: str, forward: Callable, factors, grad_w, grad_sumsq) -> Callable[[], object]:
+    """The step callable; its `.factors` are the tensor it updates (for the tests)."""
+    lr, momentum = 1e-6, 0.9  # a tiny lr keeps the repeatedly updated factors in range
+    f = factors.detach().clone()
+    if provider not in ("eager", "compile"):
+        state = {"buffer": None}
+
+        def step():
+            state["buffer"] = dwf_kernels.dwf_sgd_step(
+                f, grad_w, grad_sumsq, state["buffer"], lr=lr, momentum=momentum, backend=provider
+            )
+
+    else:
+        param = torch.nn.Parameter(f)
+        optimizer = torch.optim.SGD([param], lr=lr, momentum=momentum)
+        graph_input = factors.detach().clone().requires_grad_(True)  # the graph's saved tensors stay unmodified
+        w, sumsq = forward(graph_input)
+
+        def step():
+            (param.grad,) = torch.autograd.grad([w, sumsq], [graph_input], [grad_w, grad_sumsq], retain_graph=True)
+            optimizer.step()
+
+    step.factors = f
+    return step

@@ -43,7 +43,10 @@ PAGE_FAULT_MB = 32  # glibc serves fresh allocations this large with new mmaps (
 
 
 def fresh_alloc_mb(row: dict) -> float:
-    """The largest output one call allocates: w (forward) or the D x N factor gradient."""
+    """The largest output one call allocates: w (forward) or the D x N factor gradient (none for the
+    fused SGD step, which updates in place)."""
+    if row["mode"] == "sgd" and row["provider"] not in ("eager", "compile"):
+        return 0.0
     elements = row["n"] * (1 if row["mode"] == "forward" else row["depth"])
     return elements * _ELEMENT_SIZE[row["dtype"]] / 2**20
 
@@ -58,7 +61,7 @@ def kernel_table(rows: list[dict], copy_gbs: float | None) -> str:
         f"| fresh alloc ≥ {PAGE_FAULT_MB} MB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    mode_order = {"forward": 0, "backward": 1, "full": 2}
+    mode_order = {"forward": 0, "backward": 1, "full": 2, "sgd": 3}
     for key in sorted(by_case, key=lambda k: (k[0], mode_order.get(k[1], 9), k[2], k[3])):
         dtype, mode, depth, n = key
         case = by_case[key]
@@ -101,7 +104,7 @@ def plot(rows: list[dict], path: str) -> None:
 
     kernels = [r for r in rows if r.get("kind") == "kernel"]
     dtypes = sorted({r["dtype"] for r in kernels})
-    modes = [m for m in ("forward", "backward", "full") if any(r["mode"] == m for r in kernels)]
+    modes = [m for m in ("forward", "backward", "full", "sgd") if any(r["mode"] == m for r in kernels)]
     providers = sorted({r["provider"] for r in kernels})
     depths = sorted({r["depth"] for r in kernels})
     colors = {p: f"C{i}" for i, p in enumerate(providers)}

@@ -14,6 +14,28 @@ def test_traffic_bytes_is_the_roofline_of_design_md():
     assert providers.traffic_bytes("forward", 4, 1000, 4) == 5 * 1000 * 4
     assert providers.traffic_bytes("backward", 4, 1000, 4) == 9 * 1000 * 4
     assert providers.traffic_bytes("full", 8, 10, 2) == 26 * 10 * 2
+    assert providers.traffic_bytes("sgd", 4, 1000, 4) == 17 * 1000 * 4
+
+
+@pytest.mark.parametrize("provider", ["cpu", "reference", "eager", "compile"])
+def test_providers_take_the_same_sgd_step(provider):
+    """Two momentum steps from the same factors and gradients land on the same factors."""
+    if provider == "cpu" and "cpu" not in dwf_kernels.available_backends("cpu"):
+        pytest.skip("compiled extension not loaded")
+    torch.manual_seed(0)
+    factors = 0.5 + torch.rand(3, 257)
+    results = {}
+    for name in (provider, "reference"):
+        torch.manual_seed(1)
+        step = providers.make_case(name, "sgd", factors)
+        step()
+        step()
+        results[name] = step.factors
+    torch.manual_seed(1)
+    grad_w = torch.randn(257)
+    grad = grad_w * factors.prod(0) / factors + 2 * (1e-3 / 3) * factors
+    torch.testing.assert_close(results["reference"], factors - 1e-6 * (grad + (0.9 * grad + grad)))
+    torch.testing.assert_close(results[provider], results["reference"], rtol=0, atol=1e-7)
 
 
 @pytest.mark.parametrize("provider", ["cpu", "reference", "eager", "compile"])
