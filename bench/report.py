@@ -88,7 +88,9 @@ def header(doc: dict, rows: list[dict], copy_gbs: float | None) -> str:
             if copy_gbs
             else "No copy baseline in this run.",
             "GB/s counts the bytes the fused algorithm must move: (D+1)N elements forward, (2D+1)N backward, "
-            "(3D+2)N full. Each call allocates its outputs (w, and the D x N factor gradient); on CPU "
+            "(3D+2)N full, (4D+1)N sgd (backward + SGD-momentum update; the backends' fused step updates "
+            "in place, eager and compile take torch.optim.SGD's step after their backward). Each call "
+            "allocates its outputs (w, and the D x N factor gradient); on CPU "
             f"a fresh allocation of {PAGE_FAULT_MB} MB or more is an mmap whose page faults are inside the figure "
             "(last column).",
         ]

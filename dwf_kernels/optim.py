@@ -17,6 +17,9 @@ gradients in registers and applies the SGD update to factors and momentum buffer
 backward plus optimizer move 4D+1 elements per weight instead of 7D+1 (10D+1 with torch's
 per-tensor SGD, its default on CPU).
 
+The collected dL/dw are consumed by step(): model.zero_grad() or optimizer.zero_grad() before the
+backward both work; stepping twice on one backward applies it once (torch.optim.SGD would reuse it).
+
 Consequences of never materializing the factor gradients (use torch.optim.SGD where they matter):
   * factors.grad stays None, so code that reads parameter gradients does not see the factors:
     gradient clipping, gradient logging, DistributedDataParallel (refused: it would not all-reduce
@@ -40,18 +43,21 @@ from .ops import dwf_product_backward, dwf_sgd_step
 
 
 class PendingGrads:
-    """dL/dw and dL/dsumsq of one DWF layer since the last zero_grad, collected for a FusedSGD.
+    """dL/dw and dL/dsumsq of one DWF layer, collected for a FusedSGD until its next step.
 
     Filled by post-accumulate-grad hooks on the leaves the layer's forward creates; summed when
-    several forwards (gradient accumulation, a layer used twice) backpropagate before a step.
+    several forwards backpropagate before a step (gradient accumulation, a layer used twice). The
+    step consumes them, so a loop that clears gradients with model.zero_grad(), which cannot see
+    them, still steps on exactly this iteration's gradients.
     """
 
-    __slots__ = ("__weakref__", "grad_sumsq", "grad_w", "optimizer")
+    __slots__ = ("__weakref__", "grad_sumsq", "grad_w", "optimizer", "zero_filled")
 
     def __init__(self, optimizer: FusedSGD) -> None:
         self.optimizer = weakref.ref(optimizer)
         self.grad_w: torch.Tensor | None = None
         self.grad_sumsq: torch.Tensor | None = None
+        self.zero_filled = False  # zero_grad(set_to_none=False): the gradient is zero, not absent
 
     def active(self) -> bool:
         return self.optimizer() is not None
@@ -65,12 +71,13 @@ class PendingGrads:
         self.grad_sumsq = grad if self.grad_sumsq is None else self.grad_sumsq + grad
 
     def clear(self, set_to_none: bool) -> None:
-        if set_to_none:
-            self.grad_w = self.grad_sumsq = None
-        else:  # like Optimizer.zero_grad(set_to_none=False): zeros, in place
-            for grad in (self.grad_w, self.grad_sumsq):
-                if grad is not None:
-                    grad.detach_().zero_()
+        self.grad_w = self.grad_sumsq = None
+        self.zero_filled = not set_to_none
+
+    def consume(self) -> tuple[torch.Tensor | None, torch.Tensor | None, bool]:
+        taken = (self.grad_w, self.grad_sumsq, self.zero_filled)
+        self.clear(set_to_none=True)
+        return taken
 
 
 class FusedSGD(torch.optim.SGD):
@@ -168,9 +175,8 @@ class FusedSGD(torch.optim.SGD):
         params, grads, buffers = [], [], []
         for p in group["params"]:
             pending = self._pending_for(p)
-            grad_w = pending.grad_w if pending is not None else None
-            grad_sumsq = pending.grad_sumsq if pending is not None else None
-            if grad_w is None and grad_sumsq is None:
+            grad_w, grad_sumsq, zero_filled = pending.consume() if pending is not None else (None, None, False)
+            if grad_w is None and grad_sumsq is None and not zero_filled:
                 if p.grad is not None:
                     params.append(p)
                     grads.append(p.grad)
@@ -182,8 +188,8 @@ class FusedSGD(torch.optim.SGD):
                 if buffer is not None:
                     state["momentum_buffer"] = buffer
             else:
-                # Ordinary factor gradients too (layer.weight or a compiled forward), or only the
-                # penalty's: the sum of all of them, applied unfused.
+                # Ordinary factor gradients too (layer.weight or a compiled forward), only the
+                # penalty's, or zeros: the sum of all of them, applied unfused.
                 if grad_w is None:
                     grad_w = p.new_zeros(p.shape[1:])
                 grad = dwf_product_backward(p, grad_w, grad_sumsq, backend=self._backend)

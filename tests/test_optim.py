@@ -150,6 +150,21 @@ def test_zero_grad_without_set_to_none_keeps_momentum_running():
     _assert_same_parameters(models[0], models[1], exact=CPU_FMA)
 
 
+def test_model_zero_grad_clears_like_optimizer_zero_grad():
+    """model.zero_grad() cannot see the collected dL/dw; the step consumes them, so such loops step
+    on each iteration's gradients alone, as with torch.optim.SGD."""
+    models = [_model("cpu"), _model("cpu")]
+    optimizers = [FusedSGD(models[0].parameters(), lr=0.1, momentum=0.9)]
+    optimizers.append(torch.optim.SGD(models[1].parameters(), lr=0.1, momentum=0.9, foreach=False))
+    x, y = _batch("cpu")
+    for model, optimizer in zip(models, optimizers, strict=True):
+        for _ in range(3):
+            model.zero_grad()
+            (nn.functional.cross_entropy(model(x), y) + dwf_kernels.penalty(model, 1e-2)).backward()
+            optimizer.step()
+    _assert_same_parameters(models[0], models[1], exact=CPU_FMA)
+
+
 def test_param_groups_and_lr_scheduler():
     models = [_model("cpu"), _model("cpu")]
     optimizers = []
