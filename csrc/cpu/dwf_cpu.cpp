@@ -1,9 +1,10 @@
-// CPU kernels for the fused DWF forward and backward (DESIGN.md §2).
+// CPU kernels for the fused DWF forward, backward and backward + SGD step (DESIGN.md §2, §7b).
 //
 // at::parallel_for splits the elements into fixed-size chunks; inside a chunk at::vec SIMD runs
 // the shared per-element math (dwf_math.h) on two registers' worth of elements per step, with a
 // scalar tail through the same templates. Memory traffic is the whole cost: forward reads D
-// factors and writes w, backward reads D factors and grad_w and writes D gradients, once each.
+// factors and writes w, backward reads D factors and grad_w and writes D gradients, once each;
+// the SGD step reads D factors, grad_w and D momentum buffers and writes factors and buffers.
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>

@@ -1,4 +1,4 @@
-// CUDA kernels for the fused DWF forward and backward (DESIGN.md §2).
+// CUDA kernels for the fused DWF forward, backward and backward + SGD step (DESIGN.md §2, §7b).
 //
 // Grid-stride loops over packs of V elements with 64-bit indices: V = 16 bytes / sizeof(factor)
 // when every row start is 16-byte aligned (one vector load per factor per pack), else V = 1
