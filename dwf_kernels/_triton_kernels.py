@@ -78,6 +78,27 @@ def _load_factors(F, offs, mask, n, D: tl.constexpr, IS_FP64: tl.constexpr):
 
 
 @triton.jit
+def _factor_grads(fs, prefix, g, two_s, D: tl.constexpr, HAS_PENALTY: tl.constexpr):
+    """(grad[0], ..., grad[D-1]) with grad[d] = g * prod_{k != d} f[k] (+ two_s * f[d]).
+
+    The suffix product carries g: grad[d] = prefix[d] * (g * f[D-1] * ... * f[d+1]). No division
+    (factors reach exactly 0), and the same association as autograd of the left-to-right chain.
+    """
+    grads = ()
+    suffix = g
+    for k in tl.static_range(D - 1, -1, -1):
+        if k >= 1:
+            grad = prefix[k] * suffix
+            suffix = suffix * fs[k]
+        else:
+            grad = suffix
+        if HAS_PENALTY:
+            grad = grad + two_s * fs[k]
+        grads = (grad,) + grads
+    return grads
+
+
+@triton.jit
 def _dwf_backward_kernel(
     F,
     GW,
@@ -93,20 +114,11 @@ def _dwf_backward_kernel(
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     fs, prefix = _load_factors(F, offs, mask, n, D, IS_FP64)
-    # The suffix product carries g: grad[d] = prefix[d] * (g * f[D-1] * ... * f[d+1]). No division
-    # (factors reach exactly 0), and the same association as autograd of the left-to-right chain.
-    suffix = _to_acc(tl.load(GW + offs, mask=mask, other=0.0), IS_FP64)
-    if HAS_PENALTY:
-        two_s = 2.0 * _to_acc(tl.load(grad_sumsq), IS_FP64)
-    for k in tl.static_range(D - 1, -1, -1):
-        if k >= 1:
-            grad = prefix[k] * suffix
-            suffix = suffix * fs[k]
-        else:
-            grad = suffix
-        if HAS_PENALTY:
-            grad = grad + two_s * fs[k]
-        tl.store(GF + k * n + offs, grad.to(GF.dtype.element_ty), mask=mask)
+    g = _to_acc(tl.load(GW + offs, mask=mask, other=0.0), IS_FP64)
+    two_s = 2.0 * _to_acc(tl.load(grad_sumsq), IS_FP64) if HAS_PENALTY else 0.0
+    grads = _factor_grads(fs, prefix, g, two_s, D, HAS_PENALTY)
+    for k in tl.static_range(D):
+        tl.store(GF + k * n + offs, grads[k].to(GF.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -143,17 +155,11 @@ def _dwf_sgd_step_kernel(
         one_minus_dampening = tl.load(hyper + 2)
         weight_decay = tl.load(hyper + 3)
     fs, prefix = _load_factors(F, offs, mask, n, D, IS_FP64)
-    suffix = _to_acc(tl.load(GW + offs, mask=mask, other=0.0), IS_FP64)
-    if HAS_PENALTY:
-        two_s = 2.0 * _to_acc(tl.load(grad_sumsq), IS_FP64)
-    for k in tl.static_range(D - 1, -1, -1):
-        if k >= 1:
-            grad = prefix[k] * suffix
-            suffix = suffix * fs[k]
-        else:
-            grad = suffix
-        if HAS_PENALTY:
-            grad = grad + two_s * fs[k]
+    g = _to_acc(tl.load(GW + offs, mask=mask, other=0.0), IS_FP64)
+    two_s = 2.0 * _to_acc(tl.load(grad_sumsq), IS_FP64) if HAS_PENALTY else 0.0
+    grads = _factor_grads(fs, prefix, g, two_s, D, HAS_PENALTY)
+    for k in tl.static_range(D):
+        grad = grads[k]
         if MAXIMIZE:
             grad = -grad
         if HAS_WEIGHT_DECAY:

@@ -48,6 +48,14 @@ def _assert_same_parameters(a, b, exact):
             torch.testing.assert_close(p, q, msg=lambda m, name=name: f"{name}: {m}")
 
 
+def _twins():
+    """The same model twice: one trained by FusedSGD, one by torch.optim.SGD (lr 0.1, momentum 0.9)."""
+    models = [_model("cpu"), _model("cpu")]
+    optimizers = [FusedSGD(models[0].parameters(), lr=0.1, momentum=0.9)]
+    optimizers.append(torch.optim.SGD(models[1].parameters(), lr=0.1, momentum=0.9, foreach=False))
+    return models, optimizers
+
+
 OPTIONS = [
     pytest.param({"lr": 0.1}, id="plain"),
     pytest.param({"lr": 0.1, "momentum": 0.9}, id="momentum"),
@@ -122,9 +130,7 @@ def test_gradient_accumulation_and_a_layer_used_twice():
 
 def test_ordinary_factor_gradients_are_applied_too():
     """A loss that differentiates `layer.weight`, and a penalty-only layer, take the unfused path."""
-    models = [_model("cpu"), _model("cpu")]
-    optimizers = [FusedSGD(models[0].parameters(), lr=0.1, momentum=0.9)]
-    optimizers.append(torch.optim.SGD(models[1].parameters(), lr=0.1, momentum=0.9, foreach=False))
+    models, optimizers = _twins()
     x, y = _batch("cpu")
     for model, optimizer in zip(models, optimizers, strict=True):
         for _ in range(3):
@@ -140,9 +146,7 @@ def test_ordinary_factor_gradients_are_applied_too():
 
 def test_zero_grad_without_set_to_none_keeps_momentum_running():
     """zero_grad(set_to_none=False) leaves zero gradients: the next step applies momentum alone."""
-    models = [_model("cpu"), _model("cpu")]
-    optimizers = [FusedSGD(models[0].parameters(), lr=0.1, momentum=0.9)]
-    optimizers.append(torch.optim.SGD(models[1].parameters(), lr=0.1, momentum=0.9, foreach=False))
+    models, optimizers = _twins()
     for model, optimizer in zip(models, optimizers, strict=True):
         _train(model, optimizer, "cpu", steps=2)
         optimizer.zero_grad(set_to_none=False)
@@ -153,9 +157,7 @@ def test_zero_grad_without_set_to_none_keeps_momentum_running():
 def test_model_zero_grad_clears_like_optimizer_zero_grad():
     """model.zero_grad() cannot see the collected dL/dw; the step consumes them, so such loops step
     on each iteration's gradients alone, as with torch.optim.SGD."""
-    models = [_model("cpu"), _model("cpu")]
-    optimizers = [FusedSGD(models[0].parameters(), lr=0.1, momentum=0.9)]
-    optimizers.append(torch.optim.SGD(models[1].parameters(), lr=0.1, momentum=0.9, foreach=False))
+    models, optimizers = _twins()
     x, y = _batch("cpu")
     for model, optimizer in zip(models, optimizers, strict=True):
         for _ in range(3):
@@ -210,9 +212,7 @@ def test_eval_forward_with_grad_enabled_holds_nothing():
 
 
 def test_autocast_bf16_reads_the_bf16_weight_gradient():
-    models = [_model("cpu"), _model("cpu")]
-    optimizers = [FusedSGD(models[0].parameters(), lr=0.1, momentum=0.9)]
-    optimizers.append(torch.optim.SGD(models[1].parameters(), lr=0.1, momentum=0.9, foreach=False))
+    models, optimizers = _twins()
     x, y = _batch("cpu")
     for model, optimizer in zip(models, optimizers, strict=True):
         for _ in range(3):
@@ -225,9 +225,7 @@ def test_autocast_bf16_reads_the_bf16_weight_gradient():
 
 
 def test_torch_compile_falls_back_to_ordinary_gradients():
-    models = [_model("cpu"), _model("cpu")]
-    optimizers = [FusedSGD(models[0].parameters(), lr=0.1, momentum=0.9)]
-    optimizers.append(torch.optim.SGD(models[1].parameters(), lr=0.1, momentum=0.9, foreach=False))
+    models, optimizers = _twins()
     x, y = _batch("cpu")
     torch._dynamo.reset()
     for model, optimizer in zip(models, optimizers, strict=True):

@@ -117,99 +117,100 @@ void forward_kernel(const T* F, O* W, int64_t n, int depth, bool with_sumsq,
   });
 }
 
-// GF[d, i] = GW[i] * prod_{k != d} F[k, i] (+ two_s * F[d, i] when has_penalty).
+// The fused backward's pass over all n elements: loads the D factors and grad_w, forms the D
+// factor gradients GW[i] * prod_{k != d} F[k, i] (+ two_s * F[d, i] when has_penalty) in registers,
+// and hands them on: on_vec(i, fa, fb, ga, gb) for the two registers' worth of elements at i,
+// on_scalar(i, f, g) for each tail element. What is done with them is the caller's.
+template <int kD, typename T, typename G, typename OnVec, typename OnScalar>
+void for_each_gradient(const T* F, const G* GW, int64_t n, int depth, bool has_penalty,
+                       typename AccType<T>::type two_s, OnVec&& on_vec, OnScalar&& on_scalar) {
+  using IO = VecIO<T>;
+  using acc_t = typename IO::acc_t;
+  using Vec = typename IO::Vec;
+  constexpr int kSlots = DepthSlots<kD>::value;
+  const int D = resolve_depth<kD>(depth);
+  const Vec two_s_vec(two_s);
+
+  at::parallel_for(0, num_chunks(n), 1, [&](int64_t c0, int64_t c1) {
+    const int64_t begin = c0 * kChunk;
+    const int64_t end = std::min(n, c1 * kChunk);
+    Vec fa[kSlots], fb[kSlots], ga[kSlots], gb[kSlots];
+    int64_t i = begin;
+    for (; i + IO::kStep <= end; i += IO::kStep) {
+      for (int d = 0; d < D; ++d) IO::load(F + d * n + i, fa[d], fb[d]);
+      Vec gwa, gwb;
+      VecIO<G>::load(GW + i, gwa, gwb);
+      factor_grads<kD>(fa, depth, gwa, ga);
+      factor_grads<kD>(fb, depth, gwb, gb);
+      if (has_penalty) {
+        add_penalty_grads<kD>(fa, depth, two_s_vec, ga);
+        add_penalty_grads<kD>(fb, depth, two_s_vec, gb);
+      }
+      on_vec(i, fa, fb, ga, gb);
+    }
+    for (; i < end; ++i) {
+      acc_t f[kSlots], g[kSlots];
+      for (int d = 0; d < D; ++d) f[d] = static_cast<acc_t>(F[d * n + i]);
+      factor_grads<kD>(f, depth, static_cast<acc_t>(GW[i]), g);
+      if (has_penalty) add_penalty_grads<kD>(f, depth, two_s, g);
+      on_scalar(i, f, g);
+    }
+  });
+}
+
+// GF[d, i] = the gradients of for_each_gradient, written out.
 template <int kD, typename T, typename G>
 void backward_kernel(const T* F, const G* GW, T* GF, int64_t n, int depth, bool has_penalty,
                      typename AccType<T>::type two_s) {
   using IO = VecIO<T>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
-  constexpr int kSlots = DepthSlots<kD>::value;
   const int D = resolve_depth<kD>(depth);
-  const Vec two_s_vec(two_s);
-
-  at::parallel_for(0, num_chunks(n), 1, [&](int64_t c0, int64_t c1) {
-    const int64_t begin = c0 * kChunk;
-    const int64_t end = std::min(n, c1 * kChunk);
-    Vec fa[kSlots], fb[kSlots], ga[kSlots], gb[kSlots];
-    int64_t i = begin;
-    for (; i + IO::kStep <= end; i += IO::kStep) {
-      for (int d = 0; d < D; ++d) IO::load(F + d * n + i, fa[d], fb[d]);
-      Vec gwa, gwb;
-      VecIO<G>::load(GW + i, gwa, gwb);
-      factor_grads<kD>(fa, depth, gwa, ga);
-      factor_grads<kD>(fb, depth, gwb, gb);
-      if (has_penalty) {
-        add_penalty_grads<kD>(fa, depth, two_s_vec, ga);
-        add_penalty_grads<kD>(fb, depth, two_s_vec, gb);
-      }
-      for (int d = 0; d < D; ++d) IO::store(GF + d * n + i, ga[d], gb[d]);
-    }
-    for (; i < end; ++i) {
-      acc_t f[kSlots], g[kSlots];
-      for (int d = 0; d < D; ++d) f[d] = static_cast<acc_t>(F[d * n + i]);
-      factor_grads<kD>(f, depth, static_cast<acc_t>(GW[i]), g);
-      if (has_penalty) add_penalty_grads<kD>(f, depth, two_s, g);
-      for (int d = 0; d < D; ++d) GF[d * n + i] = static_cast<T>(g[d]);
-    }
-  });
+  for_each_gradient<kD>(
+      F, GW, n, depth, has_penalty, two_s,
+      [&](int64_t i, const Vec*, const Vec*, const Vec* ga, const Vec* gb) {
+        for (int d = 0; d < D; ++d) IO::store(GF + d * n + i, ga[d], gb[d]);
+      },
+      [&](int64_t i, const acc_t*, const acc_t* g) {
+        for (int d = 0; d < D; ++d) GF[d * n + i] = static_cast<T>(g[d]);
+      });
 }
 
-// One pass of the fused backward + SGD step: per element, the D factor gradients of
-// backward_kernel are formed in registers and applied by sgd_update; factors and momentum buffer
-// are updated in place. Reads D factors, grad_w and D buffers; writes D factors and D buffers.
+// The fused backward + SGD step: the gradients of for_each_gradient, applied at once by
+// sgd_update to the factors and momentum buffer, in place. Reads D factors, grad_w and D buffers;
+// writes D factors and D buffers; no gradient is stored.
 template <int kD, typename T, typename G>
 void sgd_step_kernel(T* F, T* B, const G* GW, int64_t n, int depth, bool has_penalty,
                      typename AccType<T>::type two_s, const SgdStep<typename AccType<T>::type>& step) {
   using IO = VecIO<T>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
-  constexpr int kSlots = DepthSlots<kD>::value;
   const int D = resolve_depth<kD>(depth);
-  const Vec two_s_vec(two_s);
   const SgdStep<Vec> vstep{Vec(step.neg_lr),       Vec(step.momentum), Vec(step.one_minus_dampening),
                            Vec(step.weight_decay), Vec(step.minus_one), step.has_momentum,
                            step.has_weight_decay,  step.nesterov,       step.maximize,
                            step.init_buffer};
   const bool read_buffer = step.has_momentum && !step.init_buffer;
-
-  at::parallel_for(0, num_chunks(n), 1, [&](int64_t c0, int64_t c1) {
-    const int64_t begin = c0 * kChunk;
-    const int64_t end = std::min(n, c1 * kChunk);
-    Vec fa[kSlots], fb[kSlots], ga[kSlots], gb[kSlots];
-    int64_t i = begin;
-    for (; i + IO::kStep <= end; i += IO::kStep) {
-      for (int d = 0; d < D; ++d) IO::load(F + d * n + i, fa[d], fb[d]);
-      Vec gwa, gwb;
-      VecIO<G>::load(GW + i, gwa, gwb);
-      factor_grads<kD>(fa, depth, gwa, ga);
-      factor_grads<kD>(fb, depth, gwb, gb);
-      if (has_penalty) {
-        add_penalty_grads<kD>(fa, depth, two_s_vec, ga);
-        add_penalty_grads<kD>(fb, depth, two_s_vec, gb);
-      }
-      for (int d = 0; d < D; ++d) {
-        Vec ba, bb;
-        if (read_buffer) IO::load(B + d * n + i, ba, bb);
-        sgd_update(vstep, ga[d], fa[d], ba);
-        sgd_update(vstep, gb[d], fb[d], bb);
-        IO::store(F + d * n + i, fa[d], fb[d]);
-        if (step.has_momentum) IO::store(B + d * n + i, ba, bb);
-      }
-    }
-    for (; i < end; ++i) {
-      acc_t f[kSlots], g[kSlots];
-      for (int d = 0; d < D; ++d) f[d] = static_cast<acc_t>(F[d * n + i]);
-      factor_grads<kD>(f, depth, static_cast<acc_t>(GW[i]), g);
-      if (has_penalty) add_penalty_grads<kD>(f, depth, two_s, g);
-      for (int d = 0; d < D; ++d) {
-        acc_t b = read_buffer ? static_cast<acc_t>(B[d * n + i]) : acc_t(0);
-        sgd_update(step, g[d], f[d], b);
-        F[d * n + i] = static_cast<T>(f[d]);
-        if (step.has_momentum) B[d * n + i] = static_cast<T>(b);
-      }
-    }
-  });
+  for_each_gradient<kD>(
+      F, GW, n, depth, has_penalty, two_s,
+      [&](int64_t i, Vec* fa, Vec* fb, const Vec* ga, const Vec* gb) {
+        for (int d = 0; d < D; ++d) {
+          Vec ba, bb;
+          if (read_buffer) IO::load(B + d * n + i, ba, bb);
+          sgd_update(vstep, ga[d], fa[d], ba);
+          sgd_update(vstep, gb[d], fb[d], bb);
+          IO::store(F + d * n + i, fa[d], fb[d]);
+          if (step.has_momentum) IO::store(B + d * n + i, ba, bb);
+        }
+      },
+      [&](int64_t i, acc_t* f, const acc_t* g) {
+        for (int d = 0; d < D; ++d) {
+          acc_t b = read_buffer ? static_cast<acc_t>(B[d * n + i]) : acc_t(0);
+          sgd_update(step, g[d], f[d], b);
+          F[d * n + i] = static_cast<T>(f[d]);
+          if (step.has_momentum) B[d * n + i] = static_cast<T>(b);
+        }
+      });
 }
 
 std::tuple<at::Tensor, at::Tensor> dwf_forward_cpu(const at::Tensor& factors_arg,
