@@ -1,6 +1,7 @@
 """Interleaved A/B timing of providers on one case: the fairest ratio on a noisy machine.
 
     python bench/ab.py --providers cpu,compile --mode full --depth 4 --n 1572864 --rounds 200
+    python bench/ab.py --providers cpu,cpu-unfused,compile --mode sgd
 
 pytest-benchmark times cases one after another, so drift of the machine's state between two
 cases (other load, page-cache and allocator state) lands in their ratio. Here the providers
@@ -19,13 +20,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from providers import make_case  # noqa: E402
+from providers import MODES, make_case  # noqa: E402
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--providers", default="cpu,compile")
-    p.add_argument("--mode", default="full", choices=("forward", "backward", "full"))
+    p.add_argument("--mode", default="full", choices=MODES)
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--n", type=int, default=3 * 2**19)
     p.add_argument("--dtype", default="float32")

@@ -7,7 +7,9 @@
 Modes: forward (w and sumsq), backward (all factor gradients with the penalty term, from a given
 grad_w and grad_sumsq), full (forward + backward + penalty, what one training step needs) and sgd
 (backward + SGD-momentum update of the factors: a backend runs the fused dwf_sgd_step; eager and
-compile differentiate their chain and step torch.optim.SGD, as a user of either would).
+compile differentiate their chain and step torch.optim.SGD, as a user of either would; in sgd mode
+only, "<backend>-unfused" is that backend's fused backward followed by torch.optim.SGD's step, the
+pair the fused step replaces).
 """
 
 from __future__ import annotations
@@ -61,12 +63,13 @@ def make_case(provider: str, mode: str, factors: torch.Tensor, lam: float = 1e-3
     depth = factors.shape[0]
     grad_w = torch.randn(factors.shape[1:], dtype=factors.dtype, device=factors.device)
     grad_sumsq = torch.tensor(lam / depth, dtype=torch.float32, device=factors.device)
+    if mode == "sgd":
+        forward = None if provider.endswith("-unfused") else forward_fn(provider)
+        return _sgd_case(provider, forward, factors, grad_w, grad_sumsq)
     forward = forward_fn(provider)
     if mode == "forward":
         f = factors.detach()
         return lambda: forward(f)
-    if mode == "sgd":
-        return _sgd_case(provider, forward, factors, grad_w, grad_sumsq)
     f = factors.detach().requires_grad_(True)
     if mode == "backward":
         if provider not in ("eager", "compile"):
@@ -85,7 +88,16 @@ def _sgd_case(provider: str, forward: Callable, factors, grad_w, grad_sumsq) -> 
     """The step callable; its `.factors` are the tensor it updates (for the tests)."""
     lr, momentum = 1e-6, 0.9  # a tiny lr keeps the repeatedly updated factors in range
     f = factors.detach().clone()
-    if provider not in ("eager", "compile"):
+    if provider.endswith("-unfused"):
+        param = torch.nn.Parameter(f)
+        optimizer = torch.optim.SGD([param], lr=lr, momentum=momentum)
+        backend = provider.removesuffix("-unfused")
+
+        def step():
+            param.grad = dwf_kernels.dwf_product_backward(param.detach(), grad_w, grad_sumsq, backend=backend)
+            optimizer.step()
+
+    elif provider not in ("eager", "compile"):
         state = {"buffer": None}
 
         def step():

@@ -194,3 +194,26 @@ def test_opcheck_sgd_step(module, devices):
             for grad_sumsq in (None, torch.tensor(0.5, device=device, dtype=_acc(dtype))):
                 args = (factors, buffer, grad_w, grad_sumsq, 0.1, momentum, 0.0, 1e-4, False, False, init)
                 torch.library.opcheck(module.sgd_step_op.default, args)
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
+def test_sgd_step_under_torch_compile_fullgraph(device, backend):
+    """A compiled optimizer step that calls the op: one graph, the same in-place update as eager."""
+    factors = make_factors(3, (257,), torch.float32, device, seed=31)
+    grad_w = make_factors(1, (257,), torch.float32, device, seed=32)[0]
+    s = torch.tensor(0.01, device=device)
+    start_buffer = make_factors(3, (257,), torch.float32, device, seed=33)
+
+    def step(f, b):
+        dwf_sgd_step(f, grad_w, s, b, lr=0.1, momentum=0.9, weight_decay=1e-3, backend=backend)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)
+    expected, expected_buffer = factors.clone(), start_buffer.clone()
+    f, buffer = factors.clone(), start_buffer.clone()
+    for _ in range(2):
+        step(expected, expected_buffer)
+        compiled(f, buffer)
+    torch._dynamo.reset()
+    assert_close(f, expected, torch.float32, "factors")
+    assert_close(buffer, expected_buffer, torch.float32, "momentum_buffer")
