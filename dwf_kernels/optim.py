@@ -121,6 +121,19 @@ class FusedSGD(torch.optim.SGD):
             foreach=foreach,
         )
 
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_backend"] = self._backend
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        # A copy (deepcopy, pickling) binds the DWF layers that own its parameters: with a model
+        # copied alongside, that model's layers.
+        super().__setstate__(state)
+        self.__dict__.setdefault("_backend", None)
+        self._layers = {}
+        self._bind_layers()
+
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         self._bind_layers()

@@ -200,6 +200,20 @@ def test_layers_leave_fused_mode_with_their_optimizer():
     assert model[0].factors.grad is not None
 
 
+def test_copying_model_and_optimizer_together_keeps_training_fused():
+    models, optimizers = _twins()
+    _train(models[0], optimizers[0], "cpu", steps=2)
+    _train(models[1], optimizers[1], "cpu", steps=2)
+    model_copy, optimizer_copy = copy.deepcopy((models[0], optimizers[0]))
+    assert optimizer_copy._layers and all(
+        layer.pending_grads.optimizer() is optimizer_copy for layer in optimizer_copy._layers.values()
+    )
+    _train(model_copy, optimizer_copy, "cpu", steps=2)
+    _train(models[1], optimizers[1], "cpu", steps=2)
+    assert model_copy[0].factors.grad is None, "the copy trains fused"
+    _assert_same_parameters(model_copy, models[1], exact=CPU_FMA)
+
+
 def test_eval_forward_with_grad_enabled_holds_nothing():
     model = _model("cpu")
     optimizer = FusedSGD(model.parameters(), lr=0.1)
