@@ -2,7 +2,8 @@
 # The GPU check, one command for a machine with a GPU (it may have an older torch, e.g. 2.11):
 #   bench/gpu_check.sh OUTDIR [STAGES]
 # STAGES (default "build,test,bench,step"), comma-separated:
-#   build  compile dwf_kernels._C (CPU + CUDA) against this machine's torch
+#   build  compile dwf_kernels._C (CPU + CUDA) against this machine's torch; kernel-resources.txt
+#          lists each CUDA kernel's registers and stack (spills)
 #   test   the test suite on CUDA: cuda and triton backends vs the reference, opcheck,
 #          torch.compile, CUDA graphs (mode="reduce-overhead"), the >2^31-element test
 #          (tests/python, the device-independent training programs, run in CI instead)
@@ -32,6 +33,10 @@ if has build; then
     tail -40 "$OUT/build.log"; echo "build FAILED"; exit 1
   fi
   $PY -c "import dwf_kernels, dwf_kernels._extension as e; print('kernels for', sorted(e.KERNEL_DEVICES)); assert 'cuda' in e.KERNEL_DEVICES" || exit 1
+  # Registers and stack (spills) of every CUDA kernel, to read beside the bandwidth figures.
+  cuobjdump=$($PY -c "import os, triton; print(os.path.join(os.path.dirname(triton.__file__), 'backends/nvidia/bin/cuobjdump'))")
+  command -v cuobjdump > /dev/null && cuobjdump=cuobjdump
+  "$cuobjdump" -res-usage dwf_kernels/_C*.so > "$OUT/kernel-resources.txt" 2>&1 || true
 fi
 
 if has test; then
