@@ -113,6 +113,27 @@ __global__ void __launch_bounds__(kReduceThreads) sum_partials_kernel(const A* _
   if (threadIdx.x == 0) *out = total;
 }
 
+// Per element j of one pack: the factors column[d] and their gradients grad[d] (dwf_backward's
+// math, in registers), handed to on(j, column, grad). Shared by the backward and the SGD step.
+template <int kD, typename T, typename G, int V, typename On>
+__device__ __forceinline__ void for_each_gradient(const Pack<T, V>* f, const Pack<G, V>& g, int depth,
+                                                  bool has_penalty, acc_type_t<T> two_s, On&& on) {
+  using acc_t = acc_type_t<T>;
+  constexpr int kSlots = DepthSlots<kD>::value;
+  const int D = resolve_depth<kD>(depth);
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    acc_t column[kSlots], grad[kSlots];
+#pragma unroll
+    for (int d = 0; d < kSlots; ++d) {
+      if (d < D) column[d] = static_cast<acc_t>(f[d].v[j]);
+    }
+    factor_grads<kD>(column, depth, static_cast<acc_t>(g.v[j]), grad);
+    if (has_penalty) add_penalty_grads<kD>(column, depth, two_s, grad);
+    on(j, column, grad);
+  }
+}
+
 template <int kD, typename T, typename G, int V>
 __global__ void __launch_bounds__(kThreads)
     dwf_backward_kernel(const T* __restrict__ F, const G* __restrict__ GW, T* __restrict__ GF,
@@ -132,20 +153,12 @@ __global__ void __launch_bounds__(kThreads)
     }
     const Pack<G, V> g = reinterpret_cast<const Pack<G, V>*>(GW)[p];
     Pack<T, V> out[kSlots];
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-      acc_t column[kSlots], grad[kSlots];
-#pragma unroll
-      for (int d = 0; d < kSlots; ++d) {
-        if (d < D) column[d] = static_cast<acc_t>(f[d].v[j]);
-      }
-      factor_grads<kD>(column, depth, static_cast<acc_t>(g.v[j]), grad);
-      if (has_penalty) add_penalty_grads<kD>(column, depth, two_s, grad);
+    for_each_gradient<kD>(f, g, depth, has_penalty, two_s, [&](int j, const acc_t*, const acc_t* grad) {
 #pragma unroll
       for (int d = 0; d < kSlots; ++d) {
         if (d < D) out[d].v[j] = static_cast<T>(grad[d]);
       }
-    }
+    });
 #pragma unroll
     for (int d = 0; d < kSlots; ++d) {
       if (d < D) reinterpret_cast<Pack<T, V>*>(GF + d * n)[p] = out[d];
@@ -179,15 +192,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int d = 0; d < kSlots; ++d) {
       if (d < D && read_buffer) b[d] = reinterpret_cast<const Pack<T, V>*>(B + d * n)[p];
     }
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-      acc_t column[kSlots], grad[kSlots];
-#pragma unroll
-      for (int d = 0; d < kSlots; ++d) {
-        if (d < D) column[d] = static_cast<acc_t>(f[d].v[j]);
-      }
-      factor_grads<kD>(column, depth, static_cast<acc_t>(g.v[j]), grad);
-      if (has_penalty) add_penalty_grads<kD>(column, depth, two_s, grad);
+    for_each_gradient<kD>(f, g, depth, has_penalty, two_s, [&](int j, acc_t* column, const acc_t* grad) {
 #pragma unroll
       for (int d = 0; d < kSlots; ++d) {
         if (d < D) {
@@ -197,7 +202,7 @@ __global__ void __launch_bounds__(kThreads)
           b[d].v[j] = static_cast<T>(buf);
         }
       }
-    }
+    });
 #pragma unroll
     for (int d = 0; d < kSlots; ++d) {
       if (d < D) {
