@@ -99,6 +99,19 @@ def _factor_grads(fs, prefix, g, two_s, D: tl.constexpr, HAS_PENALTY: tl.constex
 
 
 @triton.jit
+def _block_gradients(
+    F, GW, grad_sumsq, n, D: tl.constexpr, HAS_PENALTY: tl.constexpr, IS_FP64: tl.constexpr, BLOCK: tl.constexpr
+):
+    """This program's elements: (offsets, mask, the D factors, their D gradients), in registers."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    fs, prefix = _load_factors(F, offs, mask, n, D, IS_FP64)
+    g = _to_acc(tl.load(GW + offs, mask=mask, other=0.0), IS_FP64)
+    two_s = 2.0 * _to_acc(tl.load(grad_sumsq), IS_FP64) if HAS_PENALTY else 0.0
+    return offs, mask, fs, _factor_grads(fs, prefix, g, two_s, D, HAS_PENALTY)
+
+
+@triton.jit
 def _dwf_backward_kernel(
     F,
     GW,
@@ -110,13 +123,7 @@ def _dwf_backward_kernel(
     IS_FP64: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    fs, prefix = _load_factors(F, offs, mask, n, D, IS_FP64)
-    g = _to_acc(tl.load(GW + offs, mask=mask, other=0.0), IS_FP64)
-    two_s = 2.0 * _to_acc(tl.load(grad_sumsq), IS_FP64) if HAS_PENALTY else 0.0
-    grads = _factor_grads(fs, prefix, g, two_s, D, HAS_PENALTY)
+    offs, mask, fs, grads = _block_gradients(F, GW, grad_sumsq, n, D, HAS_PENALTY, IS_FP64, BLOCK)
     for k in tl.static_range(D):
         tl.store(GF + k * n + offs, grads[k].to(GF.dtype.element_ty), mask=mask)
 
@@ -145,19 +152,13 @@ def _dwf_sgd_step_kernel(
 ):
     # The backward kernel's gradients, applied at once as torch.optim.SGD does (csrc/dwf_math.h
     # sgd_update: same order, `a.add(b, alpha=x)` as fma(b, x, a)); factors and buffer in place.
-    pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
     if IS_FP64:
         # Triton passes float arguments as fp32; fp64 hyper-parameters come from a tensor.
         neg_lr = tl.load(hyper)
         momentum = tl.load(hyper + 1)
         one_minus_dampening = tl.load(hyper + 2)
         weight_decay = tl.load(hyper + 3)
-    fs, prefix = _load_factors(F, offs, mask, n, D, IS_FP64)
-    g = _to_acc(tl.load(GW + offs, mask=mask, other=0.0), IS_FP64)
-    two_s = 2.0 * _to_acc(tl.load(grad_sumsq), IS_FP64) if HAS_PENALTY else 0.0
-    grads = _factor_grads(fs, prefix, g, two_s, D, HAS_PENALTY)
+    offs, mask, fs, grads = _block_gradients(F, GW, grad_sumsq, n, D, HAS_PENALTY, IS_FP64, BLOCK)
     for k in tl.static_range(D):
         grad = grads[k]
         if MAXIMIZE:
