@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.jit import JITFunction
 
 # Elements per program and warps, chosen for bandwidth: 8 warps x 16 fp32 elements per thread in
 # the forward (4 x 16-byte loads per factor in flight per thread); the backward holds D factors, D
@@ -55,11 +56,14 @@ def _dwf_forward_kernel(
 
 @triton.jit
 def _sum_partials_kernel(partials, out, m, BLOCK: tl.constexpr):
-    # One program, fixed order: deterministic, no atomics.
+    # One program, fixed order: deterministic, no atomics. A while loop, not range(0, m, BLOCK):
+    # Triton 3.6's interpreter cannot take a runtime scalar as a range bound (with NumPy >= 2.4).
     acc = tl.zeros([BLOCK], dtype=out.dtype.element_ty)
-    for start in range(0, m, BLOCK):
+    start = m * 0
+    while start < m:
         offs = start + tl.arange(0, BLOCK)
         acc = acc + tl.load(partials + offs, mask=offs < m, other=0.0)
+        start += BLOCK
     tl.store(out, tl.sum(acc, axis=0))
 
 
@@ -179,6 +183,15 @@ def _dwf_sgd_step_kernel(
         tl.store(F + k * n + offs, tl.fma(grad, neg_lr, fs[k]).to(F.dtype.element_ty), mask=mask)
 
 
+def _launcher(kernel):
+    """The kernel wrapped by torch.library.wrap_triton, which a JIT kernel needs for tracing.
+
+    Under TRITON_INTERPRET=1 @triton.jit gives an InterpretedFunction: torch 2.14's wrap_triton hands
+    it back unwrapped, torch 2.11's raises; either way it launches as it is.
+    """
+    return torch.library.wrap_triton(kernel) if isinstance(kernel, JITFunction) else kernel
+
+
 def _launch_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else _NullGuard()
 
@@ -207,7 +220,7 @@ def forward(factors: torch.Tensor, out_dtype: torch.dtype, with_sumsq: bool) -> 
     programs = triton.cdiv(n, block)
     partials = torch.empty(programs if with_sumsq else 1, dtype=acc, device=factors.device)
     with _launch_guard(factors):
-        torch.library.wrap_triton(_dwf_forward_kernel)[(programs,)](
+        _launcher(_dwf_forward_kernel)[(programs,)](
             factors,
             w,
             partials,
@@ -219,7 +232,7 @@ def forward(factors: torch.Tensor, out_dtype: torch.dtype, with_sumsq: bool) -> 
             **LAUNCH_OPTIONS,
         )
         if with_sumsq:
-            torch.library.wrap_triton(_sum_partials_kernel)[(1,)](
+            _launcher(_sum_partials_kernel)[(1,)](
                 partials, sumsq, programs, BLOCK=_REDUCE_BLOCK, num_warps=4
             )
     return w, sumsq
@@ -238,7 +251,7 @@ def backward(factors: torch.Tensor, grad_w: torch.Tensor, grad_sumsq: torch.Tens
     has_penalty = grad_sumsq is not None
     s = grad_sumsq.reshape(()) if has_penalty else grad_w  # any pointer when unused
     with _launch_guard(factors):
-        torch.library.wrap_triton(_dwf_backward_kernel)[(triton.cdiv(n, block),)](
+        _launcher(_dwf_backward_kernel)[(triton.cdiv(n, block),)](
             factors,
             grad_w,
             grad_factors,
@@ -278,7 +291,7 @@ def sgd_step(
     hyper = torch.tensor(values, dtype=torch.float64, device=factors.device) if is_fp64 else grad_w
     block = _BACKWARD_BLOCK[depth <= 4]
     with _launch_guard(factors):
-        torch.library.wrap_triton(_dwf_sgd_step_kernel)[(triton.cdiv(n, block),)](
+        _launcher(_dwf_sgd_step_kernel)[(triton.cdiv(n, block),)](
             factors,
             momentum_buffer if momentum != 0 else factors,  # any pointer when unused
             grad_w,
