@@ -11,7 +11,7 @@ DEPS_STAMP := $(VENV)/.deps-installed
 BUILD_STAMP := $(VENV)/.dwf-built
 EXT_SOURCES := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu)
 
-.PHONY: install train test bench-cpu clean
+.PHONY: install train test test-gpu-versions bench-cpu clean
 
 $(DEPS_STAMP):
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ train: $(BUILD_STAMP)
 
 test: $(BUILD_STAMP)
 	$(PY) -m pytest tests -q
+
+# The tests again against the GPU machines' torch 2.11.0 / triton 3.6.0, in .venv-gpu-versions and a
+# copy of the tree under build/ (CI runs it after `make test`).
+test-gpu-versions:
+	.ci/gpu_machine_versions.sh
 
 # Regenerates the committed CPU reports: kernels (bench/results/cpu-kernels.{json,md,png}) and
 # training steps (bench/results/cpu-train-step.{json,md}).
