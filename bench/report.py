@@ -1,6 +1,6 @@
 """Turns pytest-benchmark JSON from bench/ into markdown tables (and optionally a PNG plot).
 
-    python bench/report.py RESULTS.json [--markdown OUT.md] [--plot OUT.png]
+    python bench/report.py RESULTS.json [MORE.json ...] [--markdown OUT.md] [--plot OUT.png]
 
 Per case: median and p20/p80 time, GB/s of the bytes the fused algorithm must move, that as a
 percentage of the copy bandwidth measured in the same run, and the speedup of every provider
@@ -22,20 +22,34 @@ def _quantile(data: list[float], q: float) -> float:
     return data[lo] + (data[hi] - data[lo]) * (pos - lo)
 
 
-def load(path: str) -> tuple[dict, list[dict], float | None]:
-    with open(path) as f:
-        doc = json.load(f)
-    rows, copy_gbs = [], None
-    for bench in doc["benchmarks"]:
-        info, data = bench["extra_info"], bench["stats"]["data"]
-        median = statistics.median(data)
-        row = dict(
-            info, median=median, p20=_quantile(data, 0.2), p80=_quantile(data, 0.8), gbs=info["bytes"] / median / 1e9
-        )
-        if info.get("kind") == "copy":
-            copy_gbs = row["gbs"]
-        rows.append(row)
-    return doc, rows, copy_gbs
+def load(*paths: str) -> tuple[dict, list[dict], float | None]:
+    """Rows of one or more runs (e.g. one per mode). Each row keeps the copy bandwidth of its own run
+    as copy_gbs; the returned copy bandwidth is the median over the runs that measured one."""
+    docs, rows, copies = [], [], []
+    for path in paths:
+        with open(path) as f:
+            doc = json.load(f)
+        docs.append(doc)
+        file_rows, copy_gbs = [], None
+        for bench in doc["benchmarks"]:
+            info, data = bench["extra_info"], bench["stats"]["data"]
+            median = statistics.median(data)
+            row = dict(
+                info,
+                median=median,
+                p20=_quantile(data, 0.2),
+                p80=_quantile(data, 0.8),
+                gbs=info["bytes"] / median / 1e9,
+            )
+            if info.get("kind") == "copy":
+                copy_gbs = row["gbs"]
+            file_rows.append(row)
+        if copy_gbs is not None:
+            copies.append(copy_gbs)
+            for row in file_rows:
+                row["copy_gbs"] = copy_gbs
+        rows += file_rows
+    return docs[0], rows, (statistics.median(copies) if copies else None)
 
 
 _ELEMENT_SIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
@@ -66,7 +80,8 @@ def kernel_table(rows: list[dict], copy_gbs: float | None) -> str:
         dtype, mode, depth, n = key
         case = by_case[key]
         for provider, r in sorted(case.items(), key=lambda kv: kv[1]["median"]):
-            pct = f"{100 * r['gbs'] / copy_gbs:.0f}%" if copy_gbs else "n/a"
+            copy = r.get("copy_gbs", copy_gbs)  # the copy bandwidth of the row's own run
+            pct = f"{100 * r['gbs'] / copy:.0f}%" if copy else "n/a"
             vs = [f"{case[b]['median'] / r['median']:.2f}x" if b in case else "n/a" for b in ("eager", "compile")]
             faults = "yes" if r.get("device") != "cuda" and fresh_alloc_mb(r) >= PAGE_FAULT_MB else ""
             lines.append(
@@ -84,9 +99,7 @@ def header(doc: dict, rows: list[dict], copy_gbs: float | None) -> str:
             f"Device: {first.get('device_name', '?')}; torch {first.get('torch', '?')}; "
             f"triton {first.get('triton', '?')}; python {machine.get('python_version', '?')}; "
             f"date {doc.get('datetime', '?')[:10]}.",
-            f"Copy bandwidth measured in the same run (256 MB preallocated, read + write): {copy_gbs:.1f} GB/s."
-            if copy_gbs
-            else "No copy baseline in this run.",
+            _copy_line(rows, copy_gbs),
             "GB/s counts the bytes the fused algorithm must move: (D+1)N elements forward, (2D+1)N backward, "
             "(3D+2)N full, (4D+1)N sgd (backward + SGD-momentum update; the backends' fused step updates "
             "in place, eager and compile take torch.optim.SGD's step after their backward). Each call "
@@ -95,6 +108,19 @@ def header(doc: dict, rows: list[dict], copy_gbs: float | None) -> str:
             "(last column).",
         ]
     )
+
+
+def _copy_line(rows: list[dict], copy_gbs: float | None) -> str:
+    if not copy_gbs:
+        return "No copy baseline in this run."
+    copies = sorted(r["gbs"] for r in rows if r.get("kind") == "copy")
+    text = f"Copy bandwidth measured in the same run (256 MB preallocated, read + write): {copy_gbs:.1f} GB/s"
+    if len(copies) > 1:
+        text += (
+            f" (median of {len(copies)} runs, {copies[0]:.1f}-{copies[-1]:.1f}; "
+            "each row's % is of its own run's copy)"
+        )
+    return text + "."
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -143,11 +169,11 @@ def plot(rows: list[dict], path: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results", help="pytest-benchmark JSON")
+    parser.add_argument("results", nargs="+", help="pytest-benchmark JSON (several runs are merged)")
     parser.add_argument("--markdown", help="also write the report to this file")
     parser.add_argument("--plot", help="write a PNG plot of GB/s against N")
     args = parser.parse_args()
-    doc, rows, copy_gbs = load(args.results)
+    doc, rows, copy_gbs = load(*args.results)
     text = header(doc, rows, copy_gbs) + "\n\n" + kernel_table(rows, copy_gbs) + "\n"
     print(text)
     if args.markdown:

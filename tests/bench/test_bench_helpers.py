@@ -120,6 +120,25 @@ def test_report_tables_from_benchmark_json(tmp_path):
     assert report._quantile([1.0, 2.0, 3.0, 4.0, 5.0], 0.2) == pytest.approx(1.8)
 
 
+def test_report_merges_runs_each_row_against_its_own_copy(tmp_path):
+    """Per-mode runs (what gpu_check writes) merge into one table; % copy BW uses the row's own run."""
+    paths = []
+    for i, (copy_seconds, mode) in enumerate(((0.1, "forward"), (0.2, "backward"))):  # 20 and 10 GB/s
+        copy = {"kind": "copy", "bytes": 2_000_000_000, "device_name": "cuda", "torch": "t", "triton": "x"}
+        kernel = {"kind": "kernel", "provider": "cuda", "mode": mode, "depth": 4, "n": 1 << 24}
+        kernel.update(dtype="float32", bytes=1_000_000_000, device="cuda")
+        doc = {"datetime": "2026-11-25", "benchmarks": [_bench(copy, [copy_seconds]), _bench(kernel, [0.1])]}
+        paths.append(tmp_path / f"run{i}.json")
+        paths[-1].write_text(json.dumps(doc))
+    doc, rows, copy_gbs = report.load(*map(str, paths))
+    assert copy_gbs == pytest.approx(15.0)  # median of 20 and 10
+    table = report.kernel_table(rows, copy_gbs)
+    forward = next(line for line in table.splitlines() if "| forward |" in line)
+    backward = next(line for line in table.splitlines() if "| backward |" in line)
+    assert "| 10.0 | 50% |" in forward and "| 10.0 | 100% |" in backward
+    assert "median of 2 runs, 10.0-20.0" in report.header(doc, rows, copy_gbs)
+
+
 def test_ab_prints_interleaved_medians_and_ratios(capsys):
     import ab
 
