@@ -9,7 +9,7 @@ export MAX_JOBS ?= 2
 
 DEPS_STAMP := $(VENV)/.deps-installed
 BUILD_STAMP := $(VENV)/.dwf-built
-EXT_SOURCES := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu)
+EXT_SOURCES := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 
 .PHONY: install train test test-gpu-versions bench-cpu clean
 

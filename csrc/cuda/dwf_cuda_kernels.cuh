@@ -1,0 +1,341 @@
+// The CUDA kernels of the fused DWF forward, backward and backward + SGD step (DESIGN.md §2, §7b),
+// and the host code that plans and launches them.
+//
+// Grid-stride loops over packs of V elements with 64-bit indices: V = 16 bytes / sizeof(factor)
+// when every row start is 16-byte aligned (one vector load per factor per pack), else V = 1
+// (plain coalesced loads), so any view works. Per element the math is dwf_math.h's, the same
+// templates the CPU kernels run. sumsq: each block writes one partial to its own slot, then one
+// block sums the partials in a fixed order: deterministic, no floating-point atomics.
+//
+// The host functions run_forward / run_backward / run_sgd_step take a Launcher, so the same code
+// serves two builds:
+//   dwf_cuda.cu      nvcc; launches on the current CUDA stream (CudaLauncher)
+//   tests/cuda_emulation/  g++; runs every block's threads as host threads on CPU tensors, so the
+//                    CPU test suite executes these kernels (indexing, packs, grid stride, the
+//                    partial sums) without a GPU
+// A Launcher has multiprocessors() (the SM count the grid is sized for) and
+// launch(kernel, grid, threads, args...) (kernel<<<grid, threads>>>(args...), checked).
+// The ops' arguments are validated (dwf_dispatch.h) before run_* is called.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+
+#include "../dwf_dispatch.h"
+
+namespace dwf {
+namespace cuda_impl {
+
+constexpr int kThreads = 256;
+constexpr int kBlocksPerSm = 8;  // 8 x 256 threads: full occupancy on sm_80/sm_90
+constexpr int kReduceThreads = 1024;
+
+template <typename T>
+using acc_type_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// V elements moved as one aligned access.
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+
+inline int64_t grid_for(int64_t packs, int multiprocessors) {
+  const int64_t needed = (packs + kThreads - 1) / kThreads;
+  return std::max<int64_t>(1, std::min<int64_t>(needed, int64_t(multiprocessors) * kBlocksPerSm));
+}
+
+// Deterministic block sum: fixed shuffle tree within warps, then the warp sums in order.
+template <typename A>
+__device__ A block_sum(A value) {
+  __shared__ A warp_sums[32];
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_down_sync(0xffffffffu, value, offset);
+  if (lane == 0) warp_sums[warp] = value;
+  __syncthreads();
+  A total = 0;
+  if (threadIdx.x == 0) {
+    for (int w = 0; w < (blockDim.x + 31) / 32; ++w) total += warp_sums[w];
+  }
+  return total;  // valid in thread 0
+}
+
+template <int kD, typename T, typename O, int V>
+__global__ void __launch_bounds__(kThreads)
+    dwf_forward_kernel(const T* __restrict__ F, O* __restrict__ W, acc_type_t<T>* __restrict__ partials,
+                       int64_t n, int depth, bool with_sumsq) {
+  using acc_t = acc_type_t<T>;
+  constexpr int kSlots = DepthSlots<kD>::value;
+  const int D = resolve_depth<kD>(depth);
+  const int64_t packs = n / V;
+  acc_t sq = 0;
+  for (int64_t p = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; p < packs;
+       p += int64_t(gridDim.x) * blockDim.x) {
+    Pack<T, V> f[kSlots];
+#pragma unroll
+    for (int d = 0; d < kSlots; ++d) {
+      if (d < D) f[d] = reinterpret_cast<const Pack<T, V>*>(F + d * n)[p];  // all loads issued first
+    }
+    Pack<O, V> out;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      acc_t column[kSlots];
+#pragma unroll
+      for (int d = 0; d < kSlots; ++d) {
+        if (d < D) column[d] = static_cast<acc_t>(f[d].v[j]);
+      }
+      out.v[j] = static_cast<O>(product<kD>(column, depth));
+      if (with_sumsq) sq = accumulate_squares<kD>(column, depth, sq);
+    }
+    reinterpret_cast<Pack<O, V>*>(W)[p] = out;
+  }
+  if (with_sumsq) {
+    const acc_t total = block_sum(sq);
+    if (threadIdx.x == 0) partials[blockIdx.x] = total;
+  }
+}
+
+// sumsq = sum(partials[0..m)) in a fixed order (0 when m == 0).
+template <typename A>
+__global__ void __launch_bounds__(kReduceThreads) sum_partials_kernel(const A* __restrict__ partials, int64_t m,
+                                                                      A* __restrict__ out) {
+  A value = 0;
+  for (int64_t i = threadIdx.x; i < m; i += blockDim.x) value += partials[i];
+  const A total = block_sum(value);
+  if (threadIdx.x == 0) *out = total;
+}
+
+// Per element j of one pack: the factors column[d] and their gradients grad[d] (dwf_backward's
+// math, in registers), handed to on(j, column, grad). Shared by the backward and the SGD step.
+template <int kD, typename T, typename G, int V, typename On>
+__device__ __forceinline__ void for_each_gradient(const Pack<T, V>* f, const Pack<G, V>& g, int depth,
+                                                  bool has_penalty, acc_type_t<T> two_s, On&& on) {
+  using acc_t = acc_type_t<T>;
+  constexpr int kSlots = DepthSlots<kD>::value;
+  const int D = resolve_depth<kD>(depth);
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    acc_t column[kSlots], grad[kSlots];
+#pragma unroll
+    for (int d = 0; d < kSlots; ++d) {
+      if (d < D) column[d] = static_cast<acc_t>(f[d].v[j]);
+    }
+    factor_grads<kD>(column, depth, static_cast<acc_t>(g.v[j]), grad);
+    if (has_penalty) add_penalty_grads<kD>(column, depth, two_s, grad);
+    on(j, column, grad);
+  }
+}
+
+template <int kD, typename T, typename G, int V>
+__global__ void __launch_bounds__(kThreads)
+    dwf_backward_kernel(const T* __restrict__ F, const G* __restrict__ GW, T* __restrict__ GF,
+                        const acc_type_t<T>* __restrict__ grad_sumsq, int64_t n, int depth) {
+  using acc_t = acc_type_t<T>;
+  constexpr int kSlots = DepthSlots<kD>::value;
+  const int D = resolve_depth<kD>(depth);
+  const bool has_penalty = grad_sumsq != nullptr;
+  const acc_t two_s = has_penalty ? acc_t(2) * *grad_sumsq : acc_t(0);
+  const int64_t packs = n / V;
+  for (int64_t p = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; p < packs;
+       p += int64_t(gridDim.x) * blockDim.x) {
+    Pack<T, V> f[kSlots];
+#pragma unroll
+    for (int d = 0; d < kSlots; ++d) {
+      if (d < D) f[d] = reinterpret_cast<const Pack<T, V>*>(F + d * n)[p];
+    }
+    const Pack<G, V> g = reinterpret_cast<const Pack<G, V>*>(GW)[p];
+    Pack<T, V> out[kSlots];
+    for_each_gradient<kD>(f, g, depth, has_penalty, two_s, [&](int j, const acc_t*, const acc_t* grad) {
+#pragma unroll
+      for (int d = 0; d < kSlots; ++d) {
+        if (d < D) out[d].v[j] = static_cast<T>(grad[d]);
+      }
+    });
+#pragma unroll
+    for (int d = 0; d < kSlots; ++d) {
+      if (d < D) reinterpret_cast<Pack<T, V>*>(GF + d * n)[p] = out[d];
+    }
+  }
+}
+
+// The fused backward + SGD step: the factor gradients of dwf_backward_kernel, formed per element
+// in registers and applied at once by sgd_update to the factors and momentum buffer, in place.
+template <int kD, typename T, typename G, int V>
+__global__ void __launch_bounds__(kThreads)
+    dwf_sgd_step_kernel(T* __restrict__ F, T* __restrict__ B, const G* __restrict__ GW,
+                        const acc_type_t<T>* __restrict__ grad_sumsq, int64_t n, int depth,
+                        SgdStep<acc_type_t<T>> step) {
+  using acc_t = acc_type_t<T>;
+  constexpr int kSlots = DepthSlots<kD>::value;
+  const int D = resolve_depth<kD>(depth);
+  const bool has_penalty = grad_sumsq != nullptr;
+  const acc_t two_s = has_penalty ? acc_t(2) * *grad_sumsq : acc_t(0);
+  const bool read_buffer = step.has_momentum && !step.init_buffer;
+  const int64_t packs = n / V;
+  for (int64_t p = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; p < packs;
+       p += int64_t(gridDim.x) * blockDim.x) {
+    Pack<T, V> f[kSlots], b[kSlots];
+#pragma unroll
+    for (int d = 0; d < kSlots; ++d) {
+      if (d < D) f[d] = reinterpret_cast<const Pack<T, V>*>(F + d * n)[p];
+    }
+    const Pack<G, V> g = reinterpret_cast<const Pack<G, V>*>(GW)[p];
+#pragma unroll
+    for (int d = 0; d < kSlots; ++d) {
+      if (d < D && read_buffer) b[d] = reinterpret_cast<const Pack<T, V>*>(B + d * n)[p];
+    }
+    for_each_gradient<kD>(f, g, depth, has_penalty, two_s, [&](int j, acc_t* column, const acc_t* grad) {
+#pragma unroll
+      for (int d = 0; d < kSlots; ++d) {
+        if (d < D) {
+          acc_t buf = read_buffer ? static_cast<acc_t>(b[d].v[j]) : acc_t(0);
+          sgd_update(step, grad[d], column[d], buf);
+          f[d].v[j] = static_cast<T>(column[d]);
+          b[d].v[j] = static_cast<T>(buf);
+        }
+      }
+    });
+#pragma unroll
+    for (int d = 0; d < kSlots; ++d) {
+      if (d < D) {
+        reinterpret_cast<Pack<T, V>*>(F + d * n)[p] = f[d];
+        if (step.has_momentum) reinterpret_cast<Pack<T, V>*>(B + d * n)[p] = b[d];
+      }
+    }
+  }
+}
+
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// The vector width in elements for factors of type T: 16-byte packs when every row start of
+// every operand is aligned for them, else 1.
+template <typename T, typename O>
+int pack_width(int64_t n, const void* factors, const void* other) {
+  constexpr int V = 16 / sizeof(T);
+  const bool ok = n % V == 0 && aligned16(factors) &&
+                  reinterpret_cast<uintptr_t>(other) % (sizeof(O) * V) == 0;
+  return ok ? V : 1;
+}
+
+
+template <typename Launcher>
+std::tuple<at::Tensor, at::Tensor> run_forward(const at::Tensor& factors_arg, at::ScalarType out, bool with_sumsq,
+                                               const Launcher& launcher) {
+  const at::Tensor factors = factors_arg.contiguous();  // non-contiguous input: copied once
+  const int64_t depth = factors.size(0);
+  const int64_t n = factors.numel() / depth;
+  at::Tensor w = at::empty(factors.sizes().slice(1), factors.options().dtype(out));
+  at::Tensor sumsq = at::empty({}, factors.options().dtype(sumsq_dtype(factors.scalar_type())));
+
+  dispatch_io_types(factors.scalar_type(), out, [&](auto* t_tag, auto* o_tag) {
+    using T = std::remove_pointer_t<decltype(t_tag)>;
+    using O = std::remove_pointer_t<decltype(o_tag)>;
+    using acc_t = acc_type_t<T>;
+    const T* F = factors.const_data_ptr<T>();
+    O* W = w.mutable_data_ptr<O>();
+    const int V = pack_width<T, O>(n, F, W);
+    const int64_t grid = n > 0 ? grid_for(n / V, launcher.multiprocessors()) : 0;
+    at::Tensor partials = at::empty({with_sumsq ? grid : 0}, factors.options().dtype(sumsq.scalar_type()));
+    if (grid > 0) {
+      dispatch_depth(depth, [&](auto kd) {
+        constexpr int kD = decltype(kd)::value;
+        constexpr int kV = 16 / sizeof(T);
+        acc_t* P = partials.mutable_data_ptr<acc_t>();
+        if (V == kV) {
+          launcher.launch(dwf_forward_kernel<kD, T, O, kV>, grid, kThreads, F, W, P, n, int(depth), with_sumsq);
+        } else {
+          launcher.launch(dwf_forward_kernel<kD, T, O, 1>, grid, kThreads, F, W, P, n, int(depth), with_sumsq);
+        }
+      });
+    }
+    launcher.launch(sum_partials_kernel<acc_t>, 1, kReduceThreads, partials.const_data_ptr<acc_t>(),
+                    partials.numel(), sumsq.mutable_data_ptr<acc_t>());
+  });
+  return {w, sumsq};
+}
+
+// The penalty scale s stays on the device (no host sync), as a 0-d tensor in the accumulation dtype.
+inline at::Tensor penalty_scale(const at::Tensor& factors, const std::optional<at::Tensor>& grad_sumsq) {
+  return grad_sumsq.has_value() ? grad_sumsq->reshape({}).to(sumsq_dtype(factors.scalar_type())).contiguous()
+                                : at::Tensor();
+}
+
+template <typename Launcher>
+at::Tensor run_backward(const at::Tensor& factors_arg, const at::Tensor& grad_w_arg,
+                        const std::optional<at::Tensor>& grad_sumsq, const Launcher& launcher) {
+  const at::Tensor factors = factors_arg.contiguous();
+  const at::Tensor grad_w = grad_w_arg.contiguous();
+  const int64_t depth = factors.size(0);
+  const int64_t n = factors.numel() / depth;
+  at::Tensor grad_factors = at::empty(factors.sizes(), factors.options());
+  const at::Tensor s = penalty_scale(factors, grad_sumsq);
+  if (n == 0) return grad_factors;
+
+  dispatch_io_types(factors.scalar_type(), grad_w.scalar_type(), [&](auto* t_tag, auto* g_tag) {
+    using T = std::remove_pointer_t<decltype(t_tag)>;
+    using G = std::remove_pointer_t<decltype(g_tag)>;
+    using acc_t = acc_type_t<T>;
+    const T* F = factors.const_data_ptr<T>();
+    const G* GW = grad_w.const_data_ptr<G>();
+    T* GF = grad_factors.mutable_data_ptr<T>();
+    const acc_t* S = s.defined() ? s.const_data_ptr<acc_t>() : nullptr;
+    const int V = (pack_width<T, G>(n, F, GW) > 1 && aligned16(GF)) ? 16 / int(sizeof(T)) : 1;
+    const int64_t grid = grid_for(n / V, launcher.multiprocessors());
+    dispatch_depth(depth, [&](auto kd) {
+      constexpr int kD = decltype(kd)::value;
+      constexpr int kV = 16 / sizeof(T);
+      if (V == kV) {
+        launcher.launch(dwf_backward_kernel<kD, T, G, kV>, grid, kThreads, F, GW, GF, S, n, int(depth));
+      } else {
+        launcher.launch(dwf_backward_kernel<kD, T, G, 1>, grid, kThreads, F, GW, GF, S, n, int(depth));
+      }
+    });
+  });
+  return grad_factors;
+}
+
+template <typename Launcher>
+void run_sgd_step(const at::Tensor& factors, const std::optional<at::Tensor>& momentum_buffer,
+                  const at::Tensor& grad_w_arg, const std::optional<at::Tensor>& grad_sumsq, double lr,
+                  double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
+                  bool init_buffer, const Launcher& launcher) {
+  const at::Tensor grad_w = grad_w_arg.contiguous();
+  const int64_t depth = factors.size(0);
+  const int64_t n = factors.numel() / depth;
+  const at::Tensor s = penalty_scale(factors, grad_sumsq);
+  if (n == 0) return;
+
+  dispatch_io_types(factors.scalar_type(), grad_w.scalar_type(), [&](auto* t_tag, auto* g_tag) {
+    using T = std::remove_pointer_t<decltype(t_tag)>;
+    using G = std::remove_pointer_t<decltype(g_tag)>;
+    using acc_t = acc_type_t<T>;
+    T* F = factors.mutable_data_ptr<T>();
+    T* B = momentum != 0 ? momentum_buffer->mutable_data_ptr<T>() : nullptr;
+    const G* GW = grad_w.const_data_ptr<G>();
+    const acc_t* S = s.defined() ? s.const_data_ptr<acc_t>() : nullptr;
+    const SgdStep<acc_t> step =
+        make_sgd_step<acc_t>(lr, momentum, dampening, weight_decay, nesterov, maximize, init_buffer);
+    const bool vec = pack_width<T, G>(n, F, GW) > 1 && (B == nullptr || aligned16(B));
+    const int V = vec ? 16 / int(sizeof(T)) : 1;
+    const int64_t grid = grid_for(n / V, launcher.multiprocessors());
+    dispatch_depth(depth, [&](auto kd) {
+      constexpr int kD = decltype(kd)::value;
+      constexpr int kV = 16 / sizeof(T);
+      if (V == kV) {
+        launcher.launch(dwf_sgd_step_kernel<kD, T, G, kV>, grid, kThreads, F, B, GW, S, n, int(depth), step);
+      } else {
+        launcher.launch(dwf_sgd_step_kernel<kD, T, G, 1>, grid, kThreads, F, B, GW, S, n, int(depth), step);
+      }
+    });
+  });
+}
+
+}  // namespace cuda_impl
+}  // namespace dwf

@@ -1,0 +1,91 @@
+// The CUDA build's kernels and host code (csrc/cuda/dwf_cuda_kernels.cuh), compiled by g++ against
+// cuda_on_host.h and registered as ops on CPU tensors: dwf_cuda_emulated::forward / backward /
+// sgd_step / sum_partials. Built by tests/test_cuda_emulated.py. `multiprocessors` sets the SM count
+// the grid is sized for (grid = min(packs / 256, 8 * multiprocessors)), so small inputs take several
+// grid-stride iterations.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include "cuda_on_host.h"
+// After the emulation, so the kernels see its __global__, threadIdx, __syncthreads, ...
+#include "cuda/dwf_cuda_kernels.cuh"
+
+namespace {
+
+using namespace dwf;
+using namespace dwf::cuda_impl;
+
+struct HostLauncher {
+  int sms;
+  int multiprocessors() const { return sms; }
+  template <typename... Params, typename... Args>
+  void launch(void (*kernel)(Params...), int64_t grid, int threads, Args... args) const {
+    cuda_on_host::launch(grid, threads, [&] { kernel(args...); });
+  }
+};
+
+void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "dwf_cuda_emulated: ", name, " must be a CPU tensor");
+}
+
+HostLauncher launcher(int64_t multiprocessors) {
+  TORCH_CHECK(multiprocessors >= 1 && multiprocessors <= 64, "dwf_cuda_emulated: multiprocessors in [1, 64]");
+  return HostLauncher{int(multiprocessors)};
+}
+
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& factors, std::optional<at::ScalarType> out_dtype,
+                                           bool with_sumsq, int64_t multiprocessors) {
+  check_cpu(factors, "factors");
+  const at::ScalarType out = check_forward_args(factors, out_dtype);
+  return run_forward(factors, out, with_sumsq, launcher(multiprocessors));
+}
+
+at::Tensor backward(const at::Tensor& factors, const at::Tensor& grad_w, const std::optional<at::Tensor>& grad_sumsq,
+                    int64_t multiprocessors) {
+  check_cpu(factors, "factors");
+  check_backward_args(factors, grad_w, grad_sumsq);
+  return run_backward(factors, grad_w, grad_sumsq, launcher(multiprocessors));
+}
+
+void sgd_step(const at::Tensor& factors, const std::optional<at::Tensor>& momentum_buffer, const at::Tensor& grad_w,
+              const std::optional<at::Tensor>& grad_sumsq, double lr, double momentum, double dampening,
+              double weight_decay, bool nesterov, bool maximize, bool init_buffer, int64_t multiprocessors) {
+  check_cpu(factors, "factors");
+  check_sgd_step_args(factors, momentum_buffer, grad_w, grad_sumsq, momentum);
+  run_sgd_step(factors, momentum_buffer, grad_w, grad_sumsq, lr, momentum, dampening, weight_decay, nesterov,
+               maximize, init_buffer, launcher(multiprocessors));
+}
+
+// sum_partials_kernel alone, over any number of partials (the forward makes at most 8 per SM).
+at::Tensor sum_partials(const at::Tensor& partials) {
+  check_cpu(partials, "partials");
+  TORCH_CHECK(partials.dim() == 1 && partials.is_contiguous(), "dwf_cuda_emulated: partials must be contiguous 1-d");
+  at::Tensor out = at::empty({}, partials.options());
+  auto run = [&](auto* tag) {
+    using A = std::remove_pointer_t<decltype(tag)>;
+    HostLauncher{1}.launch(sum_partials_kernel<A>, 1, kReduceThreads, partials.const_data_ptr<A>(),
+                           partials.numel(), out.mutable_data_ptr<A>());
+  };
+  if (partials.scalar_type() == at::kFloat) {
+    run((float*)nullptr);
+  } else {
+    TORCH_CHECK(partials.scalar_type() == at::kDouble, "dwf_cuda_emulated: partials must be float32 or float64");
+    run((double*)nullptr);
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(dwf_cuda_emulated, m) {
+  m.def("forward(Tensor factors, ScalarType? out_dtype, bool with_sumsq, int multiprocessors) -> (Tensor, Tensor)",
+        &forward);
+  m.def("backward(Tensor factors, Tensor grad_w, Tensor? grad_sumsq, int multiprocessors) -> Tensor", &backward);
+  m.def(
+      "sgd_step(Tensor(a!) factors, Tensor(b!)? momentum_buffer, Tensor grad_w, Tensor? grad_sumsq, float lr, "
+      "float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, bool init_buffer, "
+      "int multiprocessors) -> ()",
+      &sgd_step);
+  m.def("sum_partials(Tensor partials) -> Tensor", &sum_partials);
+}

@@ -1,0 +1,213 @@
+"""The CUDA kernels, executed without a GPU.
+
+tests/cuda_emulation/ compiles csrc/cuda/dwf_cuda_kernels.cuh (the kernels and the host code that
+picks the pack width and grid and launches them, unchanged) with g++ against a host emulation of
+CUDA's threads, barriers and warp shuffles. These tests run that build on CPU tensors:
+
+- w, the factor gradients and the SGD step equal the CPU backend's exactly: both evaluate
+  dwf_math.h's per-element templates in the same order with the same roundings, so any difference
+  is a fault of the CUDA kernels' indexing, packing, tails or grid-stride loops;
+- sumsq matches the reference to summation rounding and is bitwise deterministic;
+- the final partial-sum reduction equals, bit for bit, a numpy replay of its fixed order.
+
+`multiprocessors` sizes the grid as on a GPU with that many SMs (at most 8 blocks of 256 threads
+each): with 1, inputs past 8192 packs take several grid-stride iterations.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import SUMSQ_RTOL, make_factors
+
+from dwf_kernels import reference
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU_OPS = torch.ops.dwf_kernels
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    from torch.utils.cpp_extension import load
+
+    build = tmp_path_factory.mktemp("cuda_emulation")
+    load(
+        name="dwf_cuda_emulated",
+        sources=[str(ROOT / "tests" / "cuda_emulation" / "emulated_ops.cpp")],
+        extra_include_paths=[str(ROOT / "csrc")],
+        # As the CUDA build: optimized, and no contraction into FMAs (nvcc --fmad=false).
+        extra_cflags=["-O2", "-ffp-contract=off"],
+        build_directory=str(build),
+        is_python_module=False,
+        verbose=False,
+    )
+    return torch.ops.dwf_cuda_emulated
+
+
+def _require_cpu_backend():
+    from dwf_kernels import _extension
+
+    if "cpu" not in _extension.KERNEL_DEVICES:
+        pytest.fail("the compiled CPU backend is missing: build with `pip install --no-build-isolation -e .`")
+
+
+def assert_identical(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+DEPTHS = [1, 2, 3, 4, 5, 8, 9, 16]  # the fast paths 2..8 and the general path (1, 9..16)
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+# 7: scalar path (n % V != 0). 4096: packs, one block. 12296 = 8 * 1537: packs in every dtype, and
+# with multiprocessors=1 (8 blocks) several grid-stride iterations for fp32/fp64. 12301: scalar path
+# with grid stride.
+SIZES = [7, 4096, 12296, 12301]
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("depth", DEPTHS)
+def test_forward_and_backward_equal_the_cpu_kernels(emulated, depth, dtype, n):
+    _require_cpu_backend()
+    factors = make_factors(depth, (n,), dtype, "cpu", seed=depth * 100 + n)
+    w, sumsq = emulated.forward(factors, None, True, 1)
+    w_cpu, _ = CPU_OPS.dwf_forward(factors, None, True)
+    assert_identical(w, w_cpu, "w")
+    _, sumsq_ref = reference.dwf_forward_reference(factors.double(), torch.float64, True)
+    torch.testing.assert_close(sumsq.double(), sumsq_ref, rtol=SUMSQ_RTOL[dtype], atol=0)
+    assert sumsq.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+
+    grad_w = make_factors(1, (n,), dtype, "cpu", seed=7)[0]
+    s = torch.tensor(0.375, dtype=torch.float32)
+    for grad_sumsq in (s, None):
+        grad = emulated.backward(factors, grad_w, grad_sumsq, 1)
+        assert_identical(grad, CPU_OPS.dwf_backward(factors, grad_w, grad_sumsq), f"grad (penalty {grad_sumsq})")
+
+
+@pytest.mark.parametrize("multiprocessors", [1, 3, 64])
+def test_grid_sizes_change_nothing_but_sumsq_rounding(emulated, multiprocessors):
+    factors = make_factors(4, (3, 4099), torch.float32, "cpu", seed=1)  # 12297: scalar path
+    w, sumsq = emulated.forward(factors, None, True, multiprocessors)
+    w1, sumsq1 = emulated.forward(factors, None, True, 1)
+    assert_identical(w, w1, "w")
+    torch.testing.assert_close(sumsq, sumsq1, rtol=1e-6, atol=0)
+    again = emulated.forward(factors, None, True, multiprocessors)[1]
+    assert torch.equal(sumsq, again), "sumsq must be bitwise deterministic for a fixed grid"
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("n", [4096, 4099])
+def test_fp32_factors_write_narrow_w_and_read_narrow_grad_w(emulated, out_dtype, n):
+    _require_cpu_backend()
+    factors = make_factors(4, (n,), torch.float32, "cpu", seed=2)
+    w, sumsq = emulated.forward(factors, out_dtype, True, 1)
+    w_cpu, sumsq_cpu = CPU_OPS.dwf_forward(factors, out_dtype, True)
+    assert_identical(w, w_cpu, "narrow w")
+    torch.testing.assert_close(sumsq, sumsq_cpu, rtol=1e-5, atol=0)
+    grad_w = make_factors(1, (n,), out_dtype, "cpu", seed=3)[0]
+    s = torch.tensor(0.5)
+    assert_identical(emulated.backward(factors, grad_w, s, 1), CPU_OPS.dwf_backward(factors, grad_w, s), "grad")
+
+
+def test_unaligned_views_take_the_scalar_path(emulated):
+    """Row starts off 16-byte alignment (a view at storage offset 1) must still be right."""
+    _require_cpu_backend()
+    base = make_factors(1, (4 * 4096 + 1,), torch.float32, "cpu", seed=4)[0]
+    factors = base[1:].view(4, 4096)  # contiguous, but every row start is 4 bytes past alignment
+    grad_base = make_factors(1, (4097,), torch.float32, "cpu", seed=5)[0]
+    grad_w = grad_base[1:]
+    w, sumsq = emulated.forward(factors, None, True, 1)
+    assert_identical(w, CPU_OPS.dwf_forward(factors, None, True)[0], "w")
+    s = torch.tensor(0.25)
+    assert_identical(emulated.backward(factors, grad_w, s, 1), CPU_OPS.dwf_backward(factors, grad_w, s), "grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_zeros_inf_nan_like_the_cpu_kernels(emulated, dtype):
+    _require_cpu_backend()
+    factors = make_factors(3, (4096,), dtype, "cpu", seed=6)
+    specials = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan")], dtype=dtype)
+    for d in range(3):
+        factors[d, d * 97 : d * 97 + 5 * 50 : 50] = specials
+    w, sumsq = emulated.forward(factors, None, True, 1)
+    w_cpu, sumsq_cpu = CPU_OPS.dwf_forward(factors, None, True)
+    assert_identical(w, w_cpu, "w")
+    assert_identical(sumsq, sumsq_cpu, "sumsq (inf or nan)")
+    grad_w = make_factors(1, (4096,), dtype, "cpu", seed=8)[0]
+    grad_w[100:105] = specials
+    s = torch.tensor(0.5)
+    assert_identical(emulated.backward(factors, grad_w, s, 1), CPU_OPS.dwf_backward(factors, grad_w, s), "grad")
+
+
+SGD_OPTIONS = [
+    dict(momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False),
+    dict(momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False),
+    dict(momentum=0.9, dampening=0.1, weight_decay=1e-3, nesterov=False, maximize=True),
+    dict(momentum=0.8, dampening=0.0, weight_decay=5e-4, nesterov=True, maximize=False),
+    dict(momentum=0.0, dampening=0.0, weight_decay=1e-2, nesterov=False, maximize=True),
+]
+
+
+@pytest.mark.parametrize("n", [4096, 12301])
+@pytest.mark.parametrize("dtype,grad_dtype", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                                              (torch.float64, torch.float64), (torch.bfloat16, torch.bfloat16),
+                                              (torch.float16, torch.float16)], ids=str)
+@pytest.mark.parametrize("depth", [1, 4, 9])
+@pytest.mark.parametrize("options", SGD_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_sgd_step_equals_the_cpu_kernel(emulated, options, depth, dtype, grad_dtype, n):
+    """Two steps (the first initializes the momentum buffer), with and without the penalty."""
+    _require_cpu_backend()
+    factors = make_factors(depth, (n,), dtype, "cpu", seed=9)
+    grad_w = make_factors(1, (n,), grad_dtype, "cpu", seed=10)[0]
+    has_momentum = options["momentum"] != 0
+    for grad_sumsq in (torch.tensor(0.125), None):
+        mine, theirs = factors.clone(), factors.clone()
+        buf_mine = torch.zeros_like(factors) if has_momentum else None
+        buf_theirs = torch.zeros_like(factors) if has_momentum else None
+        for init_buffer in (True, False):
+            args = (grad_w, grad_sumsq, 0.05, options["momentum"], options["dampening"], options["weight_decay"])
+            flags = (options["nesterov"], options["maximize"], init_buffer)
+            emulated.sgd_step(mine, buf_mine, *args, *flags, 1)
+            CPU_OPS.dwf_sgd_step(theirs, buf_theirs, *args, *flags)
+            assert_identical(mine, theirs, f"factors after a step (init_buffer={init_buffer})")
+            if has_momentum:
+                assert_identical(buf_mine, buf_theirs, "momentum buffer")
+
+
+def _replay_block_sum(values: np.ndarray) -> np.floating:
+    """sum_partials_kernel's order: thread t adds partials t, t+1024, ... in turn; each warp sums its 32
+    lanes by the shuffle-down tree (offsets 16, 8, 4, 2, 1); thread 0 adds the 32 warp sums in order."""
+    dtype = values.dtype.type
+    lanes = np.zeros(1024, dtype=values.dtype)
+    for start in range(0, len(values), 1024):
+        chunk = values[start : start + 1024]
+        lanes[: len(chunk)] = lanes[: len(chunk)] + chunk
+    warps = lanes.reshape(32, 32).copy()
+    for offset in (16, 8, 4, 2, 1):
+        warps[:, : 32 - offset] = warps[:, : 32 - offset] + warps[:, offset:]
+    total = dtype(0)
+    for w in range(32):
+        total = dtype(total + warps[w, 0])
+    return total
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("m", [0, 1, 31, 1024, 1025, 5000])
+def test_partial_sums_reduce_in_their_fixed_order(emulated, dtype, m):
+    gen = torch.Generator().manual_seed(m)
+    partials = (torch.rand(m, generator=gen, dtype=torch.float64) * 1e3).to(dtype)
+    out = emulated.sum_partials(partials)
+    expected = _replay_block_sum(partials.numpy())
+    assert out.item() == expected  # bit for bit: the order is fixed
+    torch.testing.assert_close(out.double(), partials.double().sum(), rtol=SUMSQ_RTOL[dtype], atol=1e-12)
+
+
+def test_emulation_builds_the_cuda_sources_unchanged():
+    """The emulated ops include the very header dwf_cuda.cu launches from (no copy to drift)."""
+    cu = (ROOT / "csrc" / "cuda" / "dwf_cuda.cu").read_text()
+    emu = (ROOT / "tests" / "cuda_emulation" / "emulated_ops.cpp").read_text()
+    assert '#include "dwf_cuda_kernels.cuh"' in cu and '#include "cuda/dwf_cuda_kernels.cuh"' in emu
+    assert "__global__" not in cu, "kernels belong in dwf_cuda_kernels.cuh, where the emulation runs them"
