@@ -117,8 +117,7 @@ def _copy_line(rows: list[dict], copy_gbs: float | None) -> str:
     text = f"Copy bandwidth measured in the same run (256 MB preallocated, read + write): {copy_gbs:.1f} GB/s"
     if len(copies) > 1:
         text += (
-            f" (median of {len(copies)} runs, {copies[0]:.1f}-{copies[-1]:.1f}; "
-            "each row's % is of its own run's copy)"
+            f" (median of {len(copies)} runs, {copies[0]:.1f}-{copies[-1]:.1f}; each row's % is of its own run's copy)"
         )
     return text + "."
 

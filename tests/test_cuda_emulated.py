@@ -152,9 +152,17 @@ SGD_OPTIONS = [
 
 
 @pytest.mark.parametrize("n", [4096, 12301])
-@pytest.mark.parametrize("dtype,grad_dtype", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
-                                              (torch.float64, torch.float64), (torch.bfloat16, torch.bfloat16),
-                                              (torch.float16, torch.float16)], ids=str)
+@pytest.mark.parametrize(
+    "dtype,grad_dtype",
+    [
+        (torch.float32, torch.float32),
+        (torch.float32, torch.bfloat16),
+        (torch.float64, torch.float64),
+        (torch.bfloat16, torch.bfloat16),
+        (torch.float16, torch.float16),
+    ],
+    ids=str,
+)
 @pytest.mark.parametrize("depth", [1, 4, 9])
 @pytest.mark.parametrize("options", SGD_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
 def test_sgd_step_equals_the_cpu_kernel(emulated, options, depth, dtype, grad_dtype, n):
