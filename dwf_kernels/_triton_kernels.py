@@ -232,9 +232,7 @@ def forward(factors: torch.Tensor, out_dtype: torch.dtype, with_sumsq: bool) -> 
             **LAUNCH_OPTIONS,
         )
         if with_sumsq:
-            _launcher(_sum_partials_kernel)[(1,)](
-                partials, sumsq, programs, BLOCK=_REDUCE_BLOCK, num_warps=4
-            )
+            _launcher(_sum_partials_kernel)[(1,)](partials, sumsq, programs, BLOCK=_REDUCE_BLOCK, num_warps=4)
     return w, sumsq
 
 
