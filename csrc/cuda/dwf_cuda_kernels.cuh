@@ -224,7 +224,6 @@ int pack_width(int64_t n, const void* factors, const void* other) {
   return ok ? V : 1;
 }
 
-
 template <typename Launcher>
 std::tuple<at::Tensor, at::Tensor> run_forward(const at::Tensor& factors_arg, at::ScalarType out, bool with_sumsq,
                                                const Launcher& launcher) {
