@@ -13,8 +13,9 @@
 #               short keeps the modes it finished
 #   bench-more  the same over D=2 and D=8 and N=2^20 (context for the tables and the plot)
 #   step        end-to-end training-step benchmark
-# Writes env.txt, *.log, gpu-kernels-*.json, gpu-kernels.md (every gpu-kernels-*.json in OUTDIR,
-# merged), gpu-train-step.{json,md} into OUTDIR. Aims to finish within 10 minutes on one H100.
+# Writes env.txt, *.log, gpu-kernels-*.json, gpu-kernels.{md,png} (every gpu-kernels-*.json in
+# OUTDIR, merged), gpu-goals.md (the issues' GPU goals, measured, met or not) and
+# gpu-train-step.{json,md} into OUTDIR. Aims to finish within 10 minutes on one H100.
 #
 # Through the device tool (at most 8 files come back, 10 minutes per call), e.g.:
 #   bench/gpu_check.sh /tmp/gc build,test; tar -czf $OUT/gc-1.tgz -C /tmp gc
@@ -87,8 +88,9 @@ if has bench-more; then
 fi
 if has bench || has bench-more; then
   $PY bench/report.py "$OUT"/gpu-kernels-*.json --markdown "$OUT/gpu-kernels.md" --plot "$OUT/gpu-kernels.png" \
-    > /dev/null || status=1
-  head -5 "$OUT/gpu-kernels.md"
+    --goals "$OUT/gpu-goals.md" > /dev/null || status=1
+  head -2 "$OUT/gpu-kernels.md"
+  cat "$OUT/gpu-goals.md"
 fi
 
 if has step; then

@@ -91,6 +91,59 @@ def kernel_table(rows: list[dict], copy_gbs: float | None) -> str:
     return "\n".join(lines)
 
 
+# The GPU goals of issues #3 (triton) and #4 (cuda): N >= 2^24, D = 4, float32 and bfloat16.
+GOAL_MIN_N = 2**24
+GOAL_DEPTH = 4
+GOAL_DTYPES = ("float32", "bfloat16")
+GOAL_COPY_FRACTION = 0.90  # forward and backward, of the copy bandwidth measured in the same run
+GOAL_VS_COMPILE = 1.3  # full (forward + backward + penalty) against torch.compile of the eager chain
+
+
+def goal_table(rows: list[dict], copy_gbs: float | None, providers: tuple[str, ...] = ("cuda", "triton")) -> str:
+    """Each goal case, its measured figure and whether it meets the goal (no case measured: not shown)."""
+    by_case = defaultdict(dict)
+    for r in rows:
+        if r.get("kind") == "kernel":
+            by_case[(r["dtype"], r["mode"], r["depth"], r["n"])][r["provider"]] = r
+    lines = ["| goal | dtype | N | provider | measured | met |", "|---|---|---|---|---|---|"]
+
+    def add(goal, dtype, n, provider, measured, met):
+        lines.append(f"| {goal} | {dtype} | {n} | {provider} | {measured} | {'yes' if met else 'NO'} |")
+
+    for (dtype, mode, depth, n), case in sorted(by_case.items()):
+        if depth != GOAL_DEPTH or n < GOAL_MIN_N or dtype not in GOAL_DTYPES:
+            continue
+        for provider in providers:
+            r = case.get(provider)
+            if r is None:
+                continue
+            copy = r.get("copy_gbs", copy_gbs)
+            if mode in ("forward", "backward") and copy:
+                fraction = r["gbs"] / copy
+                add(
+                    f"{mode} ≥ {GOAL_COPY_FRACTION:.0%} of copy BW",
+                    dtype,
+                    n,
+                    provider,
+                    f"{fraction:.0%}",
+                    fraction >= GOAL_COPY_FRACTION,
+                )
+            if mode == "full" and "compile" in case:
+                speedup = case["compile"]["median"] / r["median"]
+                add(
+                    f"full ≥ {GOAL_VS_COMPILE}x torch.compile",
+                    dtype,
+                    n,
+                    provider,
+                    f"{speedup:.2f}x",
+                    speedup >= GOAL_VS_COMPILE,
+                )
+        if "cuda" in case and "triton" in case:
+            ratio = case["cuda"]["median"] / case["triton"]["median"]
+            add(f"{mode}: cuda not slower than triton", dtype, n, "cuda", f"{ratio:.2f}x triton's time", ratio <= 1.0)
+    return "\n".join(lines) if len(lines) > 2 else "No goal case (D=4, N >= 2^24, float32/bfloat16) was measured."
+
+
 def header(doc: dict, rows: list[dict], copy_gbs: float | None) -> str:
     first = next((r for r in rows if "device_name" in r), {})
     machine = doc.get("machine_info", {})
@@ -171,6 +224,7 @@ def main() -> None:
     parser.add_argument("results", nargs="+", help="pytest-benchmark JSON (several runs are merged)")
     parser.add_argument("--markdown", help="also write the report to this file")
     parser.add_argument("--plot", help="write a PNG plot of GB/s against N")
+    parser.add_argument("--goals", help="write the GPU goals of issues #3/#4, measured and met or not, here")
     args = parser.parse_args()
     doc, rows, copy_gbs = load(*args.results)
     text = header(doc, rows, copy_gbs) + "\n\n" + kernel_table(rows, copy_gbs) + "\n"
@@ -180,6 +234,11 @@ def main() -> None:
             f.write(text)
     if args.plot:
         plot(rows, args.plot)
+    if args.goals:
+        goals = goal_table(rows, copy_gbs)
+        print(goals)
+        with open(args.goals, "w") as f:
+            f.write(header(doc, rows, copy_gbs).split("\n")[0] + "\n\n" + goals + "\n")
 
 
 if __name__ == "__main__":

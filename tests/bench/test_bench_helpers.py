@@ -139,6 +139,32 @@ def test_report_merges_runs_each_row_against_its_own_copy(tmp_path):
     assert "median of 2 runs, 10.0-20.0" in report.header(doc, rows, copy_gbs)
 
 
+def test_goal_table_judges_the_gpu_goals_of_issues_3_and_4():
+    def row(provider, mode, seconds, depth=4, n=1 << 24, dtype="float32"):
+        traffic = 1e9  # bytes: 1 ms is 1000 GB/s
+        info = {"kind": "kernel", "provider": provider, "mode": mode, "depth": depth, "n": n, "dtype": dtype}
+        return dict(info, bytes=traffic, median=seconds, gbs=traffic / seconds / 1e9, copy_gbs=1000.0)
+
+    rows = [
+        row("cuda", "forward", 1.05e-3),  # 952 GB/s: 95% of copy
+        row("triton", "forward", 1.25e-3),  # 800 GB/s: 80%
+        row("compile", "full", 3.0e-3),
+        row("cuda", "full", 2.0e-3),  # 1.5x compile
+        row("triton", "full", 2.5e-3),  # 1.2x compile
+        row("cuda", "forward", 9e-3, depth=2),  # not a goal case (D=2)
+        row("cuda", "forward", 9e-3, n=1 << 20),  # not a goal case (N < 2^24)
+    ]
+    lines = report.goal_table(rows, 1000.0).splitlines()[2:]
+    assert len(lines) == 6
+    assert "| forward ≥ 90% of copy BW | float32 | 16777216 | cuda | 95% | yes |" in lines
+    assert "| forward ≥ 90% of copy BW | float32 | 16777216 | triton | 80% | NO |" in lines
+    assert "| full ≥ 1.3x torch.compile | float32 | 16777216 | cuda | 1.50x | yes |" in lines
+    assert "| full ≥ 1.3x torch.compile | float32 | 16777216 | triton | 1.20x | NO |" in lines
+    assert "| forward: cuda not slower than triton | float32 | 16777216 | cuda | 0.84x triton's time | yes |" in lines
+    assert "| full: cuda not slower than triton | float32 | 16777216 | cuda | 0.80x triton's time | yes |" in lines
+    assert report.goal_table(rows[5:], 1000.0).startswith("No goal case")
+
+
 def test_ab_prints_interleaved_medians_and_ratios(capsys):
     import ab
 
