@@ -24,6 +24,23 @@ _BACKWARD_BLOCK = {True: 2048, False: 1024}  # keyed by D <= 4
 # 8 warps per program; enable_fp_fusion=False: no FMA contraction, so a*b + c rounds like the reference.
 LAUNCH_OPTIONS = {"num_warps": 8, "enable_fp_fusion": False}
 _REDUCE_BLOCK = 1024
+_SGD_WIDE_MAX_DEPTH = 12  # see gradient_launch
+
+
+def gradient_launch(depth: int, element_size: int, sgd: bool) -> tuple[int, dict]:
+    """BLOCK and launch options of the backward (sgd=False) and the SGD step kernels.
+
+    8 warps share a block, so 4-byte factors move 8 (D <= 4) or 4 (D > 4) elements, 16 bytes or
+    more, per thread and access. 2-byte factors at D > 4 take 4 warps instead, so each thread still
+    moves 8 elements (16 bytes) at a time; except the SGD step past D = 12, where 8 elements x (D
+    factors, D prefix products, D buffers) no longer fit in 255 registers and 8 warps (8-byte
+    accesses) avoid the spills.
+    """
+    block = _BACKWARD_BLOCK[depth <= 4]
+    options = dict(LAUNCH_OPTIONS)
+    if element_size == 2 and depth > 4 and not (sgd and depth > _SGD_WIDE_MAX_DEPTH):
+        options["num_warps"] = 4
+    return block, options
 
 
 @triton.jit
@@ -245,7 +262,7 @@ def backward(factors: torch.Tensor, grad_w: torch.Tensor, grad_sumsq: torch.Tens
     grad_factors = torch.empty_like(factors, memory_format=torch.contiguous_format)
     if n == 0:
         return grad_factors
-    block = _BACKWARD_BLOCK[depth <= 4]
+    block, options = gradient_launch(depth, factors.element_size(), sgd=False)
     has_penalty = grad_sumsq is not None
     s = grad_sumsq.reshape(()) if has_penalty else grad_w  # any pointer when unused
     with _launch_guard(factors):
@@ -259,7 +276,7 @@ def backward(factors: torch.Tensor, grad_w: torch.Tensor, grad_sumsq: torch.Tens
             HAS_PENALTY=has_penalty,
             IS_FP64=factors.dtype == torch.float64,
             BLOCK=block,
-            **LAUNCH_OPTIONS,
+            **options,
         )
     return grad_factors
 
@@ -287,7 +304,7 @@ def sgd_step(
     has_penalty = grad_sumsq is not None
     values = (-float(lr), float(momentum), 1.0 - float(dampening), float(weight_decay))
     hyper = torch.tensor(values, dtype=torch.float64, device=factors.device) if is_fp64 else grad_w
-    block = _BACKWARD_BLOCK[depth <= 4]
+    block, options = gradient_launch(depth, factors.element_size(), sgd=True)
     with _launch_guard(factors):
         _launcher(_dwf_sgd_step_kernel)[(triton.cdiv(n, block),)](
             factors,
@@ -306,5 +323,5 @@ def sgd_step(
             MAXIMIZE=maximize,
             IS_FP64=is_fp64,
             BLOCK=block,
-            **LAUNCH_OPTIONS,
+            **options,
         )

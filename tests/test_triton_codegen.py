@@ -2,8 +2,8 @@
 
 The interpreter tests check the math; they never run Triton's code generator, so a kernel that
 only fails to compile for a GPU (e.g. a constexpr reassigned in an unrolled loop) would pass them.
-Here the kernels are compiled through PTX to cubin with Triton's bundled ptxas, and the PTX is
-checked for 16-byte vector accesses and for register spills to local memory.
+Here the kernels are compiled through PTX to cubin with Triton's bundled ptxas, the PTX is checked
+for 16-byte vector accesses, and the cubin (Triton's bundled cuobjdump) for register spills.
 """
 
 from __future__ import annotations
@@ -20,12 +20,13 @@ pytest.importorskip("triton")
 
 SCRIPT = textwrap.dedent(
     """
-    import json, sys
+    import json, os, re, subprocess, sys, tempfile
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from dwf_kernels import _triton_kernels as K
 
+    CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     DIVISIBLE = [["tt.divisibility", 16]]  # what Triton's launcher specializes for aligned pointers and sizes
     cases = json.loads(sys.argv[1])
     out = []
@@ -39,8 +40,14 @@ SCRIPT = textwrap.dedent(
         compiled = triton.compile(src, target=GPUTarget("cuda", case["arch"], 32), options=options)
         ptx = compiled.asm["ptx"]
         wide = lambda op: ptx.count(op + ".v4.b32") + ptx.count(op + ".v2.b64")  # 16-byte accesses
+        # ptxas's spills show in the cubin's stack frame, not in the PTX: ask Triton's cuobjdump.
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(compiled.asm["cubin"])
+            f.flush()
+            usage = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True, check=True)
+        regs, stack = map(int, re.search(r"REG:([0-9]+) STACK:([0-9]+)", usage.stdout).groups())
         out.append({"has_cubin": len(compiled.asm["cubin"]) > 0, "ld_16B": wide("ld.global"),
-                    "st_16B": wide("st.global"),
+                    "st_16B": wide("st.global"), "regs": regs, "stack": stack,
                     "local": ptx.count("ld.local") + ptx.count("st.local"), "fma": ptx.count("fma.rn")})
     print(json.dumps(out))
     """
@@ -90,7 +97,7 @@ SGD_STEP_SIG = {
 }
 
 
-def _case(kernel, signature, arch, **constexprs):
+def _case(kernel, signature, arch, *, num_warps=None, **constexprs):
     from dwf_kernels import _triton_kernels as K
 
     return {
@@ -98,7 +105,7 @@ def _case(kernel, signature, arch, **constexprs):
         "signature": signature,
         "constexprs": constexprs,
         "arch": arch,
-        "num_warps": K.LAUNCH_OPTIONS["num_warps"],
+        "num_warps": num_warps or K.LAUNCH_OPTIONS["num_warps"],
     }
 
 
@@ -155,22 +162,25 @@ def test_kernels_compile_to_cubin_with_vector_accesses_and_no_spills(arch):
         }
     )
     for depth, init_buffer in ((1, False), (4, False), (4, True), (8, False), (16, False)):
-        cases.append(
-            _case(
-                "_dwf_sgd_step_kernel",
-                SGD_STEP_SIG,
-                arch,
-                D=depth,
-                HAS_PENALTY=True,
-                HAS_MOMENTUM=True,
-                INIT_BUFFER=init_buffer,
-                HAS_WEIGHT_DECAY=True,
-                NESTEROV=True,
-                MAXIMIZE=False,
-                IS_FP64=False,
-                BLOCK=K._BACKWARD_BLOCK[depth <= 4],
-            )
+        case = _case(
+            "_dwf_sgd_step_kernel",
+            SGD_STEP_SIG,
+            arch,
+            D=depth,
+            HAS_PENALTY=True,
+            HAS_MOMENTUM=True,
+            INIT_BUFFER=init_buffer,
+            HAS_WEIGHT_DECAY=True,
+            NESTEROV=True,
+            MAXIMIZE=False,
+            IS_FP64=False,
+            BLOCK=K._BACKWARD_BLOCK[depth <= 4],
         )
+        if arch == 80 and depth == 4 and init_buffer:
+            # Known: the ptxas of triton 3.8 settles at 80 registers here and spills one 4-byte value
+            # (an 8-byte frame), in the first step's variant on sm_80 only (triton 3.6's: none).
+            case["max_stack"] = 8
+        cases.append(case)
     plain = {"HAS_MOMENTUM": False, "INIT_BUFFER": False, "HAS_WEIGHT_DECAY": False, "NESTEROV": False}
     mixed_sgd = dict(SGD_STEP_SIG, GW="*bf16")
     cases.append(
@@ -203,11 +213,57 @@ def test_kernels_compile_to_cubin_with_vector_accesses_and_no_spills(arch):
             BLOCK=2048,
         )
     )
+    # bf16 factors (and w, grad_w, gradients, buffers): 8 elements per 16-byte access, with the
+    # block and warps the launchers pick (gradient_launch).
+    bf16 = lambda sig: {k: ("*bf16" if k in ("F", "W", "GW", "GF", "B") else v) for k, v in sig.items()}  # noqa: E731
+    sgd_flags = dict(HAS_MOMENTUM=True, INIT_BUFFER=False, HAS_WEIGHT_DECAY=True, NESTEROV=False, MAXIMIZE=False)
+    for depth in (4, 8, 16):
+        cases.append(
+            _case(
+                "_dwf_forward_kernel",
+                bf16(FORWARD_SIG),
+                arch,
+                D=depth,
+                WITH_SUMSQ=True,
+                IS_FP64=False,
+                BLOCK=K._FORWARD_BLOCK[depth <= 8],
+            )
+        )
+        block, options = K.gradient_launch(depth, 2, sgd=False)
+        cases.append(
+            _case(
+                "_dwf_backward_kernel",
+                bf16(BACKWARD_SIG),
+                arch,
+                num_warps=options["num_warps"],
+                D=depth,
+                HAS_PENALTY=True,
+                IS_FP64=False,
+                BLOCK=block,
+            )
+        )
+    for depth in (4, 8, K._SGD_WIDE_MAX_DEPTH, 16):
+        block, options = K.gradient_launch(depth, 2, sgd=True)
+        case = _case(
+            "_dwf_sgd_step_kernel",
+            bf16(SGD_STEP_SIG),
+            arch,
+            num_warps=options["num_warps"],
+            D=depth,
+            HAS_PENALTY=True,
+            IS_FP64=False,
+            BLOCK=block,
+            **sgd_flags,
+        )
+        # Past _SGD_WIDE_MAX_DEPTH the step trades 16-byte accesses for no spills (gradient_launch).
+        case["narrow_ok"] = depth > K._SGD_WIDE_MAX_DEPTH
+        cases.append(case)
     results = _compile(cases)
     for case, r in zip(cases, results, strict=True):
         what = f"{case['kernel']} D={case['constexprs'].get('D')} sm_{arch}"
         assert r["has_cubin"], what
-        assert r["local"] == 0, f"{what}: registers spill to local memory"
+        max_stack = case.get("max_stack", 0)
+        assert r["local"] == 0 and r["stack"] <= max_stack, f"{what}: registers spill to local memory ({r})"
         if case["kernel"] == "_dwf_sgd_step_kernel":
             # Exactly the explicit fmas of torch.optim.SGD's update (weight decay, momentum, nesterov,
             # the step) per factor element, and no contraction of the gradient math around them.
@@ -217,5 +273,5 @@ def test_kernels_compile_to_cubin_with_vector_accesses_and_no_spills(arch):
             assert r["fma"] == c["D"] * elements_per_thread * per_element, f"{what}: {r['fma']} fma instructions"
         else:
             assert r["fma"] == 0, f"{what}: FMA contraction would change rounding against the reference"
-        if case["kernel"] != "_sum_partials_kernel":
+        if case["kernel"] != "_sum_partials_kernel" and not case.get("narrow_ok"):
             assert r["ld_16B"] > 0 and r["st_16B"] > 0, f"{what}: no 16-byte vector loads/stores"
