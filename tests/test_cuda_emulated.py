@@ -8,7 +8,8 @@ CUDA's threads, barriers and warp shuffles. These tests run that build on CPU te
   dwf_math.h's per-element templates in the same order with the same roundings, so any difference
   is a fault of the CUDA kernels' indexing, packing, tails or grid-stride loops;
 - sumsq matches the reference to summation rounding and is bitwise deterministic;
-- the final partial-sum reduction equals, bit for bit, a numpy replay of its fixed order.
+- the final partial-sum reduction equals, bit for bit, a numpy replay of its fixed order;
+- a misaligned vector access, which faults on a GPU, fails the launch (x86 would tolerate it).
 
 `multiprocessors` sizes the grid as on a GPU with that many SMs (at most 8 blocks of 256 threads
 each): with 1, inputs past 8192 packs take several grid-stride iterations.
@@ -112,17 +113,33 @@ def test_fp32_factors_write_narrow_w_and_read_narrow_grad_w(emulated, out_dtype,
     assert_identical(emulated.backward(factors, grad_w, s, 1), CPU_OPS.dwf_backward(factors, grad_w, s), "grad")
 
 
-def test_unaligned_views_take_the_scalar_path(emulated):
-    """Row starts off 16-byte alignment (a view at storage offset 1) must still be right."""
+def _offset_view(shape: tuple[int, ...], dtype: torch.dtype, offset: int, seed: int) -> torch.Tensor:
+    """A contiguous tensor starting `offset` elements into its storage (off 16-byte alignment if > 0)."""
+    numel = 1
+    for size in shape:
+        numel *= size
+    return make_factors(1, (numel + offset,), dtype, "cpu", seed=seed)[0][offset:].view(shape)
+
+
+@pytest.mark.parametrize("factors_offset,grad_offset,buffer_offset", [(1, 0, 0), (0, 1, 0), (0, 0, 1), (2, 2, 2)])
+def test_unaligned_operands_take_the_scalar_path(emulated, factors_offset, grad_offset, buffer_offset):
+    """Any operand off 16-byte alignment (factors, grad_w, or the momentum buffer) must select the
+    scalar path: on a GPU a misaligned vector access faults."""
     _require_cpu_backend()
-    base = make_factors(1, (4 * 4096 + 1,), torch.float32, "cpu", seed=4)[0]
-    factors = base[1:].view(4, 4096)  # contiguous, but every row start is 4 bytes past alignment
-    grad_base = make_factors(1, (4097,), torch.float32, "cpu", seed=5)[0]
-    grad_w = grad_base[1:]
-    w, sumsq = emulated.forward(factors, None, True, 1)
+    factors = _offset_view((4, 4096), torch.float32, factors_offset, seed=4)
+    grad_w = _offset_view((4096,), torch.float32, grad_offset, seed=5)
+    w, _ = emulated.forward(factors, None, True, 1)
     assert_identical(w, CPU_OPS.dwf_forward(factors, None, True)[0], "w")
     s = torch.tensor(0.25)
     assert_identical(emulated.backward(factors, grad_w, s, 1), CPU_OPS.dwf_backward(factors, grad_w, s), "grad")
+    mine, theirs = factors.clone(), factors.clone()  # clones are aligned: the buffer carries the offset
+    buf_mine = _offset_view((4, 4096), torch.float32, buffer_offset, seed=6)
+    buf_theirs = buf_mine.clone()
+    args = (grad_w, s, 0.05, 0.9, 0.0, 1e-3, True, False, False)
+    emulated.sgd_step(mine, buf_mine, *args, 1)
+    CPU_OPS.dwf_sgd_step(theirs, buf_theirs, *args)
+    assert_identical(mine, theirs, "factors after a step")
+    assert_identical(buf_mine, buf_theirs, "momentum buffer")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -45,6 +45,27 @@ struct alignas(sizeof(T) * V) Pack {
   T v[V];
 };
 
+// Every global access of the kernels: the pack of V elements at base + p * V. A GPU faults on a
+// misaligned vector access; the host emulation (tests/cuda_emulation) defines DWF_CHECK_ALIGNED to
+// report one, where the CPU would silently tolerate it.
+#ifndef DWF_CHECK_ALIGNED
+#define DWF_CHECK_ALIGNED(address, bytes)
+#endif
+
+template <int V, typename T>
+__device__ __forceinline__ Pack<T, V> load_pack(const T* base, int64_t p) {
+  const Pack<T, V>* at = reinterpret_cast<const Pack<T, V>*>(base) + p;
+  DWF_CHECK_ALIGNED(at, sizeof(Pack<T, V>));
+  return *at;
+}
+
+template <int V, typename T>
+__device__ __forceinline__ void store_pack(T* base, int64_t p, const Pack<T, V>& value) {
+  Pack<T, V>* at = reinterpret_cast<Pack<T, V>*>(base) + p;
+  DWF_CHECK_ALIGNED(at, sizeof(Pack<T, V>));
+  *at = value;
+}
+
 inline int64_t grid_for(int64_t packs, int multiprocessors) {
   const int64_t needed = (packs + kThreads - 1) / kThreads;
   return std::max<int64_t>(1, std::min<int64_t>(needed, int64_t(multiprocessors) * kBlocksPerSm));
@@ -81,7 +102,7 @@ __global__ void __launch_bounds__(kThreads)
     Pack<T, V> f[kSlots];
 #pragma unroll
     for (int d = 0; d < kSlots; ++d) {
-      if (d < D) f[d] = reinterpret_cast<const Pack<T, V>*>(F + d * n)[p];  // all loads issued first
+      if (d < D) f[d] = load_pack<V>(F + d * n, p);  // all loads issued first
     }
     Pack<O, V> out;
 #pragma unroll
@@ -94,7 +115,7 @@ __global__ void __launch_bounds__(kThreads)
       out.v[j] = static_cast<O>(product<kD>(column, depth));
       if (with_sumsq) sq = accumulate_squares<kD>(column, depth, sq);
     }
-    reinterpret_cast<Pack<O, V>*>(W)[p] = out;
+    store_pack<V>(W, p, out);
   }
   if (with_sumsq) {
     const acc_t total = block_sum(sq);
@@ -148,9 +169,9 @@ __global__ void __launch_bounds__(kThreads)
     Pack<T, V> f[kSlots];
 #pragma unroll
     for (int d = 0; d < kSlots; ++d) {
-      if (d < D) f[d] = reinterpret_cast<const Pack<T, V>*>(F + d * n)[p];
+      if (d < D) f[d] = load_pack<V>(F + d * n, p);
     }
-    const Pack<G, V> g = reinterpret_cast<const Pack<G, V>*>(GW)[p];
+    const Pack<G, V> g = load_pack<V>(GW, p);
     Pack<T, V> out[kSlots];
     for_each_gradient<kD>(f, g, depth, has_penalty, two_s, [&](int j, const acc_t*, const acc_t* grad) {
 #pragma unroll
@@ -160,7 +181,7 @@ __global__ void __launch_bounds__(kThreads)
     });
 #pragma unroll
     for (int d = 0; d < kSlots; ++d) {
-      if (d < D) reinterpret_cast<Pack<T, V>*>(GF + d * n)[p] = out[d];
+      if (d < D) store_pack<V>(GF + d * n, p, out[d]);
     }
   }
 }
@@ -184,12 +205,12 @@ __global__ void __launch_bounds__(kThreads)
     Pack<T, V> f[kSlots], b[kSlots];
 #pragma unroll
     for (int d = 0; d < kSlots; ++d) {
-      if (d < D) f[d] = reinterpret_cast<const Pack<T, V>*>(F + d * n)[p];
+      if (d < D) f[d] = load_pack<V>(F + d * n, p);
     }
-    const Pack<G, V> g = reinterpret_cast<const Pack<G, V>*>(GW)[p];
+    const Pack<G, V> g = load_pack<V>(GW, p);
 #pragma unroll
     for (int d = 0; d < kSlots; ++d) {
-      if (d < D && read_buffer) b[d] = reinterpret_cast<const Pack<T, V>*>(B + d * n)[p];
+      if (d < D && read_buffer) b[d] = load_pack<V>(B + d * n, p);
     }
     for_each_gradient<kD>(f, g, depth, has_penalty, two_s, [&](int j, acc_t* column, const acc_t* grad) {
 #pragma unroll
@@ -205,8 +226,8 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int d = 0; d < kSlots; ++d) {
       if (d < D) {
-        reinterpret_cast<Pack<T, V>*>(F + d * n)[p] = f[d];
-        if (step.has_momentum) reinterpret_cast<Pack<T, V>*>(B + d * n)[p] = b[d];
+        store_pack<V>(F + d * n, p, f[d]);
+        if (step.has_momentum) store_pack<V>(B + d * n, p, b[d]);
       }
     }
   }

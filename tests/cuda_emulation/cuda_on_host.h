@@ -7,7 +7,10 @@
 //     block-uniform; a thread that reaches a different one, or exits while others wait, is reported
 //     as divergence instead of running on wrongly);
 //   - __shared__ variables become function statics, one copy for the block that is running;
-//   - threadIdx, blockIdx, blockDim and gridDim are set before each fiber runs.
+//   - threadIdx, blockIdx, blockDim and gridDim are set before each fiber runs;
+//   - every vector access must be aligned to its size, as on a GPU (where a misaligned one faults;
+//     the CPU would tolerate it): the kernels report each access through DWF_CHECK_ALIGNED, and a
+//     launch with a misaligned one throws.
 // It checks the kernels' logic (indexing, packs, tails, grid-stride loops, block and grid
 // reductions), not the GPU's memory model or its timing.
 #pragma once
@@ -28,6 +31,7 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __shared__ static
+#define DWF_CHECK_ALIGNED(address, bytes) ::cuda_on_host::check_aligned(address, bytes)
 
 struct EmulatedDim3 {
   unsigned x = 1, y = 1, z = 1;
@@ -54,10 +58,25 @@ struct Block {
 };
 
 inline thread_local Block* block_state = nullptr;
+inline thread_local std::string fault;  // the first fault of the running launch
+
+// Stops the thread before a misaligned access, as the GPU would (the launch then fails).
+inline void check_aligned(const void* address, size_t bytes) {
+  if (reinterpret_cast<uintptr_t>(address) % bytes != 0) {
+    throw std::runtime_error("misaligned " + std::to_string(bytes) + "-byte access (address % " +
+                             std::to_string(bytes) + " = " +
+                             std::to_string(reinterpret_cast<uintptr_t>(address) % bytes) + ") in block " +
+                             std::to_string(blockIdx.x) + ", thread " + std::to_string(threadIdx.x));
+  }
+}
 
 inline void fiber_main() {
   Block& block = *block_state;
-  (*block.body)();
+  try {
+    (*block.body)();
+  } catch (const std::exception& e) {  // unwinds this fiber's stack only
+    if (fault.empty()) fault = e.what();
+  }
   block.fibers[block.current].done = true;
   // returning resumes uc_link: the scheduler
 }
@@ -81,6 +100,7 @@ inline void launch(int64_t grid, int threads, const std::function<void()>& body)
   block.body = &body;
   Block* const saved = block_state;
   block_state = &block;
+  fault.clear();
   for (int64_t b = 0; b < grid; ++b) {
     for (int t = 0; t < threads; ++t) {
       Fiber& fiber = block.fibers[t];
@@ -103,6 +123,7 @@ inline void launch(int64_t grid, int threads, const std::function<void()>& body)
         gridDim.x = unsigned(grid);
         swapcontext(&block.scheduler, &block.fibers[t].context);
       }
+      if (!fault.empty()) break;  // a thread faulted: the launch fails (below)
       const Fiber& first = block.fibers[0];
       for (int t = 1; t < threads; ++t) {
         const Fiber& fiber = block.fibers[t];
@@ -114,8 +135,10 @@ inline void launch(int64_t grid, int threads, const std::function<void()>& body)
       }
       if (first.done) break;
     }
+    if (!fault.empty()) break;
   }
   block_state = saved;
+  if (!fault.empty()) throw std::runtime_error("cuda_on_host: " + fault);
 }
 
 }  // namespace cuda_on_host
