@@ -9,7 +9,10 @@ grad_w and grad_sumsq), full (forward + backward + penalty, what one training st
 (backward + SGD-momentum update of the factors: a backend runs the fused dwf_sgd_step; eager and
 compile differentiate their chain and step torch.optim.SGD, as a user of either would; in sgd mode
 only, "<backend>-unfused" is that backend's fused backward followed by torch.optim.SGD's step, the
-pair the fused step replaces).
+pair the fused step replaces; on CUDA with torch.optim.SGD(fused=True), its fastest form).
+
+check_case runs a case once and compares what it computed with the reference backend's result on
+the same inputs, so a benchmark never times a provider that computes something wrong.
 """
 
 from __future__ import annotations
@@ -58,14 +61,22 @@ def forward_fn(provider: str) -> Callable:
     return lambda f: dwf_kernels.dwf_product(f, return_sumsq=True, backend=provider)
 
 
-def make_case(provider: str, mode: str, factors: torch.Tensor, lam: float = 1e-3) -> Callable[[], object]:
-    """A zero-argument callable doing one `mode` step of `provider` on `factors`."""
+def make_case(
+    provider: str, mode: str, factors: torch.Tensor, lam: float = 1e-3, lr: float = 1e-6
+) -> Callable[[], object]:
+    """A zero-argument callable doing one `mode` step of `provider` on `factors`.
+
+    It returns what it computed: (w, sumsq) forward, the factor gradients backward and full; the sgd
+    step returns nothing and updates its `.factors` in place. grad_w is drawn from a generator
+    seeded from the case, so two providers' cases on the same factors get the same grad_w.
+    """
     depth = factors.shape[0]
-    grad_w = torch.randn(factors.shape[1:], dtype=factors.dtype, device=factors.device)
+    generator = torch.Generator(device=factors.device).manual_seed(12345)
+    grad_w = torch.randn(factors.shape[1:], device=factors.device, generator=generator).to(factors.dtype)
     grad_sumsq = torch.tensor(lam / depth, dtype=torch.float32, device=factors.device)
     if mode == "sgd":
         forward = None if provider.endswith("-unfused") else forward_fn(provider)
-        return _sgd_case(provider, forward, factors, grad_w, grad_sumsq)
+        return _sgd_case(provider, forward, factors, grad_w, grad_sumsq, lr)
     forward = forward_fn(provider)
     if mode == "forward":
         f = factors.detach()
@@ -84,13 +95,15 @@ def make_case(provider: str, mode: str, factors: torch.Tensor, lam: float = 1e-3
     return full
 
 
-def _sgd_case(provider: str, forward: Callable, factors, grad_w, grad_sumsq) -> Callable[[], object]:
-    """The step callable; its `.factors` are the tensor it updates (for the tests)."""
-    lr, momentum = 1e-6, 0.9  # a tiny lr keeps the repeatedly updated factors in range
+def _sgd_case(provider: str, forward: Callable, factors, grad_w, grad_sumsq, lr: float) -> Callable[[], object]:
+    """The step callable; its `.factors` are the tensor it updates (for the tests).
+
+    The timed default lr=1e-6 keeps the repeatedly updated factors in range."""
+    momentum = 0.9
     f = factors.detach().clone()
     if provider.endswith("-unfused"):
         param = torch.nn.Parameter(f)
-        optimizer = torch.optim.SGD([param], lr=lr, momentum=momentum)
+        optimizer = torch.optim.SGD([param], lr=lr, momentum=momentum, fused=True if f.is_cuda else None)
         backend = provider.removesuffix("-unfused")
 
         def step():
@@ -117,3 +130,31 @@ def _sgd_case(provider: str, forward: Callable, factors, grad_w, grad_sumsq) -> 
 
     step.factors = f
     return step
+
+
+def _flat(result) -> list[torch.Tensor]:
+    if isinstance(result, torch.Tensor):
+        return [result]
+    return [t for item in result for t in _flat(item)]
+
+
+def check_case(provider: str, mode: str, factors: torch.Tensor) -> None:
+    """Runs `provider`'s `mode` once on a copy of `factors` and asserts it matches the reference
+    backend (fp32 within 1e-4 relative, bf16/fp16 within their rounding; the sgd step's update)."""
+    results = []
+    for name in (provider, "reference"):
+        f = factors.detach().clone()
+        case = make_case(name, mode, f, lr=0.1)  # a large step, so a wrong update shows
+        out = case()
+        if mode == "sgd":
+            out = [case.factors.double() - factors.double()]  # the update itself, not the factors
+        results.append([t.detach().double() for t in _flat(out)])
+        del case, out
+    narrow = factors.dtype in (torch.bfloat16, torch.float16)
+    rtol, atol = (2e-2, 1e-2) if narrow else (1e-4, 1e-6)
+    if mode == "sgd":
+        atol = 1.6e-2 if narrow else 1e-5  # the update is ~0.1 x gradient: two bf16 ulps of the factors
+    got, expected = results
+    assert len(got) == len(expected), f"{provider} {mode}: {len(got)} outputs, the reference gives {len(expected)}"
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=rtol, atol=atol, msg=lambda m: f"{provider} {mode} vs reference: {m}")

@@ -32,7 +32,10 @@ def load(*paths: str) -> tuple[dict, list[dict], float | None]:
         docs.append(doc)
         file_rows, copy_gbs = [], None
         for bench in doc["benchmarks"]:
-            info, data = bench["extra_info"], bench["stats"]["data"]
+            # GPU rows carry device time per call (CUDA events around back-to-back calls); CPU rows
+            # have only pytest-benchmark's host times.
+            info = bench["extra_info"]
+            data = info.get("device_seconds") or bench["stats"]["data"]
             median = statistics.median(data)
             row = dict(
                 info,
@@ -91,12 +94,18 @@ def kernel_table(rows: list[dict], copy_gbs: float | None) -> str:
     return "\n".join(lines)
 
 
-# The GPU goals of issues #3 (triton) and #4 (cuda): N >= 2^24, D = 4, float32 and bfloat16.
+# The GPU goals: D = 4, N >= 2^24, float32 and bfloat16, for the cuda and triton backends.
 GOAL_MIN_N = 2**24
 GOAL_DEPTH = 4
 GOAL_DTYPES = ("float32", "bfloat16")
 GOAL_COPY_FRACTION = 0.90  # forward and backward, of the copy bandwidth measured in the same run
 GOAL_VS_COMPILE = 1.3  # full (forward + backward + penalty) against torch.compile of the eager chain
+# sgd: the fused backward + step against the same backend's backward followed by torch.optim.SGD
+# (fused=True on CUDA); traffic (4D+1)N against (7D+1)N elements, a roofline of 1.71x at D = 4.
+GOAL_SGD_VS_UNFUSED = 1.5
+# Training step with FusedSGD (D = 4, batch 128) over the dense model with torch.optim.SGD.
+GOAL_STEP_OVERHEAD = 0.05
+GOAL_STEP_MODELS = ("vgg16", "resnet18")
 
 
 def goal_table(rows: list[dict], copy_gbs: float | None, providers: tuple[str, ...] = ("cuda", "triton")) -> str:
@@ -128,6 +137,17 @@ def goal_table(rows: list[dict], copy_gbs: float | None, providers: tuple[str, .
                     f"{fraction:.0%}",
                     fraction >= GOAL_COPY_FRACTION,
                 )
+            unfused = case.get(f"{provider}-unfused")
+            if mode == "sgd" and unfused is not None:
+                speedup = unfused["median"] / r["median"]
+                add(
+                    f"sgd ≥ {GOAL_SGD_VS_UNFUSED}x fused backward + torch.optim.SGD",
+                    dtype,
+                    n,
+                    provider,
+                    f"{speedup:.2f}x",
+                    speedup >= GOAL_SGD_VS_UNFUSED,
+                )
             if mode == "full" and "compile" in case:
                 speedup = case["compile"]["median"] / r["median"]
                 add(
@@ -142,6 +162,36 @@ def goal_table(rows: list[dict], copy_gbs: float | None, providers: tuple[str, .
             ratio = case["cuda"]["median"] / case["triton"]["median"]
             add(f"{mode}: cuda not slower than triton", dtype, n, "cuda", f"{ratio:.2f}x triton's time", ratio <= 1.0)
     return "\n".join(lines) if len(lines) > 2 else "No goal case (D=4, N >= 2^24, float32/bfloat16) was measured."
+
+
+def step_goal_table(results: list[dict]) -> str:
+    """The training-step goal from bench/train_step.py's results: DWF + FusedSGD over dense."""
+    dense = {r["model"]: r for r in results if r.get("variant") == "dense" and "median_ms" in r}
+    lines = [
+        "| goal | model | dense ms | DWF + FusedSGD ms | overhead | met |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if r.get("variant") != "dwf-fused-sgd" or r["model"] not in dense or "median_ms" not in r:
+            continue
+        overhead = r["median_ms"] / dense[r["model"]]["median_ms"] - 1
+        judged = r["model"] in GOAL_STEP_MODELS
+        met = ("yes" if overhead <= GOAL_STEP_OVERHEAD else "NO") if judged else "reported"
+        lines.append(
+            f"| step overhead ≤ {GOAL_STEP_OVERHEAD:.0%} | {r['model']} | {dense[r['model']]['median_ms']:.2f} | "
+            f"{r['median_ms']:.2f} | {100 * overhead:+.1f}% | {met} |"
+        )
+    return "\n".join(lines) if len(lines) > 2 else "No training-step pair (dense, dwf-fused-sgd) was measured."
+
+
+def load_step_results(path: str) -> list[dict]:
+    """bench/train_step.py output: its --json document, or the JSON lines it appends case by case."""
+    with open(path) as f:
+        text = f.read()
+    try:
+        return json.loads(text)["results"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def header(doc: dict, rows: list[dict], copy_gbs: float | None) -> str:
@@ -224,7 +274,8 @@ def main() -> None:
     parser.add_argument("results", nargs="+", help="pytest-benchmark JSON (several runs are merged)")
     parser.add_argument("--markdown", help="also write the report to this file")
     parser.add_argument("--plot", help="write a PNG plot of GB/s against N")
-    parser.add_argument("--goals", help="write the GPU goals of issues #3/#4, measured and met or not, here")
+    parser.add_argument("--goals", help="write the GPU goals, measured and met or not, here")
+    parser.add_argument("--train-step", help="bench/train_step.py results to judge the training-step goal by")
     args = parser.parse_args()
     doc, rows, copy_gbs = load(*args.results)
     text = header(doc, rows, copy_gbs) + "\n\n" + kernel_table(rows, copy_gbs) + "\n"
@@ -236,6 +287,8 @@ def main() -> None:
         plot(rows, args.plot)
     if args.goals:
         goals = goal_table(rows, copy_gbs)
+        if args.train_step:
+            goals += "\n\n" + step_goal_table(load_step_results(args.train_step))
         print(goals)
         with open(args.goals, "w") as f:
             f.write(header(doc, rows, copy_gbs).split("\n")[0] + "\n\n" + goals + "\n")

@@ -36,17 +36,14 @@ def register_fakes(forward_name: str, backward_name: str, sgd_step_name: str) ->
     torch.library.register_fake(sgd_step_name)(fake_sgd_step)
 
 
-def register(
-    forward_name: str, backward_name: str, sgd_step_name: str, backward_op: Callable[..., torch.Tensor]
-) -> None:
-    """Registers fakes for both ops and the autograd formula of the forward op (in Python; the
-    compiled ops carry theirs in C++, csrc/dwf_autograd.cpp)."""
-    register_fakes(forward_name, backward_name, sgd_step_name)
+def setup_context(ctx, inputs, output) -> None:
+    factors, _out_dtype, with_sumsq = inputs
+    ctx.save_for_backward(factors)
+    ctx.with_sumsq = with_sumsq
 
-    def setup_context(ctx, inputs, output) -> None:
-        factors, _out_dtype, with_sumsq = inputs
-        ctx.save_for_backward(factors)
-        ctx.with_sumsq = with_sumsq
+
+def backward_formula(backward_op: Callable[..., torch.Tensor]) -> Callable:
+    """The autograd backward of a forward op (factors, out_dtype, with_sumsq) -> (w, sumsq)."""
 
     def backward(ctx, grad_w: torch.Tensor, grad_sumsq: torch.Tensor):
         (factors,) = ctx.saved_tensors
@@ -55,4 +52,13 @@ def register(
         grad = backward_op(factors, grad_w, grad_sumsq if ctx.with_sumsq else None)
         return grad, None, None
 
-    torch.library.register_autograd(forward_name, backward, setup_context=setup_context)
+    return backward
+
+
+def register(
+    forward_name: str, backward_name: str, sgd_step_name: str, backward_op: Callable[..., torch.Tensor]
+) -> None:
+    """Registers fakes for both ops and the autograd formula of the forward op (in Python; the
+    compiled ops carry theirs in C++, csrc/dwf_autograd.cpp)."""
+    register_fakes(forward_name, backward_name, sgd_step_name)
+    torch.library.register_autograd(forward_name, backward_formula(backward_op), setup_context=setup_context)

@@ -10,10 +10,12 @@ accumulation type (fp32; fp64 for fp64) right after loading, so bf16/fp16 math i
 
 from __future__ import annotations
 
+import contextlib
+import struct
+
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.jit import JITFunction
 
 # Elements per program and warps, chosen for bandwidth: 8 warps x 16 fp32 elements per thread in
 # the forward (4 x 16-byte loads per factor in flight per thread); the backward holds D factors, D
@@ -44,6 +46,20 @@ def gradient_launch(depth: int, element_size: int, sgd: bool) -> tuple[int, dict
 
 
 @triton.jit
+def _extent(n_units, ROW_ALIGN: tl.constexpr):
+    """The elements per factor, n = n_units * ROW_ALIGN, as int64.
+
+    int64 because d * n indexes factor d of a (D, n) buffer and D * n can pass 2^31 while n alone
+    does not (Triton passes an n below 2^31 as i32, and i32 * i32 would wrap). ROW_ALIGN is the
+    largest of 16 / element size and 1 that divides n: the launcher passes n / ROW_ALIGN, so the
+    compiler knows every factor row d * n starts 16-byte aligned and the mask is constant over
+    ROW_ALIGN elements, and it emits 16-byte accesses whenever n allows them (n = 1000 in fp32, not
+    only multiples of 16).
+    """
+    return tl.cast(n_units, tl.int64) * ROW_ALIGN
+
+
+@triton.jit
 def _to_acc(x, IS_FP64: tl.constexpr):
     if IS_FP64:
         return x.to(tl.float64)
@@ -53,8 +69,17 @@ def _to_acc(x, IS_FP64: tl.constexpr):
 
 @triton.jit
 def _dwf_forward_kernel(
-    F, W, partials, n, D: tl.constexpr, WITH_SUMSQ: tl.constexpr, IS_FP64: tl.constexpr, BLOCK: tl.constexpr
+    F,
+    W,
+    partials,
+    n_units,
+    ROW_ALIGN: tl.constexpr,
+    D: tl.constexpr,
+    WITH_SUMSQ: tl.constexpr,
+    IS_FP64: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
+    n = _extent(n_units, ROW_ALIGN)
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -76,12 +101,19 @@ def _sum_partials_kernel(partials, out, m, BLOCK: tl.constexpr):
     # One program, fixed order: deterministic, no atomics. A while loop, not range(0, m, BLOCK):
     # Triton 3.6's interpreter cannot take a runtime scalar as a range bound (with NumPy >= 2.4).
     acc = tl.zeros([BLOCK], dtype=out.dtype.element_ty)
-    start = m * 0
+    start = tl.cast(m * 0, tl.int64)  # 64-bit offsets throughout, as in every kernel here
     while start < m:
         offs = start + tl.arange(0, BLOCK)
         acc = acc + tl.load(partials + offs, mask=offs < m, other=0.0)
         start += BLOCK
     tl.store(out, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _f64_from_bits(bits):
+    # An integer argument arrives as i32 when its value fits, else i64: widen (sign-extending keeps
+    # the 64-bit pattern) before reinterpreting the bits as fp64.
+    return tl.cast(tl.cast(bits, tl.int64), tl.float64, bitcast=True)
 
 
 @triton.jit
@@ -123,7 +155,9 @@ def _factor_grads(fs, prefix, g, two_s, D: tl.constexpr, HAS_PENALTY: tl.constex
 def _block_gradients(
     F, GW, grad_sumsq, n, D: tl.constexpr, HAS_PENALTY: tl.constexpr, IS_FP64: tl.constexpr, BLOCK: tl.constexpr
 ):
-    """This program's elements: (offsets, mask, the D factors, their D gradients), in registers."""
+    """This program's elements: (offsets, mask, the D factors, their D gradients), in registers.
+
+    n is the int64 element count of one factor (_extent)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     fs, prefix = _load_factors(F, offs, mask, n, D, IS_FP64)
@@ -138,12 +172,14 @@ def _dwf_backward_kernel(
     GW,
     GF,
     grad_sumsq,
-    n,
+    n_units,
+    ROW_ALIGN: tl.constexpr,
     D: tl.constexpr,
     HAS_PENALTY: tl.constexpr,
     IS_FP64: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    n = _extent(n_units, ROW_ALIGN)
     offs, mask, fs, grads = _block_gradients(F, GW, grad_sumsq, n, D, HAS_PENALTY, IS_FP64, BLOCK)
     for k in tl.static_range(D):
         tl.store(GF + k * n + offs, grads[k].to(GF.dtype.element_ty), mask=mask)
@@ -155,12 +191,12 @@ def _dwf_sgd_step_kernel(
     B,
     GW,
     grad_sumsq,
-    hyper,
-    n,
+    n_units,
     neg_lr,
     momentum,
     one_minus_dampening,
     weight_decay,
+    ROW_ALIGN: tl.constexpr,
     D: tl.constexpr,
     HAS_PENALTY: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr,
@@ -174,11 +210,14 @@ def _dwf_sgd_step_kernel(
     # The backward kernel's gradients, applied at once as torch.optim.SGD does (csrc/dwf_math.h
     # sgd_update: same order, `a.add(b, alpha=x)` as fma(b, x, a)); factors and buffer in place.
     if IS_FP64:
-        # Triton passes float arguments as fp32; fp64 hyper-parameters come from a tensor.
-        neg_lr = tl.load(hyper)
-        momentum = tl.load(hyper + 1)
-        one_minus_dampening = tl.load(hyper + 2)
-        weight_decay = tl.load(hyper + 3)
+        # Triton passes float arguments as fp32; fp64 hyper-parameters arrive as their IEEE bit
+        # patterns in integer arguments (no device tensor to fill per step, so no host-to-device
+        # copy, which CUDA-graph capture would refuse).
+        neg_lr = _f64_from_bits(neg_lr)
+        momentum = _f64_from_bits(momentum)
+        one_minus_dampening = _f64_from_bits(one_minus_dampening)
+        weight_decay = _f64_from_bits(weight_decay)
+    n = _extent(n_units, ROW_ALIGN)
     offs, mask, fs, grads = _block_gradients(F, GW, grad_sumsq, n, D, HAS_PENALTY, IS_FP64, BLOCK)
     for k in tl.static_range(D):
         grad = grads[k]
@@ -200,56 +239,68 @@ def _dwf_sgd_step_kernel(
         tl.store(F + k * n + offs, tl.fma(grad, neg_lr, fs[k]).to(F.dtype.element_ty), mask=mask)
 
 
-def _launcher(kernel):
-    """The kernel wrapped by torch.library.wrap_triton, which a JIT kernel needs for tracing.
-
-    Under TRITON_INTERPRET=1 @triton.jit gives an InterpretedFunction: torch 2.14's wrap_triton hands
-    it back unwrapped, torch 2.11's raises; either way it launches as it is.
-    """
-    return torch.library.wrap_triton(kernel) if isinstance(kernel, JITFunction) else kernel
-
-
-def _launch_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else _NullGuard()
+def row_align(n: int, *element_sizes: int) -> int:
+    """ROW_ALIGN of _extent: the widest 16-byte vector (16 // element size elements) of the launch's
+    tensors that divides n, else 1."""
+    vector = 16 // min(element_sizes)
+    while vector > 1 and n % vector:
+        vector //= 2
+    return vector if vector >= 16 // max(element_sizes) else 1
 
 
-class _NullGuard:
-    def __enter__(self) -> None:
-        return None
+def _device_guard(t: torch.Tensor):
+    # Triton launches on the current device: make it the tensors' (no-op when it already is).
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return _NO_GUARD
 
-    def __exit__(self, *exc: object) -> None:
-        return None
+
+_NO_GUARD = contextlib.nullcontext()
+
+# Launches are direct `kernel[grid](...)` calls: the custom ops that call these launchers are opaque
+# to torch.compile (their fake kernels describe them), so no torch.library.wrap_triton is needed,
+# and it would cost ~0.4 ms of Python per launch and add a kernel side-table entry per call.
 
 
 def forward(factors: torch.Tensor, out_dtype: torch.dtype, with_sumsq: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Launches the forward: returns (w, sumsq); sumsq is 0 when with_sumsq is False."""
     factors = factors.contiguous()  # non-contiguous input: copied once
     depth = factors.shape[0]
-    n = factors[0].numel()
+    n = factors.numel() // depth
     is_fp64 = factors.dtype == torch.float64
-    acc = torch.float64 if is_fp64 else torch.float32
-    w = torch.empty(factors.shape[1:], dtype=out_dtype, device=factors.device)
+    device = factors.device
+    w = torch.empty(factors.shape[1:], dtype=out_dtype, device=device)
     # The reduction kernel writes sumsq when it is requested; otherwise it is 0.
-    sumsq = (torch.empty if with_sumsq and n > 0 else torch.zeros)((), dtype=acc, device=factors.device)
+    acc = torch.float64 if is_fp64 else torch.float32
+    sumsq = (torch.empty if with_sumsq and n > 0 else torch.zeros)((), dtype=acc, device=device)
     if n == 0:
         return w, sumsq
     block = _FORWARD_BLOCK[depth <= 8]
     programs = triton.cdiv(n, block)
-    partials = torch.empty(programs if with_sumsq else 1, dtype=acc, device=factors.device)
-    with _launch_guard(factors):
-        _launcher(_dwf_forward_kernel)[(programs,)](
+    align = row_align(n, factors.element_size(), w.element_size())
+    # Partials: none without sumsq (WITH_SUMSQ is a constexpr; w stands in for the pointer); with one
+    # program its partial is the sum itself, written straight into sumsq (no reduction launch).
+    if not with_sumsq:
+        partials = w
+    elif programs == 1:
+        partials = sumsq
+    else:
+        partials = torch.empty(programs, dtype=acc, device=device)
+    with _device_guard(factors):
+        _dwf_forward_kernel[(programs,)](
             factors,
             w,
             partials,
-            n,
+            n // align,
+            ROW_ALIGN=align,
             D=depth,
             WITH_SUMSQ=with_sumsq,
             IS_FP64=is_fp64,
             BLOCK=block,
             **LAUNCH_OPTIONS,
         )
-        if with_sumsq:
-            _launcher(_sum_partials_kernel)[(1,)](partials, sumsq, programs, BLOCK=_REDUCE_BLOCK, num_warps=4)
+        if with_sumsq and programs > 1:
+            _sum_partials_kernel[(1,)](partials, sumsq, programs, BLOCK=_REDUCE_BLOCK, num_warps=4)
     return w, sumsq
 
 
@@ -258,20 +309,22 @@ def backward(factors: torch.Tensor, grad_w: torch.Tensor, grad_sumsq: torch.Tens
     factors = factors.contiguous()
     grad_w = grad_w.contiguous()
     depth = factors.shape[0]
-    n = factors[0].numel()
+    n = factors.numel() // depth
     grad_factors = torch.empty_like(factors, memory_format=torch.contiguous_format)
     if n == 0:
         return grad_factors
     block, options = gradient_launch(depth, factors.element_size(), sgd=False)
+    align = row_align(n, factors.element_size(), grad_w.element_size())
     has_penalty = grad_sumsq is not None
     s = grad_sumsq.reshape(()) if has_penalty else grad_w  # any pointer when unused
-    with _launch_guard(factors):
-        _launcher(_dwf_backward_kernel)[(triton.cdiv(n, block),)](
+    with _device_guard(factors):
+        _dwf_backward_kernel[(triton.cdiv(n, block),)](
             factors,
             grad_w,
             grad_factors,
             s,
-            n,
+            n // align,
+            ROW_ALIGN=align,
             D=depth,
             HAS_PENALTY=has_penalty,
             IS_FP64=factors.dtype == torch.float64,
@@ -279,6 +332,11 @@ def backward(factors: torch.Tensor, grad_w: torch.Tensor, grad_sumsq: torch.Tens
             **options,
         )
     return grad_factors
+
+
+def _f64_bits(x: float) -> int:
+    """The IEEE-754 bit pattern of x as a signed 64-bit integer (see _f64_from_bits)."""
+    return struct.unpack("<q", struct.pack("<d", x))[0]
 
 
 def sgd_step(
@@ -297,23 +355,25 @@ def sgd_step(
     """Launches the fused backward + SGD step: updates factors (and momentum_buffer) in place."""
     grad_w = grad_w.contiguous()
     depth = factors.shape[0]
-    n = factors[0].numel()
+    n = factors.numel() // depth
     if n == 0:
         return
     is_fp64 = factors.dtype == torch.float64
     has_penalty = grad_sumsq is not None
     values = (-float(lr), float(momentum), 1.0 - float(dampening), float(weight_decay))
-    hyper = torch.tensor(values, dtype=torch.float64, device=factors.device) if is_fp64 else grad_w
+    if is_fp64:
+        values = tuple(_f64_bits(v) for v in values)
     block, options = gradient_launch(depth, factors.element_size(), sgd=True)
-    with _launch_guard(factors):
-        _launcher(_dwf_sgd_step_kernel)[(triton.cdiv(n, block),)](
+    align = row_align(n, factors.element_size(), grad_w.element_size())
+    with _device_guard(factors):
+        _dwf_sgd_step_kernel[(triton.cdiv(n, block),)](
             factors,
             momentum_buffer if momentum != 0 else factors,  # any pointer when unused
             grad_w,
             grad_sumsq.reshape(()) if has_penalty else grad_w,
-            hyper,
-            n,
+            n // align,
             *values,
+            ROW_ALIGN=align,
             D=depth,
             HAS_PENALTY=has_penalty,
             HAS_MOMENTUM=momentum != 0,

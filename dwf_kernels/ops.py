@@ -54,6 +54,8 @@ def dwf_product(
     name = resolve_backend(factors.device.type, backend)
     if name == "reference":
         w, sumsq = reference.dwf_forward_reference(factors, out, return_sumsq)
+    elif name == "triton" and triton_ops.direct_call_ok(factors):
+        w, sumsq = triton_ops.forward_direct(factors, out, return_sumsq)
     else:
         w, sumsq = _forward_op(name)(factors, out, return_sumsq)
     return (w, sumsq) if return_sumsq else w
@@ -75,6 +77,8 @@ def dwf_product_backward(
     name = resolve_backend(factors.device.type, backend)
     if name == "reference":
         return reference.dwf_backward_reference(factors, grad_w, grad_sumsq)
+    if name == "triton" and not torch.is_grad_enabled() and triton_ops.direct_call_ok(factors, grad_w, grad_sumsq):
+        return triton_ops.backward_direct(factors, grad_w, grad_sumsq)
     return _backward_op(name)(factors, grad_w, grad_sumsq)
 
 
@@ -124,6 +128,8 @@ def dwf_sgd_step(
     with torch.no_grad():
         if name == "reference":
             reference.dwf_sgd_step_reference(*args)
+        elif name == "triton" and triton_ops.direct_call_ok(factors, momentum_buffer, grad_w, grad_sumsq):
+            triton_ops.sgd_step_direct(*args)
         else:
             _sgd_step_op(name)(*args)
     return momentum_buffer if momentum != 0 else None

@@ -3,7 +3,13 @@
 The interpreter tests check the math; they never run Triton's code generator, so a kernel that
 only fails to compile for a GPU (e.g. a constexpr reassigned in an unrolled loop) would pass them.
 Here the kernels are compiled through PTX to cubin with Triton's bundled ptxas, the PTX is checked
-for 16-byte vector accesses, and the cubin (Triton's bundled cuobjdump) for register spills.
+for 16-byte vector accesses, the cubin (Triton's bundled cuobjdump) for register spills, and the
+Triton IR for 64-bit pointer offsets.
+
+The sizes are compiled as a launch passes them for n = 1000 elements per factor: n / ROW_ALIGN as an
+i32 with no divisibility hint, so the 16-byte accesses must come from ROW_ALIGN alone (n = 1000 is
+not a multiple of 16), and every offset d * n must be computed in 64 bits although n is an i32
+(D * n can pass 2^31 while n does not).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import pytest
 pytest.importorskip("triton")
 
 SCRIPT = textwrap.dedent(
-    """
+    r"""
     import json, os, re, subprocess, sys, tempfile
     import triton
     from triton.backends.compiler import GPUTarget
@@ -33,12 +39,15 @@ SCRIPT = textwrap.dedent(
     for case in cases:
         kernel = getattr(K, case["kernel"])
         kinds = list(case["signature"].values())
-        aligned = [i for i, kind in enumerate(kinds) if kind.startswith("*") or kind == "i64"]
+        aligned = [i for i, kind in enumerate(kinds) if kind.startswith("*")]
         src = ASTSource(fn=kernel, signature=case["signature"], constexprs=case["constexprs"],
                         attrs={(i,): DIVISIBLE for i in aligned})
         options = dict(K.LAUNCH_OPTIONS, num_warps=case["num_warps"])  # what the launchers pass
         compiled = triton.compile(src, target=GPUTarget("cuda", case["arch"], 32), options=options)
         ptx = compiled.asm["ptx"]
+        # Every pointer offset in the Triton IR: `tt.addptr %p, %offset : <pointer type>, <offset type>`.
+        offsets = re.findall(r"tt\.addptr [^:]*: [^,]*, ([^ ]+)", compiled.asm["ttir"])
+        narrow_offsets = [t for t in offsets if not t.rstrip(">").endswith("i64")]
         wide = lambda op: ptx.count(op + ".v4.b32") + ptx.count(op + ".v2.b64")  # 16-byte accesses
         # ptxas's spills show in the cubin's stack frame, not in the PTX: ask Triton's cuobjdump.
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -48,7 +57,8 @@ SCRIPT = textwrap.dedent(
         regs, stack = map(int, re.search(r"REG:([0-9]+) STACK:([0-9]+)", usage.stdout).groups())
         out.append({"has_cubin": len(compiled.asm["cubin"]) > 0, "ld_16B": wide("ld.global"),
                     "st_16B": wide("st.global"), "regs": regs, "stack": stack,
-                    "local": ptx.count("ld.local") + ptx.count("st.local"), "fma": ptx.count("fma.rn")})
+                    "local": ptx.count("ld.local") + ptx.count("st.local"), "fma": ptx.count("fma.rn"),
+                    "offsets": len(offsets), "narrow_offsets": narrow_offsets})
     print(json.dumps(out))
     """
 )
@@ -57,7 +67,8 @@ FORWARD_SIG = {
     "F": "*fp32",
     "W": "*fp32",
     "partials": "*fp32",
-    "n": "i64",
+    "n_units": "i32",
+    "ROW_ALIGN": "constexpr",
     "D": "constexpr",
     "WITH_SUMSQ": "constexpr",
     "IS_FP64": "constexpr",
@@ -68,7 +79,8 @@ BACKWARD_SIG = {
     "GW": "*fp32",
     "GF": "*fp32",
     "grad_sumsq": "*fp32",
-    "n": "i64",
+    "n_units": "i32",
+    "ROW_ALIGN": "constexpr",
     "D": "constexpr",
     "HAS_PENALTY": "constexpr",
     "IS_FP64": "constexpr",
@@ -79,12 +91,12 @@ SGD_STEP_SIG = {
     "B": "*fp32",
     "GW": "*fp32",
     "grad_sumsq": "*fp32",
-    "hyper": "*fp32",
-    "n": "i64",
+    "n_units": "i32",
     "neg_lr": "fp32",
     "momentum": "fp32",
     "one_minus_dampening": "fp32",
     "weight_decay": "fp32",
+    "ROW_ALIGN": "constexpr",
     "D": "constexpr",
     "HAS_PENALTY": "constexpr",
     "HAS_MOMENTUM": "constexpr",
@@ -97,13 +109,18 @@ SGD_STEP_SIG = {
 }
 
 
+ELEMENT_SIZE = {"*fp64": 8, "*fp32": 4, "*bf16": 2, "*fp16": 2}
+N = 1000  # elements per factor: a multiple of 4 and 8, not of 16
+
+
 def _case(kernel, signature, arch, *, num_warps=None, **constexprs):
     from dwf_kernels import _triton_kernels as K
 
+    sizes = [ELEMENT_SIZE[kind] for name, kind in signature.items() if kind.startswith("*") and name != "partials"]
     return {
         "kernel": kernel,
         "signature": signature,
-        "constexprs": constexprs,
+        "constexprs": {"ROW_ALIGN": K.row_align(N, *sizes), **constexprs},
         "arch": arch,
         "num_warps": num_warps or K.LAUNCH_OPTIONS["num_warps"],
     }
@@ -151,7 +168,7 @@ def test_kernels_compile_to_cubin_with_vector_accesses_and_no_spills(arch):
     cases.append(_case("_dwf_forward_kernel", mixed, arch, D=4, WITH_SUMSQ=True, IS_FP64=False, BLOCK=4096))
     fp64 = {k: ("*fp64" if v == "*fp32" else v) for k, v in BACKWARD_SIG.items()}
     cases.append(_case("_dwf_backward_kernel", fp64, arch, D=3, HAS_PENALTY=True, IS_FP64=True, BLOCK=1024))
-    reduce_sig = {"partials": "*fp32", "out": "*fp32", "m": "i64", "BLOCK": "constexpr"}
+    reduce_sig = {"partials": "*fp32", "out": "*fp32", "m": "i32", "BLOCK": "constexpr"}
     cases.append(
         {
             "kernel": "_sum_partials_kernel",
@@ -197,6 +214,7 @@ def test_kernels_compile_to_cubin_with_vector_accesses_and_no_spills(arch):
         )
     )
     fp64_sgd = {k: ("*fp64" if v == "*fp32" else v) for k, v in SGD_STEP_SIG.items()}
+    fp64_sgd.update(neg_lr="i64", momentum="i64", one_minus_dampening="i64", weight_decay="i64")  # IEEE bits
     cases.append(
         _case(
             "_dwf_sgd_step_kernel",
@@ -262,6 +280,7 @@ def test_kernels_compile_to_cubin_with_vector_accesses_and_no_spills(arch):
     for case, r in zip(cases, results, strict=True):
         what = f"{case['kernel']} D={case['constexprs'].get('D')} sm_{arch}"
         assert r["has_cubin"], what
+        assert r["offsets"] > 0 and not r["narrow_offsets"], f"{what}: pointer offsets narrower than 64 bits ({r})"
         max_stack = case.get("max_stack", 0)
         assert r["local"] == 0 and r["stack"] <= max_stack, f"{what}: registers spill to local memory ({r})"
         if case["kernel"] == "_dwf_sgd_step_kernel":
