@@ -1,102 +1,311 @@
 #!/usr/bin/env bash
-# The GPU check, one command for a machine with a GPU (it may have an older torch, e.g. 2.11):
-#   bench/gpu_check.sh OUTDIR [STAGES]
-# STAGES (default "build,test,bench,step"), comma-separated, each timed in OUTDIR/stages.txt:
-#   build       compile dwf_kernels._C (CPU + CUDA) against this machine's torch; kernel-resources.txt
-#               lists each CUDA kernel's registers and stack (spills)
-#   test        the test suite on CUDA: cuda and triton backends vs the reference, opcheck,
-#               torch.compile, CUDA graphs (mode="reduce-overhead"), the >2^31-element test
-#               (tests/python, the device-independent training programs, run in CI instead);
-#               in parallel with pytest-xdist when it is installed (Triton compiles dominate)
-#   bench       kernel benchmarks of the issues' goals: D=4, N=2^24 and 2^26, fp32 and bf16, every
-#               provider and mode, one pytest run (with its own copy baseline) per mode, so a run cut
-#               short keeps the modes it finished
-#   bench-more  the same over D=2 and D=8 and N=2^20 (context for the tables and the plot)
-#   step        end-to-end training-step benchmark
-# Writes env.txt, *.log, gpu-kernels-*.json, gpu-kernels.{md,png} (every gpu-kernels-*.json in
-# OUTDIR, merged), gpu-goals.md (the issues' GPU goals, measured, met or not) and
-# gpu-train-step.{json,md} into OUTDIR. Aims to finish within 10 minutes on one H100.
+# The GPU check: everything a GPU machine must tell about dwf_kernels, in one call of at most
+# GPU_CHECK_BUDGET seconds (default 570), each stage under its own timeout, in this order:
 #
-# Through the device tool (at most 8 files come back, 10 minutes per call), e.g.:
-#   bench/gpu_check.sh /tmp/gc build,test; tar -czf $OUT/gc-1.tgz -C /tmp gc
-#   bench/gpu_check.sh /tmp/gc build,bench,step; tar -czf $OUT/gc-2.tgz -C /tmp gc
-# (each call starts from a bare machine unless it is still warm: repeat build when in doubt).
+#   preflight  tools, headers and versions (env.txt); nothing else runs blind
+#   extension  dwf_kernels._C for this machine: the prebuilt one if it is there and current
+#              (prebuilt/gpu/, see below), else built here (CUDA kernels compile for minutes)
+#   bench      the goal kernel benchmarks: D=4, N=2^26, float32 and bfloat16; the cuda and triton
+#              backends and the eager chain in every mode, torch.compile in `full`, and in `sgd`
+#              each backend's fused backward followed by torch.optim.SGD(fused=True); every case is
+#              checked against the reference once, then timed on the device (CUDA events around
+#              back-to-back calls); one pytest run, with its own copy baseline, per mode
+#   launch     host time per call of the triton backend, and an empty Triton kernel's launch
+#   tests      the CUDA and the Triton tests, two pytest processes side by side (GPU-only file
+#              tests/test_gpu.py, and -k cuda / -k triton over the suite)
+#   step       training steps: dense + torch.optim.SGD(fused=True) against DWF D=4 + FusedSGD,
+#              LeNet-300-100, VGG-16, ResNet-18 (results written case by case)
+#   more       more kernel benchmarks (D=2 and 8, N=2^20 and 2^24) while time is left
+#
+# A stage that fails or times out is recorded and the next one runs. After every stage the whole
+# working folder (logs, benchmark JSON, reports) is archived into OUTDIR/gpu-check.tgz, atomically,
+# so a call that is cut off still returns everything finished until then. OUTDIR holds at most
+# seven files: gpu-check.tgz, summary.md (stages, goals, test results), env.txt, gpu-goals.md,
+# gpu-kernels.md, gpu-train-step.md and gpu-kernels.png.
+#
+# On a remote GPU machine without network: copy the repository (tracked files) and the prebuilt
+# extension folder prebuilt/gpu/ (made beforehand on any machine by `make gpu-prebuilt`, for the
+# GPU machine's Python, torch and CUDA; a few MB) along, then run from the repository root
+#     bench/gpu_check.sh /path/to/OUTDIR
+# and bring OUTDIR back. The GPU machine needs python3 with torch (CUDA), triton, pytest and
+# pytest-benchmark (pytest-xdist optional); nvcc only when the extension must be built there.
+#
+#     bench/gpu_check.sh --dry-run OUTDIR
+# runs the same script on a machine without a GPU in about a minute: small CPU sizes, the CUDA
+# stages skipped with a note, the same archive and summaries (the test suite runs it).
 set -uo pipefail
-OUT=${1:?usage: bench/gpu_check.sh OUTDIR [STAGES]}
-STAGES=${2:-build,test,bench,step}
-PY=${PYTHON:-python3}
+
+DRY=0
+if [[ ${1:-} == --dry-run ]]; then
+  DRY=1
+  shift
+fi
+OUTDIR=${1:?usage: bench/gpu_check.sh [--dry-run] OUTDIR}
 cd "$(dirname "$0")/.."
-mkdir -p "$OUT"
-has() { [[ ",$STAGES," == *",$1,"* ]]; }
-status=0
+ROOT=$PWD
+PY=${PYTHON:-python3}
+BUDGET=${GPU_CHECK_BUDGET:-$([[ $DRY == 1 ]] && echo 60 || echo 570)}
+PREBUILT=${DWF_PREBUILT:-prebuilt/gpu}
+T0=$SECONDS
+mkdir -p "$OUTDIR"
+OUTDIR=$(cd "$OUTDIR" && pwd)
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/dwf-gpu-check.XXXXXX")
+STAGES="$WORK/stages.tsv"
+printf 'stage\tstatus\tseconds\tnote\n' > "$STAGES"
+export PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET  # compiled Triton (on CPU only the launch-overhead stage, its launch stubbed)
 
-{
-  date -u +%Y-%m-%dT%H:%MZ
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  $PY -c "import sys, torch, triton; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda); print('triton', triton.__version__); print('device', torch.cuda.get_device_name())"
-  nvcc --version | tail -1
-} > "$OUT/env.txt" 2>&1
-cat "$OUT/env.txt"
+left() { echo $((BUDGET - (SECONDS - T0))); }
 
-stage_start=0
-begin() { echo "== $1"; stage_start=$SECONDS; }
-end() { echo "$1 $((SECONDS - stage_start)) s" | tee -a "$OUT/stages.txt"; }
+archive() {  # the working folder into OUTDIR, atomically; the summaries beside it
+  summarize
+  for f in env.txt gpu-goals.md gpu-kernels.md gpu-train-step.md gpu-kernels.png; do
+    [[ -f $WORK/$f ]] && cp "$WORK/$f" "$OUTDIR/$f.tmp" && mv "$OUTDIR/$f.tmp" "$OUTDIR/$f"
+  done
+  cp "$WORK/summary.md" "$OUTDIR/summary.md.tmp" && mv "$OUTDIR/summary.md.tmp" "$OUTDIR/summary.md"
+  tar -czf "$OUTDIR/gpu-check.tgz.tmp" -C "$WORK" . && mv "$OUTDIR/gpu-check.tgz.tmp" "$OUTDIR/gpu-check.tgz"
+}
 
-if has build; then
-  begin build
-  if ! MAX_JOBS=${MAX_JOBS:-8} $PY -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
-    tail -40 "$OUT/build.log"; echo "build FAILED"; exit 1
+summarize() {
+  {
+    echo "# GPU check$([[ $DRY == 1 ]] && echo ' (dry run on CPU)')"
+    echo
+    head -3 "$WORK/env.txt" 2> /dev/null | sed 's/^/    /'
+    echo
+    echo "| stage | status | seconds | note |"
+    echo "|---|---|---|---|"
+    tail -n +2 "$STAGES" | awk -F'\t' '{printf "| %s | %s | %s | %s |\n", $1, $2, $3, $4}'
+    for f in gpu-goals.md tests-cuda.summary tests-triton.summary launch.summary; do
+      [[ -s $WORK/$f ]] && { echo; echo "## $f"; echo; cat "$WORK/$f"; }
+    done
+  } > "$WORK/summary.md"
+}
+
+# stage NAME MAX_SECONDS MIN_SECONDS FUNCTION: runs FUNCTION (logging to NAME.log) under a timeout
+# of MAX_SECONDS or what is left of the budget (keeping 15 s for the archive), skipped when less
+# than MIN_SECONDS is left; records the outcome and archives.
+stage() {
+  local name=$1 max=$2 min=$3 fn=$4 limit start status note
+  limit=$(($(left) - 15))
+  ((limit > max)) && limit=$max
+  if ((limit < min)); then
+    printf '%s\tskipped\t0\tonly %s s of the budget left\n' "$name" "$(left)" >> "$STAGES"
+    echo "== $name: skipped (only $(left) s left)"
+    return
   fi
-  $PY -c "import dwf_kernels, dwf_kernels._extension as e; print('kernels for', sorted(e.KERNEL_DEVICES)); assert 'cuda' in e.KERNEL_DEVICES" || exit 1
-  # Registers and stack (spills) of every CUDA kernel, to read beside the bandwidth figures.
-  cuobjdump=$($PY -c "import os, triton; print(os.path.join(os.path.dirname(triton.__file__), 'backends/nvidia/bin/cuobjdump'))")
-  command -v cuobjdump > /dev/null && cuobjdump=cuobjdump
-  "$cuobjdump" -res-usage dwf_kernels/_C*.so > "$OUT/kernel-resources.txt" 2>&1 || true
-  end build
-fi
+  echo "== $name (at most $limit s)"
+  start=$SECONDS
+  export STAGE_END=$(($(date +%s) + limit))
+  rm -f "$WORK/stage.note"
+  # The stage runs in a child shell under its timeout (the functions and settings are exported).
+  timeout -k 10 "$limit" bash -c "$fn" > "$WORK/$name.log" 2>&1
+  status=$?
+  note=$(cat "$WORK/stage.note" 2> /dev/null)
+  case $status in
+    0) status=ok ;;
+    124 | 137) status="TIMED OUT" ;;
+    *) status="FAILED ($status)" ;;
+  esac
+  printf '%s\t%s\t%s\t%s\n' "$name" "$status" $((SECONDS - start)) "$note" >> "$STAGES"
+  echo "   $status, $((SECONDS - start)) s${note:+; $note}"
+  tail -3 "$WORK/$name.log" | sed 's/^/   | /'
+  archive
+}
 
-if has test; then
-  begin test
-  # loadfile: one worker takes a file's tests in turn (test_gpu.py's two >2^31-element tests each
-  # need ~32 GiB and must not run side by side).
-  xdist=()
-  $PY -c "import xdist" 2> /dev/null && xdist=(-n "${TEST_WORKERS:-8}" --dist loadfile)
-  $PY -m pytest tests --ignore=tests/python -q -p no:cacheprovider "${xdist[@]}" --durations=15 \
-    > "$OUT/tests.log" 2>&1 || status=1
-  tail -5 "$OUT/tests.log"
-  end test
-fi
+note() { echo "$*" > "$WORK/stage.note"; }
 
-BENCH=(bench/test_bench_kernels.py -q -p no:warnings -p no:cacheprovider --bench-dtypes float32,bfloat16 --bench-rounds 20)
-bench_modes() {  # $1: file tag; the rest: --bench-* options
-  local tag=$1 mode
+# Runs a command under what is left of the current stage's time (SIGTERM, then SIGKILL 10 s later).
+bounded() {
+  local rest=$((STAGE_END - $(date +%s)))
+  ((rest < 1)) && return 124
+  timeout -k 10 "$rest" "$@"
+}
+
+preflight() {
+  {
+    date -u +%Y-%m-%dT%H:%M:%SZ
+    "$PY" - << 'EOF'
+import importlib, os, sys, sysconfig
+import torch
+gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none (cpu)"
+print("python", sys.version.split()[0], "| torch", torch.__version__, "| cuda", torch.version.cuda, "| device", gpu)
+headers = sysconfig.get_paths()["include"]
+print("python headers", headers, "present" if os.path.exists(os.path.join(headers, "Python.h")) else "MISSING")
+for name in ("triton", "pytest", "pytest_benchmark", "xdist", "matplotlib", "numpy"):
+    try:
+        print(name, getattr(importlib.import_module(name), "__version__", "installed"))
+    except ImportError:
+        print(name, "MISSING")
+print("cpu cores", os.cpu_count())
+EOF
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1 | head -2
+    if command -v nvcc > /dev/null; then nvcc --version | tail -1; else echo "nvcc: not found (the extension cannot be built here)"; fi
+  } > "$WORK/env.txt" 2>&1
+  cat "$WORK/env.txt"
+  if grep -qE "^(pytest|pytest_benchmark) MISSING|Traceback" "$WORK/env.txt"; then
+    return 1
+  fi
+  if [[ $DRY == 0 ]] && grep -q "| device none" "$WORK/env.txt"; then
+    echo "no CUDA device visible"
+    return 1
+  fi
+}
+
+extension_ok() {
+  "$PY" - << 'EOF'
+import sys
+import dwf_kernels._extension as e
+want = {"cpu", "cuda"} if "--cuda" in sys.argv else {"cpu"}
+print("dwf_kernels._C:", "loaded" if e.LOADED else f"not loaded ({e.LOAD_ERROR})", "| kernels for", sorted(e.KERNEL_DEVICES))
+sys.exit(0 if e.LOADED and want <= e.KERNEL_DEVICES else 1)
+EOF
+}
+
+extension() {
+  local want=--cuda
+  [[ $DRY == 1 ]] && want=--cpu
+  if [[ $DRY == 1 ]]; then
+    note "dry run: the extension already built here is used (no copy, no CUDA build)"
+    extension_ok $want
+    return
+  fi
+  if compgen -G "$PREBUILT/_C*.so" > /dev/null; then
+    cp "$PREBUILT"/_C*.so "$PREBUILT"/_build_info.py dwf_kernels/
+    if extension_ok $want; then
+      note "prebuilt extension from $PREBUILT"
+      return 0
+    fi
+    echo "the prebuilt extension does not load here (above); building it"
+  else
+    echo "no prebuilt extension in $PREBUILT; building it"
+  fi
+  rm -f dwf_kernels/_C*.so
+  note "built here"
+  MAX_JOBS=${MAX_JOBS:-$(nproc)} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} \
+    bounded "$PY" -m pip install --no-build-isolation --no-deps -e . || return 1
+  extension_ok $want || return 1
+  local cuobjdump
+  cuobjdump=$(command -v cuobjdump || echo "$("$PY" -c "import os, triton; print(os.path.dirname(triton.__file__))")/backends/nvidia/bin/cuobjdump")
+  "$cuobjdump" -res-usage dwf_kernels/_C*.so > "$WORK/kernel-resources.txt" 2>&1 || true
+}
+
+# Kernel benchmarks, one pytest run per mode (each with its own copy baseline): a run cut short
+# keeps the modes finished before it. $1: file tag; the rest: --bench-* options.
+bench_modes() {
+  local tag=$1 mode status=0
   shift
   for mode in forward backward full sgd; do
-    $PY -m pytest "${BENCH[@]}" "$@" -k "copy or $mode" --benchmark-json="$OUT/gpu-kernels-$tag-$mode.json" \
-      >> "$OUT/bench.log" 2>&1 || status=1
+    bounded "$PY" -m pytest bench/test_bench_kernels.py -q -p no:warnings -p no:cacheprovider \
+      --bench-modes "$mode" "$@" --benchmark-json="$WORK/gpu-kernels-$tag-$mode.json" || status=1
   done
+  report
+  return $status
 }
-if has bench; then
-  begin bench
-  bench_modes goal --bench-depths 4 --bench-sizes 16777216,67108864
-  end bench
-fi
-if has bench-more; then
-  begin bench-more
-  bench_modes more --bench-depths 2,8 --bench-sizes 1048576,16777216
-  end bench-more
-fi
-if has bench || has bench-more; then
-  $PY bench/report.py "$OUT"/gpu-kernels-*.json --markdown "$OUT/gpu-kernels.md" --plot "$OUT/gpu-kernels.png" \
-    --goals "$OUT/gpu-goals.md" > /dev/null || status=1
-  head -2 "$OUT/gpu-kernels.md"
-  cat "$OUT/gpu-goals.md"
-fi
 
-if has step; then
-  begin step
-  $PY bench/train_step.py --json "$OUT/gpu-train-step.json" --markdown "$OUT/gpu-train-step.md" > "$OUT/step.log" 2>&1 || status=1
-  cat "$OUT/gpu-train-step.md" 2>/dev/null
-  end step
-fi
-exit $status
+report() {
+  compgen -G "$WORK/gpu-kernels-*.json" > /dev/null || return 0
+  local step=()
+  [[ -s $WORK/gpu-train-step.jsonl ]] && step=(--train-step "$WORK/gpu-train-step.jsonl")
+  "$PY" bench/report.py "$WORK"/gpu-kernels-*.json --markdown "$WORK/gpu-kernels.md" --plot "$WORK/gpu-kernels.png" \
+    --goals "$WORK/gpu-goals.md" "${step[@]}" > /dev/null
+}
+
+bench() {
+  if [[ $DRY == 1 ]]; then
+    note "dry run: N=4096, float32, 3 rounds, all modes in one pytest run, no torch.compile (a cold CPU compile takes 20 s)"
+    bounded "$PY" -m pytest bench/test_bench_kernels.py -q -p no:warnings -p no:cacheprovider --bench-depths 4 \
+      --bench-sizes 4096 --bench-dtypes float32 --bench-rounds 3 --bench-compile-modes "" \
+      --benchmark-json="$WORK/gpu-kernels-goal-all.json"
+    local status=$?
+    report
+    return $status
+  else
+    bench_modes goal --bench-depths 4 --bench-sizes 67108864 --bench-dtypes float32,bfloat16 --bench-rounds 20 \
+      --bench-compile-modes full
+  fi
+}
+
+launch() {
+  [[ $DRY == 1 ]] && note "dry run: the launch is stubbed (no GPU)"
+  bounded "$PY" -m pytest bench/test_bench_launch.py -q -p no:warnings -p no:cacheprovider \
+    --benchmark-json="$WORK/launch.json" || return 1
+  "$PY" - "$WORK/launch.json" > "$WORK/launch.summary" << 'EOF'
+import json, sys
+doc = json.load(open(sys.argv[1]))
+print("| call | launch | host us per call (median) | device us per launch |")
+print("|---|---|---|---|")
+for b in doc["benchmarks"]:
+    e = b["extra_info"]
+    device = e.get("device_us_per_launch")
+    print(f"| {e['what']} | {e['launch']} | {1e6 * b['stats']['median']:.1f} | {'' if device is None else f'{device:.1f}'} |")
+EOF
+  cat "$WORK/launch.summary"
+}
+
+# One pytest process per backend family, side by side; each writes its own log and summary line.
+tests() {
+  local ignore=(--ignore=tests/python --ignore=tests/bench --ignore=tests/test_cuda_emulated.py
+    --ignore=tests/test_triton_codegen.py --ignore=tests/test_gpu_check.py)
+  local common=(tests -q -p no:cacheprovider -rfE "${ignore[@]}")
+  local xdist=()
+  "$PY" -c "import xdist" 2> /dev/null && xdist=(-n "${TEST_WORKERS:-8}" --dist loadfile)
+  if [[ $DRY == 1 ]]; then
+    note "dry run: no GPU, the two selections are only collected"
+    common+=(--collect-only)
+    xdist=()
+  fi
+  bounded "$PY" -m pytest "${common[@]}" -k "cuda and not triton" > "$WORK/tests-cuda.log" 2>&1 &
+  local cuda=$!
+  bounded "$PY" -m pytest "${common[@]}" "${xdist[@]}" -k triton > "$WORK/tests-triton.log" 2>&1 &
+  local triton=$!
+  wait $cuda
+  local cuda_status=$?
+  wait $triton
+  local triton_status=$?
+  for family in cuda triton; do
+    grep -E "passed|failed|error|no tests ran|collected|tests? collected|[0-9]+ tests?" "$WORK/tests-$family.log" | tail -1 > "$WORK/tests-$family.summary"
+    grep -E "^(FAILED|ERROR) " "$WORK/tests-$family.log" | head -30 >> "$WORK/tests-$family.summary"
+    echo "$family: $(head -1 "$WORK/tests-$family.summary")"
+  done
+  ((cuda_status == 0 && triton_status == 0))
+}
+
+step() {
+  local args=(--models lenet300,vgg16,resnet18 --variants dense,dwf-fused,dwf-fused-sgd)
+  if [[ $DRY == 1 ]]; then
+    args=(--models lenet300 --variants dense,dwf-fused-sgd --rounds 3 --warmup 1)
+    note "dry run: LeNet-300-100 only, 3 rounds"
+  fi
+  bounded "$PY" bench/train_step.py "${args[@]}" --jsonl "$WORK/gpu-train-step.jsonl" \
+    --json "$WORK/gpu-train-step.json" --markdown "$WORK/gpu-train-step.md"
+  local status=$?
+  report
+  return $status
+}
+
+more() {
+  if [[ $DRY == 1 ]]; then
+    note "dry run: D=2, N=4096, forward only"
+    bounded "$PY" -m pytest bench/test_bench_kernels.py -q -p no:warnings -p no:cacheprovider --bench-modes forward \
+      --bench-depths 2 --bench-sizes 4096 --bench-rounds 3 --benchmark-json="$WORK/gpu-kernels-more-forward.json"
+  else
+    bench_modes more --bench-depths 2,8 --bench-sizes 1048576,16777216 --bench-dtypes float32,bfloat16 \
+      --bench-rounds 20 --bench-compile-modes full
+  fi
+  local status=$?
+  report
+  return $status
+}
+
+export DRY PY PREBUILT WORK
+export -f note bounded extension_ok preflight extension bench_modes report bench launch tests step more
+stage preflight 60 5 preflight
+stage extension 300 20 extension
+stage bench 240 30 bench
+stage launch 60 10 launch
+stage tests 240 15 tests
+stage step 150 20 step
+stage more 600 15 more
+echo "== done in $((SECONDS - T0)) s of $BUDGET; $OUTDIR:"
+ls -l "$OUTDIR"
+grep -q $'\tok\t' "$STAGES" && ! grep -qE $'\t(FAILED|TIMED OUT)' "$STAGES"

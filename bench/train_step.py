@@ -6,9 +6,13 @@ One step = forward + backward + SGD-with-momentum update at batch 128, for LeNet
 LeNet-5 (MNIST shapes), VGG-16 and ResNet-18 (CIFAR shapes). DWF adds its penalty (from the fused
 forward, or from the reference's autograd); dense uses weight decay. Variants: dense; DWF on the
 reference backend; DWF fused (fused op, torch.optim.SGD); DWF fused + dwf_kernels.optim.FusedSGD
-(the backward fused into the update, DESIGN.md §7b). Each (model, variant) runs in
-a fresh process so its peak memory is its own: CUDA max_memory_allocated on a GPU, the process's
-peak RSS on CPU. Reports median and p20/p80 step time and the DWF overhead over dense.
+(the backward fused into the update). On a GPU the dense and torch.optim.SGD variants use
+torch.optim.SGD(fused=True), its fastest form, and each step is timed on the device between CUDA
+events (steps run back to back, one synchronization at the end); on CPU each step is timed on the
+host. Each (model, variant) runs in a fresh process so its peak memory is its own: CUDA
+max_memory_allocated on a GPU, the process's peak RSS on CPU. Reports median and p20/p80 step time
+and the DWF overhead over dense. With --jsonl every case's result (or error) is appended to that
+file as it finishes, and a failing case does not stop the others.
 """
 
 from __future__ import annotations
@@ -59,8 +63,11 @@ def run_case(model_name: str, variant: str, depth: int, batch: int, rounds: int,
     model.to(device).train()
     lam = 1e-4
     # dwf-fused-sgd: the fused layers plus FusedSGD, whose step runs the DWF backward fused with the update.
-    sgd = dwf_kernels.optim.FusedSGD if variant == "dwf-fused-sgd" else torch.optim.SGD
-    optimizer = sgd(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4 if variant == "dense" else 0.0)
+    options = {"lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4 if variant == "dense" else 0.0}
+    if variant == "dwf-fused-sgd":
+        optimizer = dwf_kernels.optim.FusedSGD(model.parameters(), **options)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), **options, fused=True if device.startswith("cuda") else None)
     x = torch.randn(batch, *in_shape, device=device)
     y = torch.randint(0, classes, (batch,), device=device)
     backend = "reference" if variant == "dwf-reference" else None
@@ -80,12 +87,21 @@ def run_case(model_name: str, variant: str, depth: int, batch: int, rounds: int,
         sync()
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-        times = []
-        for _ in range(rounds):
-            start = time.perf_counter()
-            step()
+        if device.startswith("cuda"):
+            event = lambda: torch.cuda.Event(enable_timing=True)  # noqa: E731
+            events = [(event(), event()) for _ in range(rounds)]
+            for start, end in events:
+                start.record()
+                step()
+                end.record()
             sync()
-            times.append(time.perf_counter() - start)
+            times = [start.elapsed_time(end) / 1e3 for start, end in events]
+        else:
+            times = []
+            for _ in range(rounds):
+                start = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - start)
     if device.startswith("cuda"):
         peak_mb, peak_kind = torch.cuda.max_memory_allocated() / 2**20, "cuda max_memory_allocated"
     else:
@@ -141,6 +157,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", help="write all results here")
+    p.add_argument("--jsonl", help="append each case's result (or error) here as it finishes")
     p.add_argument("--markdown", help="write the table here")
     p.add_argument("--case", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -153,7 +170,7 @@ def main(argv=None) -> int:
         rounds = args.rounds or (50 if model.startswith("lenet") or device.startswith("cuda") else 10)
         print(json.dumps(run_case(model, variant, args.depth, args.batch, rounds, args.warmup, device)))
         return 0
-    results = []
+    results, failed = [], []
     for model in args.models.split(","):
         for variant in args.variants.split(","):
             cmd = [
@@ -173,9 +190,20 @@ def main(argv=None) -> int:
                 "--device",
                 device,
             ]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-            results.append(json.loads(out.strip().splitlines()[-1]))
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                error = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+                print(f"{model:>9} {variant:>14}: FAILED: {error}", flush=True)
+                failed.append({"model": model, "variant": variant, "error": error})
+                if args.jsonl:
+                    with open(args.jsonl, "a") as f:
+                        f.write(json.dumps(failed[-1]) + "\n")
+                continue
+            results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             r = results[-1]
+            if args.jsonl:
+                with open(args.jsonl, "a") as f:
+                    f.write(json.dumps(r) + "\n")
             print(
                 f"{model:>9} {variant:>14}: {r['median_ms']:.2f} ms (p20 {r['p20_ms']:.2f}, p80 {r['p80_ms']:.2f}), "
                 f"peak {r['peak_mb']:.0f} MB",
@@ -191,15 +219,17 @@ def main(argv=None) -> int:
         "batch": args.batch,
         "depth": args.depth,
     }
-    text = markdown(results, meta)
+    text = markdown(results, meta) if results else "No case finished.\n"
+    for case in failed:
+        text += f"\n{case['model']} {case['variant']}: FAILED: {case['error']}\n"
     print("\n" + text)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"meta": meta, "results": results}, f, indent=2)
+            json.dump({"meta": meta, "results": results, "failed": failed}, f, indent=2)
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(text)
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -6,6 +6,10 @@ bench/gpu_check.sh on a GPU machine.
 
 from __future__ import annotations
 
+import fcntl
+import os
+import tempfile
+
 import pytest
 import torch
 from helpers import KERNEL_BACKENDS, make_factors
@@ -16,8 +20,22 @@ CUDA_BACKENDS = [p for p in KERNEL_BACKENDS if p.values[0] == "cuda"]
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+@pytest.fixture
+def whole_gpu():
+    """Tests that need tens of GiB take turns, also across the parallel pytest processes of
+    bench/gpu_check.sh (an exclusive lock on a file), and give their memory back afterwards."""
+    with open(os.path.join(tempfile.gettempdir(), "dwf-kernels-gpu-memory.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            torch.cuda.empty_cache()
+            yield
+        finally:
+            torch.cuda.empty_cache()
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 @pytest.mark.parametrize("device,backend", CUDA_BACKENDS)
-def test_past_two_to_the_31_elements(device, backend):
+def test_past_two_to_the_31_elements(device, backend, whole_gpu):
     """64-bit indexing: every element of a weight with more than 2^31 entries is right."""
     n = 2**31 + 4099
     need = 8 * n * 2  # bf16: factors (2n), w, expected w, grad_w (n each), grad (2n), headroom
@@ -37,6 +55,46 @@ def test_past_two_to_the_31_elements(device, backend):
     del w
     grad = dwf_product_backward(factors, torch.ones(n, dtype=torch.bfloat16, device=device), backend=backend)
     assert torch.equal(grad[0], factors[1]) and torch.equal(grad[1], factors[0])
+
+
+def _check_three_factors(n: int, backend: str) -> None:
+    """D = 3 bf16 factors of n elements, with exactly representable results: f0 = 1.5, f1[i] = i mod 7,
+    f2 = 2. Forward, backward and an SGD step are compared element for element (the vector path
+    whenever n allows it, the tail, and every factor row, whose offsets d * n pass 2^31)."""
+    device = "cuda"
+    need = 2 * n * (3 + 1 + 1 + 3 + 2)  # factors, pattern, ones, gradients, two temporaries (bf16)
+    free, _ = torch.cuda.mem_get_info()
+    if free < need * 1.1:
+        pytest.skip(f"needs ~{need / 2**30:.0f} GiB free GPU memory, {free / 2**30:.0f} GiB free")
+    pattern = (torch.arange(n, device=device) % 7).to(torch.bfloat16)
+    factors = torch.empty(3, n, dtype=torch.bfloat16, device=device)
+    factors[0].fill_(1.5)
+    factors[1].copy_(pattern)
+    factors[2].fill_(2.0)
+    w = dwf_product(factors, backend=backend)
+    assert torch.equal(w, pattern * 3)
+    del w
+    ones = torch.ones(n, dtype=torch.bfloat16, device=device)
+    grad = dwf_product_backward(factors, ones, backend=backend)
+    assert torch.equal(grad[0], pattern * 2) and torch.equal(grad[2], pattern * 1.5)
+    assert bool((grad[1] == 3).all())
+    del grad
+    dwf_sgd_step(factors, ones, None, None, lr=0.25, backend=backend)
+    assert torch.equal(factors[0], 1.5 - 0.5 * pattern)
+    assert torch.equal(factors[1], pattern - 0.75)
+    assert torch.equal(factors[2], 2.0 - 0.375 * pattern)
+
+
+@pytest.mark.parametrize("device,backend", CUDA_BACKENDS)
+def test_depth_times_n_past_two_to_the_31(device, backend, whole_gpu):
+    """n < 2^31 but D * n > 2^31: offsets of factor rows 2 and 3 must be 64-bit (n passes as i32)."""
+    _check_three_factors(2**30 + 16, backend)
+
+
+@pytest.mark.parametrize("device,backend", CUDA_BACKENDS)
+def test_vector_path_past_two_to_the_31(device, backend, whole_gpu):
+    """n > 2^31 and a multiple of every vector width: the 16-byte paths past 2^31."""
+    _check_three_factors(2**31 + 4096, backend)
 
 
 @pytest.mark.parametrize("device,backend", CUDA_BACKENDS)

@@ -14,15 +14,15 @@ import textwrap
 
 import pytest
 import torch
-from helpers import make_factors
+from helpers import DEVICES, make_factors
 
 import dwf_kernels
 from dwf_kernels import triton_ops
 
 pytest.importorskip("triton")
-needs_triton_cpu = pytest.mark.skipif(
-    "triton" not in dwf_kernels.available_backends("cpu"), reason="triton does not serve CPU tensors here"
-)
+# Where the triton backend serves: CUDA tensors on a GPU, CPU tensors under the interpreter.
+TRITON_DEVICES = [d for d in DEVICES if "triton" in dwf_kernels.available_backends(d)]
+on_triton_devices = pytest.mark.parametrize("device", TRITON_DEVICES)
 
 LAUNCH_SCRIPT = textwrap.dedent(
     """
@@ -72,15 +72,15 @@ def test_launches_leave_no_per_call_state_in_torch():
     ]
 
 
-@needs_triton_cpu
+@on_triton_devices
 @pytest.mark.parametrize("shape", [(1000,), (37, 3), (4096,)], ids=["n1000", "n111", "one-program"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_direct_calls_equal_the_op(shape, dtype):
+def test_direct_calls_equal_the_op(device, shape, dtype):
     """The eager direct path and the custom op launch the same kernels: bitwise equal results,
     forward, backward through autograd, and the SGD step (vector widths from ROW_ALIGN included)."""
-    factors = make_factors(3, shape, dtype, "cpu")
-    grad_w = make_factors(1, shape, dtype, "cpu", seed=1)[0]
-    s = torch.tensor(0.25)
+    factors = make_factors(3, shape, dtype, device)
+    grad_w = make_factors(1, shape, dtype, device, seed=1)[0]
+    s = torch.tensor(0.25, device=device)
     w, sumsq = dwf_kernels.dwf_product(factors, return_sumsq=True, backend="triton")
     w_op, sumsq_op = triton_ops.forward_op(factors, dtype, True)
     assert torch.equal(w, w_op) and torch.equal(sumsq, sumsq_op)
@@ -97,27 +97,27 @@ def test_direct_calls_equal_the_op(shape, dtype):
     assert torch.equal(direct, via_op) and torch.equal(buffer, op_buffer)
 
 
-@needs_triton_cpu
-def test_direct_sgd_step_bumps_versions_like_the_op():
+@on_triton_devices
+def test_direct_sgd_step_bumps_versions_like_the_op(device):
     """A graph that saved the factors refuses to backpropagate after the step updated them in place."""
-    factors = make_factors(2, (64,), torch.float32, "cpu").requires_grad_(True)
+    factors = make_factors(2, (64,), torch.float32, device).requires_grad_(True)
     with torch.no_grad():
         values = factors.detach()
     loss = (factors * factors).sum()  # saves factors
     before = values._version
-    dwf_kernels.dwf_sgd_step(values, torch.ones(64), None, None, lr=0.1, backend="triton")
+    dwf_kernels.dwf_sgd_step(values, torch.ones(64, device=device), None, None, lr=0.1, backend="triton")
     assert values._version > before
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
 
 
-@needs_triton_cpu
-def test_fake_tensors_and_compile_take_the_op():
+@on_triton_devices
+def test_fake_tensors_take_the_op(device):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    assert triton_ops.direct_call_ok(torch.ones(2))
+    assert triton_ops.direct_call_ok(torch.ones(2, device=device))
     with FakeTensorMode() as mode:
-        fake = mode.from_tensor(torch.ones(2, 8))
+        fake = mode.from_tensor(torch.ones(2, 8, device=device))
         assert not triton_ops.direct_call_ok(fake)
         w = dwf_kernels.dwf_product(fake, backend="triton")  # the op's fake kernel answers
         assert w.shape == (8,)

@@ -1,0 +1,54 @@
+"""bench/gpu_check.sh, the one-call GPU check, runs end to end without a GPU (--dry-run).
+
+The script only ever runs for real on a lent GPU machine, so this keeps it from rotting: every
+stage runs (the CUDA ones reduced to what a CPU can do, with a note), the output folder holds the
+archive and the summaries and nothing more, and the archive holds every stage's log and results.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STAGES = ["preflight", "extension", "bench", "launch", "tests", "step", "more"]
+
+pytest.importorskip("pytest_benchmark")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a bash script for the Linux GPU machines")
+def test_dry_run_produces_the_archive_and_summaries(tmp_path):
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # A generous budget: the dry run takes about a minute on an idle 2-core machine; under a loaded
+    # test run the stages must still all run, not be skipped for time.
+    env.update(PYTHON=sys.executable, GPU_CHECK_BUDGET="300")
+    proc = subprocess.run(
+        ["bash", os.path.join(ROOT, "bench", "gpu_check.sh"), "--dry-run", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = sorted(os.listdir(out))
+    assert len(files) <= 7, files
+    assert {"gpu-check.tgz", "summary.md", "env.txt", "gpu-kernels.md", "gpu-goals.md", "gpu-train-step.md"} <= set(
+        files
+    ), files
+    summary = (out / "summary.md").read_text()
+    for stage in STAGES:
+        assert f"| {stage} | ok |" in summary, summary
+    assert "dry run" in summary
+    with tarfile.open(out / "gpu-check.tgz") as archive:
+        names = {os.path.basename(n) for n in archive.getnames()}
+    assert {"stages.tsv", "env.txt", "bench.log", "tests.log", "gpu-train-step.jsonl", "launch.json"} <= names, names
+    assert any(n.startswith("gpu-kernels-") and n.endswith(".json") for n in names), names
+    kernels = (out / "gpu-kernels.md").read_text()
+    for mode in ("forward", "backward", "full", "sgd"):
+        assert f"| {mode} | 4 | 4096 | cpu |" in kernels, kernels
+    assert "cpu-unfused" in kernels
