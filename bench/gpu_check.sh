@@ -170,6 +170,7 @@ extension() {
     return
   fi
   if compgen -G "$PREBUILT/_C*.so" > /dev/null; then
+    rm -f dwf_kernels/_C*.so  # a build for another Python would be imported first
     cp "$PREBUILT"/_C*.so "$PREBUILT"/_build_info.py dwf_kernels/
     if extension_ok $want; then
       note "prebuilt extension from $PREBUILT"
