@@ -9,9 +9,13 @@ export MAX_JOBS ?= 2
 
 DEPS_STAMP := $(VENV)/.deps-installed
 BUILD_STAMP := $(VENV)/.dwf-built
-EXT_SOURCES := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
+# What dwf_kernels._C is built from: the files dwf_kernels/_source_hash.py hashes into its build stamp
+# (a _C whose stamp differs from the tree's sources is refused at import), and the hash itself.
+EXT_SOURCES := setup.py dwf_kernels/_source_hash.py \
+	$(shell find csrc -type f \( -name '*.h' -o -name '*.hpp' -o -name '*.c' -o -name '*.cc' -o -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' \))
+PREBUILT := prebuilt/gpu/_C.abi3.so
 
-.PHONY: install train test test-gpu-versions bench-cpu clean
+.PHONY: install train test test-gpu-versions gpu-prebuilt bench-cpu clean
 
 $(DEPS_STAMP):
 	$(PYTHON) -m venv $(VENV)
@@ -34,10 +38,19 @@ train: $(BUILD_STAMP)
 test: $(BUILD_STAMP)
 	$(PY) -m pytest tests -q
 
-# The tests again against the GPU machines' torch 2.11.0 / triton 3.6.0, in .venv-gpu-versions and a
-# copy of the tree under build/ (CI runs it after `make test`).
+# The tests again against the GPU machines' Python 3.12 / torch 2.11.0 / triton 3.6.0, in
+# .venv-gpu-versions and a copy of the tree under build/ (CI runs it after `make test`); that build
+# becomes the prebuilt extension prebuilt/gpu/, import-tested in a fresh copy of the sources.
 test-gpu-versions:
 	.ci/gpu_machine_versions.sh
+
+# Only the prebuilt extension for the GPU machines, prebuilt/gpu/{_C.abi3.so,_build_info.py}
+# (sm_90, portable CPU code; rebuilt when its sources change). To use it in a checkout of the same
+# sources: rm -f dwf_kernels/_C*.so && cp prebuilt/gpu/_C.abi3.so prebuilt/gpu/_build_info.py dwf_kernels/
+gpu-prebuilt: $(PREBUILT)
+
+$(PREBUILT): $(EXT_SOURCES) .ci/gpu_machine_versions.sh
+	.ci/gpu_machine_versions.sh --prebuilt
 
 # Regenerates the committed CPU reports: kernels (bench/results/cpu-kernels.{json,md,png}) and
 # training steps (bench/results/cpu-train-step.{json,md}).
@@ -49,4 +62,4 @@ bench-cpu: $(BUILD_STAMP)
 	$(PY) bench/train_step.py --json bench/results/cpu-train-step.json --markdown bench/results/cpu-train-step.md
 
 clean:
-	rm -rf build *.egg-info dwf_kernels/_C*.so dwf_kernels/_build_info.py $(BUILD_STAMP)
+	rm -rf build prebuilt *.egg-info dwf_kernels/_C*.so dwf_kernels/_build_info.py $(BUILD_STAMP)

@@ -14,17 +14,27 @@ What gets built (environment switches, all optional):
 
 Install with `pip install --no-build-isolation -e .` after torch, so the extension is built
 against the torch you run.
+
+After a successful build, dwf_kernels/_build_info.py records what was built, SOURCE_HASH included
+(dwf_kernels/_source_hash.py: setup.py and csrc/); in a source tree dwf_kernels/_extension.py
+refuses to load a _C whose stamp does not match the sources present.
+
+The extension uses only Python's stable ABI (a plain PyInit, compiled with Py_LIMITED_API), so one
+binary, dwf_kernels/_C.abi3.so, serves every CPython from 3.10 on; wheels are tagged cp310-abi3.
 """
 
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import shutil
 
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# The stable-ABI floor (= python_requires) when torch does not set Py_LIMITED_API itself.
+LIMITED_API_VERSION = (3, 10)
 
 
 def _env_switch(name: str) -> bool | None:
@@ -87,31 +97,94 @@ def _cpu_isa() -> tuple[str, list[str]]:
     raise SystemExit(f"setup.py: DWF_KERNELS_CPU_ISA must be auto, avx512, avx2 or default; got {isa!r}")
 
 
-def _nvidia_wheel_includes() -> list[str]:
-    """Include dirs of the nvidia-* wheels (cuBLAS/cuSPARSE headers some torch CUDA headers need)."""
+def _nvidia_wheel_includes(toolkit_include: str) -> list[str]:
+    """Include dirs of the nvidia-* wheels that supply the cuBLAS/cuSPARSE headers torch's CUDA headers
+    (ATen/cuda/CUDAContext.h) include, for a toolkit that lacks them; none when the toolkit has them.
+
+    The caller passes them with -isystem, searched after every -I dir, the toolkit's included: these
+    dirs also hold their own version's cuda_runtime.h & co., which must never shadow the toolkit's.
+    """
+    needed = [h for h in ("cublas_v2.h", "cusparse.h") if not os.path.exists(os.path.join(toolkit_include, h))]
+    if not needed:
+        return []
     import torch
 
     site = os.path.dirname(os.path.dirname(torch.__file__))
-    candidates = glob.glob(os.path.join(site, "nvidia", "cu*", "include"))
-    candidates += glob.glob(os.path.join(site, "nvidia", "*", "include"))
-    return sorted({c for c in candidates if os.path.isdir(c)})
+    dirs = []
+    for candidate in sorted(glob.glob(os.path.join(site, "nvidia", "*", "include"))):
+        provides = [h for h in needed if os.path.exists(os.path.join(candidate, h))]
+        if provides:
+            dirs.append(candidate)
+            needed = [h for h in needed if h not in provides]
+    return dirs
 
 
-def _write_build_info(extension: bool, cuda: bool, cpu_isa: str, torch_version: str | None) -> None:
-    """Records what this build compiled, so tests and error messages can tell what to expect."""
-    with open(os.path.join(ROOT, "dwf_kernels", "_build_info.py"), "w") as f:
-        f.write(
-            '"""Written by setup.py at build time; not tracked by git."""\n'
-            f"EXTENSION_BUILT = {extension!r}\nCUDA_BUILT = {cuda!r}\n"
-            f"CPU_ISA = {cpu_isa!r}\nBUILT_AGAINST_TORCH = {torch_version!r}\n"
-        )
+def _limited_api(cpp_extension) -> tuple[str, list[str]]:
+    """The stable-ABI version the extension is compiled for, as a wheel tag (cp310), and its flags.
+
+    torch >= 2.6 itself adds -DPy_LIMITED_API=<cpp_extension.min_supported_cpython> to py_limited_api
+    extensions, after our flags (of two different -D the later wins): its value, when it has one, is
+    the one in force and the tag follows it; older torch gets ours. dwf_ops.cpp checks at compile time
+    that the macro in force equals DWF_PY_LIMITED_API, so the tag cannot drift from the binary.
+    """
+    hexcode = getattr(cpp_extension, "min_supported_cpython", None)
+    flags = []
+    if hexcode is None:
+        hexcode = f"0x{LIMITED_API_VERSION[0]:02X}{LIMITED_API_VERSION[1]:02X}0000"
+        flags.append(f"-DPy_LIMITED_API={hexcode}")
+    version = int(hexcode, 16)
+    return f"cp{version >> 24}{(version >> 16) & 0xFF}", [*flags, f"-DDWF_PY_LIMITED_API={hexcode}"]
 
 
-def _extensions() -> tuple[list, dict]:
+def _cuda_arch_list() -> str:
+    """The architectures the CUDA kernels are compiled for (what cpp_extension uses)."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return os.environ["TORCH_CUDA_ARCH_LIST"]
+    import torch
+
+    caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+    return ";".join(f"{major}.{minor}" for major, minor in sorted(caps))
+
+
+def _write_build_info(directory: str, info: dict) -> None:
+    """Records what was built, for the loader (SOURCE_HASH), tests and error messages."""
+    with open(os.path.join(directory, "_build_info.py"), "w") as f:
+        f.write('"""Written by setup.py after a build; not tracked by git."""\n')
+        f.writelines(f"{key} = {value!r}\n" for key, value in info.items())
+
+
+def _source_hash() -> str:
+    """dwf_kernels/_source_hash.py's hash of this tree, the module loaded by path (the package
+    itself imports torch and _C)."""
+    path = os.path.join(ROOT, "dwf_kernels", "_source_hash.py")
+    spec = importlib.util.spec_from_file_location("_dwf_kernels_source_hash", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.source_hash(ROOT)
+
+
+def _build_ext_class(cpp_extension, info: dict) -> type:
+    class BuildExt(cpp_extension.BuildExtension.with_options(use_ninja=True)):
+        """torch's BuildExtension, then the build stamp, written only once the build succeeded (a failed
+        build leaves the previous _C beside its own stamp)."""
+
+        def run(self) -> None:
+            super().run()
+            # In place (editable installs, build_ext --inplace): beside the _C just copied into the
+            # tree. Otherwise into the build dir a wheel is made from (build_py has already run).
+            directory = os.path.join(ROOT if self.inplace else self.build_lib, "dwf_kernels")
+            os.makedirs(directory, exist_ok=True)
+            _write_build_info(directory, info)
+
+    return BuildExt
+
+
+def _extensions() -> tuple[list, dict, dict]:
     if _env_switch("DWF_KERNELS_BUILD_EXT") is False:
         print("setup.py: DWF_KERNELS_BUILD_EXT=0, pure-Python install (no dwf_kernels._C)")
-        _write_build_info(False, False, "", None)
-        return [], {}
+        info = {"EXTENSION_BUILT": False, "CUDA_BUILT": False, "CPU_ISA": "", "BUILT_AGAINST_TORCH": None}
+        _write_build_info(os.path.join(ROOT, "dwf_kernels"), info)
+        return [], {}, {}
     _default_cuda_home()
     import torch
     from torch.utils import cpp_extension
@@ -134,8 +207,9 @@ def _extensions() -> tuple[list, dict]:
     # The silenced warnings come from torch's and GCC's headers: CUDA/clang pragmas, and GCC 12's
     # false "may be used uninitialized" inside AVX-512 intrinsics (their undefined-register idiom).
     cpu_isa, isa_flags = _cpu_isa()
-    cxx_flags = ["-O3", "-ffp-contract=off", "-fopenmp", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized", *isa_flags]
-    extra = {"cxx": cxx_flags}
+    abi3_tag, limited_api = _limited_api(cpp_extension)
+    cxx_flags = ["-O3", "-ffp-contract=off", "-fopenmp", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized"]
+    extra = {"cxx": [*cxx_flags, *isa_flags, *limited_api]}
     include_dirs = [os.path.join(ROOT, "csrc")]
     if with_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
@@ -143,12 +217,22 @@ def _extensions() -> tuple[list, dict]:
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         # No fast-math: it flushes denormals and changes NaN/Inf behaviour, which must match the reference.
-        extra["nvcc"] = ["-O3", "--fmad=false", "-lineinfo"]
-        include_dirs += _nvidia_wheel_includes()
+        extra["nvcc"] = ["-O3", "--fmad=false", "-lineinfo", *limited_api]
+        for directory in _nvidia_wheel_includes(os.path.join(cpp_extension.CUDA_HOME, "include")):
+            for flags in extra.values():
+                flags += ["-isystem", directory]
         ext_cls = cpp_extension.CUDAExtension
     else:
         ext_cls = cpp_extension.CppExtension
-    _write_build_info(True, with_cuda, cpu_isa, torch.__version__)
+    info = {
+        "EXTENSION_BUILT": True,
+        "CUDA_BUILT": with_cuda,
+        "CPU_ISA": cpu_isa,
+        "BUILT_AGAINST_TORCH": torch.__version__,
+        "CUDA_ARCH_LIST": _cuda_arch_list() if with_cuda else "",
+        "PY_LIMITED_API": abi3_tag,
+        "SOURCE_HASH": _source_hash(),
+    }
     print(f"setup.py: building dwf_kernels._C (CPU{' + CUDA' if with_cuda else ''}), CPU SIMD {cpu_isa}")
     ext = ext_cls(
         name="dwf_kernels._C",
@@ -158,10 +242,11 @@ def _extensions() -> tuple[list, dict]:
         extra_link_args=["-fopenmp"],
         py_limited_api=True,
     )
-    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+    # bdist_wheel: tag the wheel <abi3_tag>-abi3 (the .so is named _C.abi3.so by py_limited_api).
+    return [ext], {"build_ext": _build_ext_class(cpp_extension, info)}, {"bdist_wheel": {"py_limited_api": abi3_tag}}
 
 
-ext_modules, cmdclass = _extensions()
+ext_modules, cmdclass, options = _extensions()
 
 setup(
     name="dwf_kernels",
@@ -173,5 +258,5 @@ setup(
     extras_require={"triton": ["triton>=3.2"], "test": ["pytest", "pytest-benchmark"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    options={"bdist_wheel": {"py_limited_api": "cp39"}} if ext_modules else {},
+    options=options,
 )

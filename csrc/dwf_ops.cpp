@@ -5,6 +5,13 @@
 #include <Python.h>
 #include <torch/library.h>
 
+// setup.py builds the module for Python's stable ABI (named _C.abi3.so, wheels tagged cpXY-abi3):
+// the tag is true only if this file compiles under the Py_LIMITED_API version it names.
+#if !defined(Py_LIMITED_API) || !defined(DWF_PY_LIMITED_API)
+#error "build dwf_kernels._C through setup.py: it must be compiled with Py_LIMITED_API (stable ABI)"
+#endif
+static_assert(Py_LIMITED_API == DWF_PY_LIMITED_API, "Py_LIMITED_API differs from the version setup.py tags");
+
 // A plain module init instead of pybind11: importing the module runs the static TORCH_LIBRARY
 // registrations below, which is all Python needs from it, and it builds in seconds.
 extern "C" {

@@ -1,4 +1,5 @@
-"""Loading of the compiled extension: pure-Python installs work, built kernels are registered."""
+"""Loading of the compiled extension: pure-Python installs work, built kernels are registered, and a
+_C built from other sources than the tree's (a stale build) is refused before it is imported."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ import pytest
 import torch
 
 import dwf_kernels
-from dwf_kernels import _extension
+from dwf_kernels import _extension, _source_hash
 
 PACKAGE_DIR = Path(dwf_kernels.__file__).parent
+ROOT = PACKAGE_DIR.parent
 
 
 def test_import_without_compiled_extension_warns_once_and_reference_serves(tmp_path):
@@ -66,3 +68,102 @@ def test_built_kernels_are_registered():
         assert "cpu" in _extension.KERNEL_DEVICES
         assert ("cuda" in _extension.KERNEL_DEVICES) == _build_info.CUDA_BUILT
         assert _build_info.BUILT_AGAINST_TORCH == torch.__version__
+        # Built for the stable ABI (py_limited_api): one binary for every CPython >= 3.10.
+        assert Path(sys.modules["dwf_kernels._C"].__file__).name == "_C.abi3.so"
+        assert _build_info.PY_LIMITED_API == "cp310"
+        if _source_hash.is_source_tree(str(ROOT)):
+            assert _build_info.SOURCE_HASH == _source_hash.source_hash(str(ROOT))
+
+
+def test_source_hash_covers_setup_py_and_the_csrc_sources(tmp_path):
+    """Any change to setup.py or a C++/CUDA file under csrc/ (edit, new file, rename) changes the
+    hash; files that do not go into the binary do not."""
+    for rel, text in [
+        ("setup.py", "setup()\n"),
+        ("csrc/dwf_ops.cpp", "// ops\n"),
+        ("csrc/cuda/k.cuh", "// kernels\n"),
+        ("csrc/README.txt", "notes\n"),
+        ("tests/test_x.py", "pass\n"),
+    ]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    root = str(tmp_path)
+    assert _source_hash.is_source_tree(root) and not _source_hash.is_source_tree(str(tmp_path / "csrc"))
+    assert _source_hash.source_files(root) == ["csrc/cuda/k.cuh", "csrc/dwf_ops.cpp", "setup.py"]
+    seen = {_source_hash.source_hash(root)}
+
+    def changed() -> bool:
+        digest = _source_hash.source_hash(root)
+        new = digest not in seen
+        seen.add(digest)
+        return new
+
+    (tmp_path / "csrc/README.txt").write_text("more notes\n")
+    (tmp_path / "tests/test_x.py").write_text("assert True\n")
+    assert not changed()
+    (tmp_path / "csrc/cuda/k.cuh").write_text("// kernels, retuned\n")
+    assert changed()
+    (tmp_path / "setup.py").write_text("setup(name='x')\n")
+    assert changed()
+    (tmp_path / "csrc/cpu").mkdir()
+    (tmp_path / "csrc/cpu/new.cpp").write_text("")
+    assert changed()
+    (tmp_path / "csrc/cpu/new.cpp").rename(tmp_path / "csrc/cpu/renamed.cpp")
+    assert changed()
+
+
+_LOAD_IN_COPY = textwrap.dedent(
+    """
+    import sys, warnings
+    sys.meta_path = [f for f in sys.meta_path if "_EditableFinder" not in repr(f)]
+    warnings.simplefilter("always")
+    import torch, dwf_kernels
+    from dwf_kernels import _extension
+    assert dwf_kernels.__file__.startswith(sys.argv[1]), dwf_kernels.__file__
+    print("LOADED", _extension.LOADED, "dwf_kernels._C" in sys.modules, sorted(_extension.KERNEL_DEVICES))
+    print("ERROR", _extension.LOAD_ERROR)
+    try:
+        print(dwf_kernels.dwf_product(torch.tensor([[2.0, 3.0], [5.0, 7.0]]), backend="cpu").tolist())
+    except RuntimeError as exc:
+        print("REFUSED", exc)
+    """
+)
+
+
+def _load_in_copy(tree: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(tree), TRITON_INTERPRET="0")
+    result = subprocess.run(
+        [sys.executable, "-c", _LOAD_IN_COPY, str(tree)], capture_output=True, text=True, env=env, cwd=tree
+    )
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_stale_build_is_refused_before_import(tmp_path):
+    """A source tree whose setup.py/csrc no longer hash to the stamp in _build_info.py does not import
+    its _C (no stale kernels registered), says so once with the rebuild command, and the compiled
+    backends refuse to serve; the unchanged copy loads it."""
+    if not _extension.LOADED or not _source_hash.is_source_tree(str(ROOT)):
+        pytest.skip(f"needs a source tree with a current build of _C ({_extension.LOAD_ERROR})")
+    tree = tmp_path / "tree"
+    shutil.copytree(PACKAGE_DIR, tree / "dwf_kernels", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "csrc", tree / "csrc")
+    shutil.copy(ROOT / "setup.py", tree / "setup.py")
+
+    fresh = _load_in_copy(tree)
+    assert "LOADED True True ['cpu'" in fresh.stdout and "[10.0, 21.0]" in fresh.stdout, fresh.stdout + fresh.stderr
+    assert "not available" not in fresh.stderr, fresh.stderr
+
+    with open(tree / "csrc" / "dwf_math.h", "a") as f:
+        f.write("// an edit after the build\n")
+    stale = _load_in_copy(tree)
+    assert "LOADED False False []" in stale.stdout, stale.stdout
+    assert "StaleBuild: dwf_kernels._C was not loaded, it is stale" in stale.stdout, stale.stdout
+    assert "pip install --no-build-isolation -e ." in stale.stdout, stale.stdout
+    assert "REFUSED backend 'cpu' needs the compiled extension" in stale.stdout, stale.stdout
+    assert stale.stderr.count("compiled extension dwf_kernels._C is not available (StaleBuild") == 1, stale.stderr
+
+    (tree / "dwf_kernels" / "_build_info.py").unlink()
+    unstamped = _load_in_copy(tree)
+    assert "LOADED False False []" in unstamped.stdout, unstamped.stdout
+    assert "it has no build stamp" in unstamped.stdout, unstamped.stdout
