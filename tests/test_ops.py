@@ -196,7 +196,7 @@ def test_available_backends_lists_fastest_first():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("depth", DEPTHS)
+@pytest.mark.parametrize("depth", range(1, 17))  # every depth: each instantiation (or padded-slot case)
 def test_cpu_kernels_round_exactly_like_the_reference(dtype, depth):
     """Same products in the same order, no FMA contraction: w and both gradients are bitwise equal."""
     if "cpu" not in dwf_kernels.available_backends("cpu"):
