@@ -68,9 +68,9 @@ def assert_identical(actual: torch.Tensor, expected: torch.Tensor, what: str) ->
 # Compile-time depths 1..8; padded slots: 9 and 12 (12 slots), 13 and 16 (16 slots).
 DEPTHS = [1, 2, 3, 4, 5, 8, 9, 12, 13, 16]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-# 7: scalar path (n % V != 0). 4096: packs, one block for fp32/fp64. 12296 = 8 * 1537: packs in every
-# dtype, and with multiprocessors=1 (3 blocks) several grid-stride iterations. 12301: scalar path
-# with grid stride.
+# 7: scalar path (n % V != 0), one block. 4096: packs in every dtype, 2-3 blocks. 12296 = 8 * 1537:
+# packs in every dtype, and with multiprocessors=1 (3 blocks) several grid-stride iterations.
+# 12301: scalar path with grid stride.
 SIZES = [7, 4096, 12296, 12301]
 
 
