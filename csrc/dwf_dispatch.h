@@ -94,11 +94,15 @@ SgdStep<A> make_sgd_step(double lr, double momentum, double dampening, double we
                     init_buffer};
 }
 
-// Calls f(std::integral_constant<int, kD>) with kD = depth for the fast paths 2..8 and kD = 0
-// (the general, runtime-depth path) for 1 and 9..16.
+// Calls f(std::integral_constant<int, kD>) with the depth policy kD of dwf_math.h: the depth
+// itself (compile-time) for 1..8, and padded slots for the rare deep factorizations: kD = -12 for
+// 9..12, kD = -16 for 13..16 (runtime depth, loops over 12 or 16 guarded slots). Every depth thus
+// gets a path whose per-element arrays are indexed by constants (registers on a GPU), for 10
+// instantiations per kernel and dtype instead of 16.
 template <typename F>
 void dispatch_depth(int64_t depth, F&& f) {
   switch (depth) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
     case 2: f(std::integral_constant<int, 2>{}); break;
     case 3: f(std::integral_constant<int, 3>{}); break;
     case 4: f(std::integral_constant<int, 4>{}); break;
@@ -106,7 +110,15 @@ void dispatch_depth(int64_t depth, F&& f) {
     case 6: f(std::integral_constant<int, 6>{}); break;
     case 7: f(std::integral_constant<int, 7>{}); break;
     case 8: f(std::integral_constant<int, 8>{}); break;
-    default: f(std::integral_constant<int, 0>{}); break;
+    default:
+      TORCH_CHECK(depth >= 1 && depth <= kMaxDepth, "dwf_kernels: depth must be in [1, ", kMaxDepth, "]; got ",
+                  depth);
+      if (depth <= 12) {
+        f(std::integral_constant<int, -12>{});
+      } else {
+        f(std::integral_constant<int, -16>{});
+      }
+      break;
   }
 }
 

@@ -4,8 +4,14 @@
 // register of elements) and with plain scalars for tails; the CUDA kernels instantiate them with
 // float/double per element. So the CPU test suite exercises exactly the arithmetic the GPU runs.
 //
-// T needs only `*` and `+`. kD > 0 fixes the depth at compile time (loops unroll, values stay in
-// registers); kD == 0 is the general path that reads the runtime `depth` (1 <= depth <= kMaxDepth).
+// T needs only `*` and `+`. The template argument kD is the depth policy of an instantiation:
+//   kD > 0: the depth is kD, fixed at compile time;
+//   kD < 0: the depth is the runtime `depth`, 1 <= depth <= -kD (padded slots).
+// Either way every loop runs over DepthSlots<kD>::value compile-time slots, fully unrolled, and a
+// slot d >= depth is skipped by a guard (constant-true when kD > 0). So arrays are only ever indexed
+// by compile-time constants: on a GPU they stay in registers (a loop bounded by the runtime depth
+// would index them dynamically and put them in a local-memory stack). The guarded slots do exactly
+// the arithmetic, in exactly the order, of a loop over d < depth: the results do not depend on kD.
 #pragma once
 
 #if defined(__CUDACC__)
@@ -24,7 +30,8 @@ constexpr int kMaxDepth = 16;
 
 template <int kD>
 struct DepthSlots {
-  static constexpr int value = kD > 0 ? kD : kMaxDepth;
+  static_assert(kD != 0 && kD >= -kMaxDepth && kD <= kMaxDepth, "depth policy out of range");
+  static constexpr int value = kD > 0 ? kD : -kD;
 };
 
 template <int kD>
@@ -35,19 +42,25 @@ DWF_HD int resolve_depth(int depth) {
 // w = f[0] * f[1] * ... * f[D-1], multiplied left to right (the order the reference uses).
 template <int kD, typename T>
 DWF_HD T product(const T* f, int depth) {
+  constexpr int kSlots = DepthSlots<kD>::value;
   const int D = resolve_depth<kD>(depth);
   T p = f[0];
   DWF_UNROLL
-  for (int d = 1; d < D; ++d) p = p * f[d];
+  for (int d = 1; d < kSlots; ++d) {
+    if (d < D) p = p * f[d];
+  }
   return p;
 }
 
 // acc + sum_d f[d]^2.
 template <int kD, typename T>
 DWF_HD T accumulate_squares(const T* f, int depth, T acc) {
+  constexpr int kSlots = DepthSlots<kD>::value;
   const int D = resolve_depth<kD>(depth);
   DWF_UNROLL
-  for (int d = 0; d < D; ++d) acc = acc + f[d] * f[d];
+  for (int d = 0; d < kSlots; ++d) {
+    if (d < D) acc = acc + f[d] * f[d];
+  }
   return acc;
 }
 
@@ -60,16 +73,20 @@ DWF_HD T accumulate_squares(const T* f, int depth, T acc) {
 // (and Inf/NaN/zero propagate the same way).
 template <int kD, typename T>
 DWF_HD void factor_grads(const T* f, int depth, T g, T* grad) {
+  constexpr int kSlots = DepthSlots<kD>::value;
   const int D = resolve_depth<kD>(depth);
-  T prefix[DepthSlots<kD>::value];  // prefix[d] = f[0] * ... * f[d-1] for d >= 1
-  if (D > 1) prefix[1] = f[0];
+  T prefix[kSlots];  // prefix[d] = f[0] * ... * f[d-1] for d >= 1 (prefix[0] is unused)
   DWF_UNROLL
-  for (int d = 2; d < D; ++d) prefix[d] = prefix[d - 1] * f[d - 1];
+  for (int d = 1; d < kSlots; ++d) {
+    if (d < D) prefix[d] = d == 1 ? f[0] : prefix[d - 1] * f[d - 1];
+  }
   T suffix = g;
   DWF_UNROLL
-  for (int d = D - 1; d >= 1; --d) {
-    grad[d] = prefix[d] * suffix;
-    suffix = suffix * f[d];
+  for (int d = kSlots - 1; d >= 1; --d) {
+    if (d < D) {
+      grad[d] = prefix[d] * suffix;
+      suffix = suffix * f[d];
+    }
   }
   grad[0] = suffix;
 }
@@ -77,9 +94,12 @@ DWF_HD void factor_grads(const T* f, int depth, T g, T* grad) {
 // grad[d] += 2 s f[d]: the gradient of s * sum(f^2), the factor L2 penalty.
 template <int kD, typename T>
 DWF_HD void add_penalty_grads(const T* f, int depth, T two_s, T* grad) {
+  constexpr int kSlots = DepthSlots<kD>::value;
   const int D = resolve_depth<kD>(depth);
   DWF_UNROLL
-  for (int d = 0; d < D; ++d) grad[d] = grad[d] + two_s * f[d];
+  for (int d = 0; d < kSlots; ++d) {
+    if (d < D) grad[d] = grad[d] + two_s * f[d];
+  }
 }
 
 // a * b + c with one rounding. Scalars here; the CPU kernels' SIMD registers find at::vec::fmadd

@@ -9,10 +9,14 @@ CUDA's threads, barriers and warp shuffles. These tests run that build on CPU te
   is a fault of the CUDA kernels' indexing, packing, tails or grid-stride loops;
 - sumsq matches the reference to summation rounding and is bitwise deterministic;
 - the final partial-sum reduction equals, bit for bit, a numpy replay of its fixed order;
-- a misaligned vector access, which faults on a GPU, fails the launch (x86 would tolerate it).
+- a misaligned vector access, which faults on a GPU, fails the launch (x86 would tolerate it);
+- the launches themselves (recorded by the emulation: grid, block size, widest memory access):
+  the vector path whenever n % (16 / element size) == 0, grids sized from the occupancy query
+  (asked once per kernel and device), and no reduction launch the forward does not need.
 
-`multiprocessors` sizes the grid as on a GPU with that many SMs (at most 8 blocks of 256 threads
-each): with 1, inputs past 8192 packs take several grid-stride iterations.
+`multiprocessors` sizes the grid as on a GPU with that many SMs; the emulated occupancy is
+BLOCKS_PER_SM blocks of 256 threads per SM, so with 1, inputs past 768 packs take several
+grid-stride iterations.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from dwf_kernels import reference
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_OPS = torch.ops.dwf_kernels
+BLOCKS_PER_SM = 3  # the emulated occupancy (emulated_ops.cpp)
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +65,12 @@ def assert_identical(actual: torch.Tensor, expected: torch.Tensor, what: str) ->
     torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{what}: {m}")
 
 
-DEPTHS = [1, 2, 3, 4, 5, 8, 9, 16]  # the fast paths 2..8 and the general path (1, 9..16)
+# Compile-time depths 1..8; padded slots: 9 and 12 (12 slots), 13 and 16 (16 slots).
+DEPTHS = [1, 2, 3, 4, 5, 8, 9, 12, 13, 16]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-# 7: scalar path (n % V != 0). 4096: packs, one block. 12296 = 8 * 1537: packs in every dtype, and
-# with multiprocessors=1 (8 blocks) several grid-stride iterations for fp32/fp64. 12301: scalar path
-# with grid stride.
+# 7: scalar path (n % V != 0), one block. 4096: packs in every dtype, 2-3 blocks. 12296 = 8 * 1537:
+# packs in every dtype, and with multiprocessors=1 (3 blocks) several grid-stride iterations.
+# 12301: scalar path with grid stride.
 SIZES = [7, 4096, 12296, 12301]
 
 
@@ -236,3 +242,132 @@ def test_emulation_builds_the_cuda_sources_unchanged():
     emu = (ROOT / "tests" / "cuda_emulation" / "emulated_ops.cpp").read_text()
     assert '#include "dwf_cuda_kernels.cuh"' in cu and '#include "cuda/dwf_cuda_kernels.cuh"' in emu
     assert "__global__" not in cu, "kernels belong in dwf_cuda_kernels.cuh, where the emulation runs them"
+
+
+def _launches(emulated) -> list[tuple[int, int, int]]:
+    """The emulated launches since the last call: (grid, threads, widest access in bytes) each."""
+    flat = emulated.launches()
+    return [tuple(flat[i : i + 3]) for i in range(0, len(flat), 3)]
+
+
+# (factor dtype, dtype of w / grad_w, n, elements per 16 bytes): n is a multiple of 16 / element
+# size but not of 16, so every factor row is 16-byte aligned and only the vector path's own
+# condition admits it.
+VECTOR_CASES = [
+    (torch.float32, torch.float32, 1000, 4),
+    (torch.float32, torch.bfloat16, 1000, 4),
+    (torch.float64, torch.float64, 1002, 2),
+    (torch.bfloat16, torch.bfloat16, 1000, 8),
+    (torch.float16, torch.float16, 4104, 8),
+]
+
+
+@pytest.mark.parametrize("dtype,io_dtype,n,per_pack", VECTOR_CASES, ids=str)
+def test_rows_aligned_to_16_bytes_take_the_vector_path(emulated, dtype, io_dtype, n, per_pack):
+    """Forward, backward and SGD step read and write 16-byte packs, and still equal the CPU kernels."""
+    _require_cpu_backend()
+    assert n % per_pack == 0 and n % 16 != 0
+    factors = make_factors(3, (n,), dtype, "cpu", seed=n)
+    grad_w = make_factors(1, (n,), io_dtype, "cpu", seed=n + 1)[0]
+    s = torch.tensor(0.25)
+    _launches(emulated)
+    w, _ = emulated.forward(factors, io_dtype, False, 1)
+    grad = emulated.backward(factors, grad_w, s, 1)
+    mine, buf_mine = factors.clone(), torch.zeros_like(factors)
+    theirs, buf_theirs = factors.clone(), torch.zeros_like(factors)
+    for init_buffer in (True, False):
+        args = (grad_w, s, 0.05, 0.9, 0.0, 1e-3, False, False, init_buffer)
+        emulated.sgd_step(mine, buf_mine, *args, 1)
+        CPU_OPS.dwf_sgd_step(theirs, buf_theirs, *args)
+    assert [widest for _, _, widest in _launches(emulated)] == [16] * 4, "forward, backward, two steps"
+    assert_identical(w, CPU_OPS.dwf_forward(factors, io_dtype, False)[0], "w")
+    assert_identical(grad, CPU_OPS.dwf_backward(factors, grad_w, s), "grad")
+    assert_identical(mine, theirs, "factors after two steps")
+    assert_identical(buf_mine, buf_theirs, "momentum buffer")
+
+    # One element more: rows d > 0 are misaligned, so every kernel takes the element-wise path.
+    factors = make_factors(3, (n + 1,), dtype, "cpu", seed=n)
+    grad_w = make_factors(1, (n + 1,), io_dtype, "cpu", seed=n + 1)[0]
+    w, _ = emulated.forward(factors, io_dtype, False, 1)
+    grad = emulated.backward(factors, grad_w, s, 1)
+    widest = [widest for _, _, widest in _launches(emulated)]
+    assert widest == [dtype.itemsize] * 2
+    assert_identical(w, CPU_OPS.dwf_forward(factors, io_dtype, False)[0], "w (element-wise)")
+    assert_identical(grad, CPU_OPS.dwf_backward(factors, grad_w, s), "grad (element-wise)")
+
+
+@pytest.mark.parametrize("op", ["forward", "backward", "sgd_step"])
+def test_grid_is_the_resident_blocks_capped_by_the_work(emulated, op):
+    """grid = min(ceil(packs / 256), occupancy x SMs); here the occupancy is the emulated 3 per SM."""
+    multiprocessors = 2
+
+    def grid(n: int) -> int:
+        factors = make_factors(2, (n,), torch.float32, "cpu", seed=n)
+        grad_w = torch.ones(n)
+        _launches(emulated)
+        if op == "forward":
+            emulated.forward(factors, None, False, multiprocessors)
+        elif op == "backward":
+            emulated.backward(factors, grad_w, None, multiprocessors)
+        else:
+            emulated.sgd_step(factors, None, grad_w, None, 0.1, 0.0, 0.0, 0.0, False, False, False, multiprocessors)
+        (launch,) = _launches(emulated)
+        assert launch[1] == 256
+        return launch[0]
+
+    assert grid(4 * 256 * 2) == 2  # 512 packs of 4 floats: two blocks cover them
+    assert grid(4 * 256 * 6) == 6  # exactly the resident blocks
+    assert grid(4 * 256 * 7) == BLOCKS_PER_SM * multiprocessors  # 7 blocks of work, 6 resident
+    assert grid(4 * 256 * 100) == BLOCKS_PER_SM * multiprocessors
+    assert grid(4 * 256 * 2 + 1) == BLOCKS_PER_SM * multiprocessors  # scalar path: 2049 packs of one
+    assert grid(5) == 1
+
+
+def test_occupancy_is_asked_once_per_kernel_and_device(emulated):
+    factors = make_factors(4, (4096,), torch.float32, "cpu", seed=3)
+    grad_w = torch.ones(4096)
+    device = 41  # an emulated device (SM count) no other test uses
+    start = emulated.occupancy_queries()
+    emulated.forward(factors, None, True, device)
+    assert emulated.occupancy_queries() == start + 1
+    for _ in range(3):
+        emulated.forward(factors, None, True, device)
+        emulated.forward(factors, None, False, device)  # the same kernel
+    assert emulated.occupancy_queries() == start + 1
+    emulated.backward(factors, grad_w, None, device)
+    emulated.backward(factors, grad_w, None, device)
+    assert emulated.occupancy_queries() == start + 2
+    emulated.forward(factors, None, True, device + 1)
+    assert emulated.occupancy_queries() == start + 3
+    emulated.forward(factors[:, :4095], None, True, device)  # the element-wise kernel
+    assert emulated.occupancy_queries() == start + 4
+
+
+def test_forward_launches_a_reduction_only_for_several_partials(emulated):
+    _require_cpu_backend()
+    factors = make_factors(4, (12296,), torch.float32, "cpu", seed=5)
+    _, sumsq_ref = reference.dwf_forward_reference(factors.double(), torch.float64, True)
+    _launches(emulated)
+
+    w, sumsq = emulated.forward(factors, None, False, 1)
+    assert _launches(emulated) == [(BLOCKS_PER_SM, 256, 16)], "without sumsq: the product kernel alone"
+    assert sumsq.item() == 0.0
+    assert_identical(w, CPU_OPS.dwf_forward(factors, None, False)[0], "w")
+
+    sumsq = emulated.forward(factors, None, True, 1)[1]
+    assert _launches(emulated) == [(BLOCKS_PER_SM, 256, 16), (1, 1024, 0)], "partials, then their sum"
+    torch.testing.assert_close(sumsq.double(), sumsq_ref, rtol=SUMSQ_RTOL[torch.float32], atol=0)
+
+    small = factors[:, :1000].contiguous()  # 250 packs: one block, whose partial is the sum
+    sumsq = emulated.forward(small, None, True, 1)[1]
+    assert _launches(emulated) == [(1, 256, 16)]
+    _, small_ref = reference.dwf_forward_reference(small.double(), torch.float64, True)
+    torch.testing.assert_close(sumsq.double(), small_ref, rtol=SUMSQ_RTOL[torch.float32], atol=0)
+    assert torch.equal(sumsq, emulated.forward(small, None, True, 3)[1])
+    _launches(emulated)
+
+    for with_sumsq in (False, True):  # no elements: sumsq is the empty sum
+        empty = torch.empty(4, 0, 3)
+        w, sumsq = emulated.forward(empty, None, with_sumsq, 1)
+        assert w.shape == (0, 3) and sumsq.item() == 0.0
+        assert _launches(emulated) == [(1, 1024, 0)]

@@ -196,7 +196,7 @@ def test_available_backends_lists_fastest_first():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("depth", DEPTHS)
+@pytest.mark.parametrize("depth", range(1, 17))  # every depth: each instantiation (or padded-slot case)
 def test_cpu_kernels_round_exactly_like_the_reference(dtype, depth):
     """Same products in the same order, no FMA contraction: w and both gradients are bitwise equal."""
     if "cpu" not in dwf_kernels.available_backends("cpu"):
@@ -209,3 +209,31 @@ def test_cpu_kernels_round_exactly_like_the_reference(dtype, depth):
             dwf_product_backward(factors, grad_w, grad_sumsq, backend="cpu"),
             dwf_product_backward(factors, grad_w, grad_sumsq, backend="reference"),
         )
+
+
+def _available_memory() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def test_cpu_row_offsets_past_two_to_the_31():
+    """D * n > 2^31 > n: factor row 15 starts at 15n ~ 2.26e9, so row offsets need 64 bits although n
+    fits in 32. The factors are a fresh allocation left unwritten except at both ends of each row:
+    4.8 GB of address space whose untouched pages read as the shared zero page; only w (300 MB) and
+    those ends take memory."""
+    if "cpu" not in dwf_kernels.available_backends("cpu"):
+        pytest.skip("compiled extension not loaded")
+    depth, n = 16, 2**27 + 2**24
+    assert (depth - 1) * n > 2**31 > n
+    if _available_memory() < 2 * 2**30:
+        pytest.skip("needs ~2 GiB of available memory")
+    factors = torch.empty(depth, n, dtype=torch.bfloat16)
+    ends = {start: make_factors(depth, (16,), torch.bfloat16, "cpu", seed=start) for start in (0, n - 16)}
+    for start, values in ends.items():
+        factors[:, start : start + 16] = values
+    w = dwf_product(factors, backend="cpu")
+    for start, values in ends.items():
+        assert torch.equal(w[start : start + 16], dwf_product(values, backend="reference")), f"w[{start}:]"

@@ -33,6 +33,13 @@ struct CudaLauncher {
 
   explicit CudaLauncher(const at::Tensor& t) : device(t.get_device()), stream(c10::cuda::getCurrentCUDAStream()) {}
   int multiprocessors() const { return sm_count(device); }
+  // Resident blocks per SM (run_* cache the answer per kernel and device).
+  template <typename... Params>
+  int blocks_per_multiprocessor(void (*kernel)(Params...), int threads) const {
+    int blocks = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, 0));
+    return blocks;
+  }
   template <typename... Params, typename... Args>
   void launch(void (*kernel)(Params...), int64_t grid, int threads, Args... args) const {
     kernel<<<grid, threads, 0, stream>>>(args...);

@@ -2,10 +2,13 @@
 // and the host code that plans and launches them.
 //
 // Grid-stride loops over packs of V elements with 64-bit indices: V = 16 bytes / sizeof(factor)
-// when every row start is 16-byte aligned (one vector load per factor per pack), else V = 1
-// (plain coalesced loads), so any view works. Per element the math is dwf_math.h's, the same
-// templates the CPU kernels run. sumsq: each block writes one partial to its own slot, then one
-// block sums the partials in a fixed order: deterministic, no floating-point atomics.
+// when every row start is 16-byte aligned, i.e. n % V == 0 and every base pointer is aligned (one
+// vector access per operand row per pack), else V = 1 (plain coalesced accesses), so any view
+// works. Per element the math is dwf_math.h's, the same templates the CPU kernels run. The grid is
+// as many blocks as the device holds at once for that kernel (its occupancy, asked once per kernel
+// and device), fewer when the work is smaller. sumsq: each block writes one partial to its own
+// slot, then one block sums the partials in a fixed order: deterministic, no floating-point atomics
+// (a one-block grid writes sumsq directly; without sumsq nothing is reduced).
 //
 // The host functions run_forward / run_backward / run_sgd_step take a Launcher, so the same code
 // serves two builds:
@@ -13,7 +16,8 @@
 //   tests/cuda_emulation/  g++; runs every block's threads as host threads on CPU tensors, so the
 //                    CPU test suite executes these kernels (indexing, packs, grid stride, the
 //                    partial sums) without a GPU
-// A Launcher has multiprocessors() (the SM count the grid is sized for) and
+// A Launcher has a member `device` (an index), multiprocessors() (the SM count),
+// blocks_per_multiprocessor(kernel, threads) (the occupancy query) and
 // launch(kernel, grid, threads, args...) (kernel<<<grid, threads>>>(args...), checked).
 // The ops' arguments are validated (dwf_dispatch.h) before run_* is called.
 #pragma once
@@ -23,6 +27,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <map>
+#include <mutex>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -33,7 +39,6 @@ namespace dwf {
 namespace cuda_impl {
 
 constexpr int kThreads = 256;
-constexpr int kBlocksPerSm = 8;  // 8 x 256 threads: full occupancy on sm_80/sm_90
 constexpr int kReduceThreads = 1024;
 
 template <typename T>
@@ -66,9 +71,35 @@ __device__ __forceinline__ void store_pack(T* base, int64_t p, const Pack<T, V>&
   *at = value;
 }
 
-inline int64_t grid_for(int64_t packs, int multiprocessors) {
+// How many blocks of `kernel`, launched with `threads` threads, the launcher's device runs at once:
+// its occupancy (resident blocks per multiprocessor, limited by the kernel's registers) times the
+// multiprocessor count. Asked of the device once per kernel, block size and device, then cached,
+// so a grid is a function of (kernel, device, work) and sumsq's partials keep a fixed layout.
+template <typename Launcher, typename... Params>
+int64_t resident_blocks(const Launcher& launcher, void (*kernel)(Params...), int threads) {
+  static std::mutex mutex;
+  static std::map<std::tuple<const void*, int, int>, int64_t> cache;
+  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), threads, int(launcher.device));
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto found = cache.find(key);
+  if (found == cache.end()) {
+    const int64_t blocks =
+        int64_t(std::max(1, launcher.blocks_per_multiprocessor(kernel, threads))) * launcher.multiprocessors();
+    found = cache.emplace(key, blocks).first;
+  }
+  return found->second;
+}
+
+// The grid for `packs` work items, one per thread: enough blocks to cover them, at most `resident`.
+inline int64_t grid_for(int64_t packs, int64_t resident) {
   const int64_t needed = (packs + kThreads - 1) / kThreads;
-  return std::max<int64_t>(1, std::min<int64_t>(needed, int64_t(multiprocessors) * kBlocksPerSm));
+  return std::max<int64_t>(1, std::min<int64_t>(needed, resident));
+}
+
+// The grid for `kernel` over `packs` packs on the launcher's device.
+template <typename Launcher, typename... Params>
+int64_t grid_for(const Launcher& launcher, void (*kernel)(Params...), int64_t packs) {
+  return grid_for(packs, resident_blocks(launcher, kernel, kThreads));
 }
 
 // Deterministic block sum: fixed shuffle tree within warps, then the warp sums in order.
@@ -83,11 +114,14 @@ __device__ A block_sum(A value) {
   __syncthreads();
   A total = 0;
   if (threadIdx.x == 0) {
-    for (int w = 0; w < (blockDim.x + 31) / 32; ++w) total += warp_sums[w];
+    for (int w = 0; w < int(blockDim.x + 31) / 32; ++w) total += warp_sums[w];
   }
   return total;  // valid in thread 0
 }
 
+// w = prod_d F[d] over n elements. With sumsq, block b writes its sum of squares to partials[b]
+// (when the grid is one block, `partials` is sumsq itself); without, block 0 writes sumsq = 0
+// through `partials`.
 template <int kD, typename T, typename O, int V>
 __global__ void __launch_bounds__(kThreads)
     dwf_forward_kernel(const T* __restrict__ F, O* __restrict__ W, acc_type_t<T>* __restrict__ partials,
@@ -120,6 +154,8 @@ __global__ void __launch_bounds__(kThreads)
   if (with_sumsq) {
     const acc_t total = block_sum(sq);
     if (threadIdx.x == 0) partials[blockIdx.x] = total;
+  } else if (blockIdx.x == 0 && threadIdx.x == 0) {
+    partials[0] = 0;
   }
 }
 
@@ -235,8 +271,10 @@ __global__ void __launch_bounds__(kThreads)
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-// The vector width in elements for factors of type T: 16-byte packs when every row start of
-// every operand is aligned for them, else 1.
+// The vector width in elements for factors of type T: V = 16 / sizeof(T) when n % V == 0 (then
+// every row d * n of a 16-byte aligned (D, n) operand is 16-byte aligned too) and the bases are
+// aligned for their packs (`factors` to 16 bytes, `other`, with elements of type O, to V of them);
+// else 1. The callers add the alignment of their further operands.
 template <typename T, typename O>
 int pack_width(int64_t n, const void* factors, const void* other) {
   constexpr int V = 16 / sizeof(T);
@@ -260,23 +298,27 @@ std::tuple<at::Tensor, at::Tensor> run_forward(const at::Tensor& factors_arg, at
     using acc_t = acc_type_t<T>;
     const T* F = factors.const_data_ptr<T>();
     O* W = w.mutable_data_ptr<O>();
-    const int V = pack_width<T, O>(n, F, W);
-    const int64_t grid = n > 0 ? grid_for(n / V, launcher.multiprocessors()) : 0;
-    at::Tensor partials = at::empty({with_sumsq ? grid : 0}, factors.options().dtype(sumsq.scalar_type()));
-    if (grid > 0) {
-      dispatch_depth(depth, [&](auto kd) {
-        constexpr int kD = decltype(kd)::value;
-        constexpr int kV = 16 / sizeof(T);
-        acc_t* P = partials.mutable_data_ptr<acc_t>();
-        if (V == kV) {
-          launcher.launch(dwf_forward_kernel<kD, T, O, kV>, grid, kThreads, F, W, P, n, int(depth), with_sumsq);
-        } else {
-          launcher.launch(dwf_forward_kernel<kD, T, O, 1>, grid, kThreads, F, W, P, n, int(depth), with_sumsq);
-        }
-      });
+    acc_t* S = sumsq.mutable_data_ptr<acc_t>();
+    if (n == 0) {  // sumsq = the empty sum
+      const acc_t* none = nullptr;
+      launcher.launch(sum_partials_kernel<acc_t>, 1, kReduceThreads, none, int64_t(0), S);
+      return;
     }
-    launcher.launch(sum_partials_kernel<acc_t>, 1, kReduceThreads, partials.const_data_ptr<acc_t>(),
-                    partials.numel(), sumsq.mutable_data_ptr<acc_t>());
+    const int V = pack_width<T, O>(n, F, W);
+    dispatch_depth(depth, [&](auto kd) {
+      constexpr int kD = decltype(kd)::value;
+      constexpr int kV = 16 / sizeof(T);
+      const auto kernel = V == kV ? dwf_forward_kernel<kD, T, O, kV> : dwf_forward_kernel<kD, T, O, 1>;
+      const int64_t grid = grid_for(launcher, kernel, n / V);
+      if (with_sumsq && grid > 1) {
+        at::Tensor partials = at::empty({grid}, sumsq.options());
+        acc_t* P = partials.mutable_data_ptr<acc_t>();
+        launcher.launch(kernel, grid, kThreads, F, W, P, n, int(depth), true);
+        launcher.launch(sum_partials_kernel<acc_t>, 1, kReduceThreads, static_cast<const acc_t*>(P), grid, S);
+      } else {  // one partial is the sum; or no sumsq: block 0 zeroes it
+        launcher.launch(kernel, grid, kThreads, F, W, S, n, int(depth), with_sumsq);
+      }
+    });
   });
   return {w, sumsq};
 }
@@ -307,15 +349,11 @@ at::Tensor run_backward(const at::Tensor& factors_arg, const at::Tensor& grad_w_
     T* GF = grad_factors.mutable_data_ptr<T>();
     const acc_t* S = s.defined() ? s.const_data_ptr<acc_t>() : nullptr;
     const int V = (pack_width<T, G>(n, F, GW) > 1 && aligned16(GF)) ? 16 / int(sizeof(T)) : 1;
-    const int64_t grid = grid_for(n / V, launcher.multiprocessors());
     dispatch_depth(depth, [&](auto kd) {
       constexpr int kD = decltype(kd)::value;
       constexpr int kV = 16 / sizeof(T);
-      if (V == kV) {
-        launcher.launch(dwf_backward_kernel<kD, T, G, kV>, grid, kThreads, F, GW, GF, S, n, int(depth));
-      } else {
-        launcher.launch(dwf_backward_kernel<kD, T, G, 1>, grid, kThreads, F, GW, GF, S, n, int(depth));
-      }
+      const auto kernel = V == kV ? dwf_backward_kernel<kD, T, G, kV> : dwf_backward_kernel<kD, T, G, 1>;
+      launcher.launch(kernel, grid_for(launcher, kernel, n / V), kThreads, F, GW, GF, S, n, int(depth));
     });
   });
   return grad_factors;
@@ -344,15 +382,11 @@ void run_sgd_step(const at::Tensor& factors, const std::optional<at::Tensor>& mo
         make_sgd_step<acc_t>(lr, momentum, dampening, weight_decay, nesterov, maximize, init_buffer);
     const bool vec = pack_width<T, G>(n, F, GW) > 1 && (B == nullptr || aligned16(B));
     const int V = vec ? 16 / int(sizeof(T)) : 1;
-    const int64_t grid = grid_for(n / V, launcher.multiprocessors());
     dispatch_depth(depth, [&](auto kd) {
       constexpr int kD = decltype(kd)::value;
       constexpr int kV = 16 / sizeof(T);
-      if (V == kV) {
-        launcher.launch(dwf_sgd_step_kernel<kD, T, G, kV>, grid, kThreads, F, B, GW, S, n, int(depth), step);
-      } else {
-        launcher.launch(dwf_sgd_step_kernel<kD, T, G, 1>, grid, kThreads, F, B, GW, S, n, int(depth), step);
-      }
+      const auto kernel = V == kV ? dwf_sgd_step_kernel<kD, T, G, kV> : dwf_sgd_step_kernel<kD, T, G, 1>;
+      launcher.launch(kernel, grid_for(launcher, kernel, n / V), kThreads, F, B, GW, S, n, int(depth), step);
     });
   });
 }

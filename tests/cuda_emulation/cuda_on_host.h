@@ -10,7 +10,9 @@
 //   - threadIdx, blockIdx, blockDim and gridDim are set before each fiber runs;
 //   - every vector access must be aligned to its size, as on a GPU (where a misaligned one faults;
 //     the CPU would tolerate it): the kernels report each access through DWF_CHECK_ALIGNED, and a
-//     launch with a misaligned one throws.
+//     launch with a misaligned one throws;
+//   - every launch is recorded (grid, block size, widest access), so tests can see which kernels
+//     ran, with which grid, and whether they took the vector path.
 // It checks the kernels' logic (indexing, packs, tails, grid-stride loops, block and grid
 // reductions), not the GPU's memory model or its timing.
 #pragma once
@@ -60,8 +62,16 @@ struct Block {
 inline thread_local Block* block_state = nullptr;
 inline thread_local std::string fault;  // the first fault of the running launch
 
+struct LaunchRecord {
+  int64_t grid;
+  int threads;
+  size_t widest_access;  // bytes: 16 on the vector paths; 0 when the kernel touched no global pack
+};
+inline thread_local std::vector<LaunchRecord> launch_log;  // launches since the test last took it
+
 // Stops the thread before a misaligned access, as the GPU would (the launch then fails).
 inline void check_aligned(const void* address, size_t bytes) {
+  if (!launch_log.empty() && bytes > launch_log.back().widest_access) launch_log.back().widest_access = bytes;
   if (reinterpret_cast<uintptr_t>(address) % bytes != 0) {
     throw std::runtime_error("misaligned " + std::to_string(bytes) + "-byte access (address % " +
                              std::to_string(bytes) + " = " +
@@ -94,6 +104,7 @@ inline void launch(int64_t grid, int threads, const std::function<void()>& body)
   if (grid < 1 || grid > INT32_MAX || threads < 1 || threads > 1024 || threads % 32 != 0) {
     throw std::invalid_argument("cuda_on_host::launch: bad launch configuration");
   }
+  launch_log.push_back({grid, threads, 0});
   static thread_local Block block;
   if (int(block.fibers.size()) < threads) block.fibers.resize(threads);
   block.lanes.assign(threads, 0);

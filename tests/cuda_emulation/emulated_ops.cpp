@@ -1,8 +1,9 @@
 // The CUDA build's kernels and host code (csrc/cuda/dwf_cuda_kernels.cuh), compiled by g++ against
 // cuda_on_host.h and registered as ops on CPU tensors: dwf_cuda_emulated::forward / backward /
-// sgd_step / sum_partials. Built by tests/test_cuda_emulated.py. `multiprocessors` sets the SM count
-// the grid is sized for (grid = min(packs / 256, 8 * multiprocessors)), so small inputs take several
-// grid-stride iterations.
+// sgd_step / sum_partials, and launches / occupancy_queries to observe them. Built by
+// tests/test_cuda_emulated.py. `multiprocessors` sets the SM count of the emulated device; its
+// occupancy is kBlocksPerMultiprocessor for every kernel, so grid = min(packs / 256,
+// kBlocksPerMultiprocessor * multiprocessors) and small inputs take several grid-stride iterations.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -16,9 +17,20 @@ namespace {
 using namespace dwf;
 using namespace dwf::cuda_impl;
 
+// The emulated occupancy: resident 256-thread blocks per SM (a GPU answers 2-8 for these kernels).
+constexpr int kBlocksPerMultiprocessor = 3;
+
+int64_t occupancy_query_count = 0;
+
 struct HostLauncher {
-  int sms;
-  int multiprocessors() const { return sms; }
+  int device;  // emulated devices are told apart by their SM count
+  int multiprocessors() const { return device; }
+  template <typename... Params>
+  int blocks_per_multiprocessor(void (*)(Params...), int threads) const {
+    TORCH_CHECK(threads == kThreads, "dwf_cuda_emulated: occupancy asked for ", threads, " threads");
+    ++occupancy_query_count;
+    return kBlocksPerMultiprocessor;
+  }
   template <typename... Params, typename... Args>
   void launch(void (*kernel)(Params...), int64_t grid, int threads, Args... args) const {
     cuda_on_host::launch(grid, threads, [&] { kernel(args...); });
@@ -57,7 +69,7 @@ void sgd_step(const at::Tensor& factors, const std::optional<at::Tensor>& moment
                maximize, init_buffer, launcher(multiprocessors));
 }
 
-// sum_partials_kernel alone, over any number of partials (the forward makes at most 8 per SM).
+// sum_partials_kernel alone, over any number of partials (the forward makes one per resident block).
 at::Tensor sum_partials(const at::Tensor& partials) {
   check_cpu(partials, "partials");
   TORCH_CHECK(partials.dim() == 1 && partials.is_contiguous(), "dwf_cuda_emulated: partials must be contiguous 1-d");
@@ -76,6 +88,18 @@ at::Tensor sum_partials(const at::Tensor& partials) {
   return out;
 }
 
+// The launches since the last call, flattened: (grid, threads, widest access in bytes) each.
+std::vector<int64_t> launches() {
+  std::vector<int64_t> flat;
+  for (const auto& r : cuda_on_host::launch_log) {
+    flat.insert(flat.end(), {r.grid, int64_t(r.threads), int64_t(r.widest_access)});
+  }
+  cuda_on_host::launch_log.clear();
+  return flat;
+}
+
+int64_t occupancy_queries() { return occupancy_query_count; }
+
 }  // namespace
 
 TORCH_LIBRARY(dwf_cuda_emulated, m) {
@@ -88,4 +112,6 @@ TORCH_LIBRARY(dwf_cuda_emulated, m) {
       "int multiprocessors) -> ()",
       &sgd_step);
   m.def("sum_partials(Tensor partials) -> Tensor", &sum_partials);
+  m.def("launches() -> int[]", &launches);
+  m.def("occupancy_queries() -> int", &occupancy_queries);
 }
