@@ -69,10 +69,15 @@ def dwf_product_backward(
     """The fused backward on its own: d/dfactors of <grad_w, w> + grad_sumsq * sumsq.
 
     grad_sumsq=None leaves the penalty term out. This is what autograd runs for `dwf_product`;
-    it is public for fused optimizers and for testing.
+    it is public for fused optimizers and for testing. When grad mode is on and an input requires
+    grad, the result is computed by differentiable torch ops instead, so it can be differentiated
+    again (as dwf_product's gradient is under backward(create_graph=True)).
     """
     check_backward(factors, grad_w, grad_sumsq)
     name = resolve_backend(factors.device.type, backend)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (factors, grad_w, grad_sumsq)):
+        # Differentiable, like the gradient of dwf_product under create_graph=True.
+        return reference.dwf_backward_differentiable(factors, grad_w, grad_sumsq)
     if name == "reference":
         return reference.dwf_backward_reference(factors, grad_w, grad_sumsq)
     return _backward_op(name)(factors, grad_w, grad_sumsq)
