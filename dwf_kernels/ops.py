@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import compiled_ops, reference, triton_ops
-from ._validate import check_backward, check_forward, check_sgd_step
+from ._validate import check_backward, check_flag, check_forward, check_sgd_step
 from .backends import resolve_backend
 
 
@@ -51,6 +51,7 @@ def dwf_product(
         w of shape S, or (w, sumsq) when return_sumsq is True.
     """
     out = check_forward(factors, out_dtype)
+    check_flag("return_sumsq", return_sumsq)
     name = resolve_backend(factors.device.type, backend)
     if name == "reference":
         w, sumsq = reference.dwf_forward_reference(factors, out, return_sumsq)
