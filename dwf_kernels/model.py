@@ -176,9 +176,7 @@ def penalty(model: nn.Module, lam: float) -> torch.Tensor:
         if isinstance(module, DWFLayer) and id(module.factors) not in seen:
             seen.add(id(module.factors))
             sumsq = module.last_sumsq
-            if sumsq is None or (
-                not sumsq.requires_grad and module.factors.requires_grad and torch.is_grad_enabled()
-            ):
+            if sumsq is None or (not sumsq.requires_grad and module.factors.requires_grad and torch.is_grad_enabled()):
                 # No forward yet, a backward has used the last one, or it ran without grad (the
                 # first pass of torch.utils.checkpoint with use_reentrant=True): a fresh sum, so
                 # that the penalty has its value and its gradient.

@@ -231,9 +231,7 @@ def test_gradgradcheck_fp64(backend, depth, with_sumsq):
     """The backward is itself differentiable: second derivatives with respect to the factors and
     to the incoming gradients (w's and sumsq's) match finite differences."""
     factors = make_factors(depth, (3, 2), torch.float64, "cpu", seed=21).requires_grad_(True)
-    assert torch.autograd.gradgradcheck(
-        lambda f: dwf_product(f, return_sumsq=with_sumsq, backend=backend), (factors,)
-    )
+    assert torch.autograd.gradgradcheck(lambda f: dwf_product(f, return_sumsq=with_sumsq, backend=backend), (factors,))
 
 
 @pytest.mark.parametrize("backend", SERVES_CPU)

@@ -166,7 +166,7 @@ def test_compiled_sgd_step_op_refuses_overlap_too():
     """A direct torch.ops call skips the Python checks; the C++ op refuses aliasing itself."""
     from dwf_kernels import compiled_ops
 
-    for factors, grad_w, grad_sumsq, buffer, message in _aliasing_cases("cpu"):
+    for factors, grad_w, grad_sumsq, buffer, _message in _aliasing_cases("cpu"):
         buffer = buffer if buffer is not None else torch.zeros_like(factors)
         with pytest.raises(RuntimeError, match="share memory"):
             compiled_ops.sgd_step_op(factors, buffer, grad_w, grad_sumsq, 0.1, 0.9, 0.0, 0.0, False, False, False)

@@ -150,7 +150,9 @@ def test_resume_errors_are_one_line(tmp_path, capsys):
 def test_checkpoint_is_synced_before_the_rename(tmp_path, monkeypatch):
     events = []
     real_fsync, real_replace = os.fsync, os.replace
-    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))), real_fsync(fd)))
+    monkeypatch.setattr(
+        os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))), real_fsync(fd))
+    )
     monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", a)), real_replace(a, b)))
     path = str(tmp_path / CHECKPOINT)
     training._save_checkpoint(path, {"x": torch.ones(3)})
