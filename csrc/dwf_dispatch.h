@@ -4,6 +4,7 @@
 // before any op runs; these checks guard direct torch.ops.dwf_kernels calls.
 #pragma once
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -68,6 +69,16 @@ inline void check_backward_args(const at::Tensor& factors, const at::Tensor& gra
   }
 }
 
+// A tensor updated in place must not share memory with another argument: the result would depend on
+// the order of the element accesses.
+inline void check_not_aliased(const at::Tensor& written, const char* written_name, const at::Tensor& other,
+                              const char* other_name) {
+  const at::MemOverlapStatus status = at::get_overlap_status(written, other);
+  TORCH_CHECK(status != at::MemOverlapStatus::Full && status != at::MemOverlapStatus::Partial, "dwf_kernels: ",
+              written_name, " and ", other_name, " share memory; ", written_name,
+              " is updated in place, so it must not overlap ", other_name);
+}
+
 // The fused backward + SGD step updates factors (and the momentum buffer) in place.
 inline void check_sgd_step_args(const at::Tensor& factors, const std::optional<at::Tensor>& momentum_buffer,
                                 const at::Tensor& grad_w, const std::optional<at::Tensor>& grad_sumsq,
@@ -81,6 +92,13 @@ inline void check_sgd_step_args(const at::Tensor& factors, const std::optional<a
                 "dwf_kernels: momentum_buffer must be a contiguous tensor with the factors' shape ", factors.sizes(),
                 ", dtype and device; got shape ", momentum_buffer->sizes(), ", ", momentum_buffer->dtype(), ", ",
                 momentum_buffer->device());
+  }
+  check_not_aliased(factors, "factors", grad_w, "grad_w");
+  if (grad_sumsq.has_value()) check_not_aliased(factors, "factors", *grad_sumsq, "grad_sumsq");
+  if (momentum_buffer.has_value()) {
+    check_not_aliased(*momentum_buffer, "momentum_buffer", factors, "factors");
+    check_not_aliased(*momentum_buffer, "momentum_buffer", grad_w, "grad_w");
+    if (grad_sumsq.has_value()) check_not_aliased(*momentum_buffer, "momentum_buffer", *grad_sumsq, "grad_sumsq");
   }
 }
 

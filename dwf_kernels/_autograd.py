@@ -1,4 +1,5 @@
-"""Fake (meta) implementations and the autograd formula shared by the compiled and Triton ops.
+"""Fake (meta) implementations and the autograd formula of the Triton ops (the compiled ops carry
+the same formula in C++, csrc/dwf_autograd.cpp).
 
 Both op families have the same signatures:
   dwf_forward(factors, out_dtype, with_sumsq) -> (w, sumsq)
@@ -13,6 +14,7 @@ from collections.abc import Callable
 import torch
 
 from ._validate import acc_dtype
+from .reference import dwf_backward_differentiable
 
 
 def fake_forward(
@@ -49,8 +51,13 @@ def backward_formula(backward_op: Callable[..., torch.Tensor]) -> Callable:
         (factors,) = ctx.saved_tensors
         # Autograd hands a zero grad_sumsq when sumsq was not requested; passing None instead keeps
         # the penalty term out entirely, as in the reference (0 * Inf would otherwise make NaN).
-        grad = backward_op(factors, grad_w, grad_sumsq if ctx.with_sumsq else None)
-        return grad, None, None
+        grad_sumsq = grad_sumsq if ctx.with_sumsq else None
+        if torch.is_grad_enabled():
+            # backward(create_graph=True): the gradient must itself be differentiable (double
+            # backward, meta-gradients), so it is formed by differentiable torch ops. A first-order
+            # backward runs with grad mode off and keeps the fused kernel.
+            return dwf_backward_differentiable(factors, grad_w, grad_sumsq), None, None
+        return backward_op(factors, grad_w, grad_sumsq), None, None
 
     return backward
 

@@ -26,6 +26,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def check_factors(factors: torch.Tensor) -> None:
     if not isinstance(factors, torch.Tensor):
         raise TypeError(f"factors must be a torch.Tensor of shape (D, *weight_shape); got {type(factors).__name__}")
+    _check_strided("factors", factors)
     if factors.dim() == 0:
         raise ValueError(
             "factors must have a leading depth axis: expected shape (D, *weight_shape) with "
@@ -39,6 +40,20 @@ def check_factors(factors: torch.Tensor) -> None:
         )
     if factors.dtype not in FACTOR_DTYPES:
         raise TypeError(f"factors must be float16, bfloat16, float32 or float64; got {_dtype_name(factors.dtype)}")
+
+
+def _check_strided(name: str, tensor: torch.Tensor) -> None:
+    if tensor.layout != torch.strided:
+        raise TypeError(
+            f"{name} must be a dense (strided) tensor; got layout {tensor.layout} "
+            f"(convert sparse input with {name}.to_dense())"
+        )
+
+
+def check_flag(name: str, value: object) -> None:
+    """A switch argument: True or False, nothing else (a string such as "no" would be truthy)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool (True or False); got {type(value).__name__} {value!r}")
 
 
 def resolve_out_dtype(factors: torch.Tensor, out_dtype: torch.dtype | None) -> torch.dtype:
@@ -64,6 +79,7 @@ def check_backward(factors: torch.Tensor, grad_w: torch.Tensor, grad_sumsq: torc
     check_factors(factors)
     if not isinstance(grad_w, torch.Tensor):
         raise TypeError(f"grad_w must be a torch.Tensor; got {type(grad_w).__name__}")
+    _check_strided("grad_w", grad_w)
     if grad_w.device != factors.device:
         raise ValueError(f"grad_w must be on the factors' device {factors.device}; got {grad_w.device}")
     if grad_w.shape != factors.shape[1:]:
@@ -79,6 +95,7 @@ def check_backward(factors: torch.Tensor, grad_w: torch.Tensor, grad_sumsq: torc
     if grad_sumsq is not None:
         if not isinstance(grad_sumsq, torch.Tensor) or grad_sumsq.numel() != 1:
             raise ValueError(f"grad_sumsq must be a one-element tensor or None; got {grad_sumsq!r}")
+        _check_strided("grad_sumsq", grad_sumsq)
         if grad_sumsq.device != factors.device:
             raise ValueError(f"grad_sumsq must be on the factors' device {factors.device}; got {grad_sumsq.device}")
         if not grad_sumsq.dtype.is_floating_point:
@@ -110,6 +127,7 @@ def check_sgd_step(
     if momentum_buffer is not None:
         if not isinstance(momentum_buffer, torch.Tensor):
             raise TypeError(f"momentum_buffer must be a torch.Tensor or None; got {type(momentum_buffer).__name__}")
+        _check_strided("momentum_buffer", momentum_buffer)
         if (
             momentum_buffer.shape != factors.shape
             or momentum_buffer.dtype != factors.dtype
@@ -121,3 +139,43 @@ def check_sgd_step(
                 f"({tuple(factors.shape)}, {_dtype_name(factors.dtype)}, {factors.device}); got "
                 f"{tuple(momentum_buffer.shape)}, {_dtype_name(momentum_buffer.dtype)}, {momentum_buffer.device}"
             )
+    check_no_overlap(
+        outputs={"factors": factors, "momentum_buffer": momentum_buffer},
+        inputs={"grad_w": grad_w, "grad_sumsq": grad_sumsq},
+    )
+
+
+def _span(tensor: torch.Tensor) -> tuple[int, int]:
+    """[first, last + 1) byte addresses of the tensor's elements (first is 0 without memory)."""
+    first = tensor.data_ptr()
+    if tensor.is_contiguous():
+        return first, first + tensor.nbytes
+    if tensor.numel() == 0:
+        return first, first
+    extent = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride(), strict=True))
+    return first, first + (extent + 1) * tensor.element_size()
+
+
+def _may_overlap(a: torch.Tensor, span_a: tuple[int, int], b: torch.Tensor, span_b: tuple[int, int]) -> bool:
+    """Whether a and b may share memory: the address ranges of their elements intersect (exact for
+    the contiguous tensors the in-place ops write; conservative for interleaved strided views)."""
+    if span_a[0] == 0 or span_b[0] == 0:
+        # No memory behind them (meta tensors, FakeTensors while tracing): they overlap when they
+        # are views of one storage.
+        return a.numel() > 0 and b.numel() > 0 and torch._C._overlaps(a, b)
+    return span_a[0] < span_b[1] and span_b[0] < span_a[1] and a.device == b.device
+
+
+def check_no_overlap(outputs: dict[str, torch.Tensor | None], inputs: dict[str, torch.Tensor | None]) -> None:
+    """Tensors an op writes in place must not share memory with each other or with its inputs:
+    the kernels read and write element by element, so an alias would make the result depend on
+    the order of the memory accesses (and differ between backends)."""
+    written = [(name, t, _span(t)) for name, t in outputs.items() if t is not None]
+    read = [(name, t, _span(t)) for name, t in inputs.items() if t is not None]
+    for i, (out_name, out, out_span) in enumerate(written):
+        for other_name, other, other_span in written[i + 1 :] + read:
+            if _may_overlap(out, out_span, other, other_span):
+                raise ValueError(
+                    f"{out_name} and {other_name} share memory; {out_name} is updated in place, so it must "
+                    f"not overlap {other_name}: pass separate tensors (e.g. {other_name}.clone())"
+                )

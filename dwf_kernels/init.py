@@ -23,9 +23,11 @@ DEFAULT_UPPER = 2.0
 
 
 def default_target_std(weight_shape: tuple[int, ...] | torch.Size) -> float:
-    """Std of torch.nn's default Linear/Conv weight init (kaiming_uniform_ with a=sqrt(5)): 1/sqrt(3 fan_in)."""
+    """Std of torch.nn's default Linear/Conv weight init (kaiming_uniform_ with a=sqrt(5)): 1/sqrt(3 fan_in).
+
+    0 for a weight without inputs (fan_in = 0, e.g. nn.Linear(0, n)): it has no entries to draw."""
     fan_in, _ = torch.nn.init._calculate_fan_in_and_fan_out(torch.empty(weight_shape, device="meta"))
-    return 1.0 / math.sqrt(3.0 * fan_in)
+    return 1.0 / math.sqrt(3.0 * fan_in) if fan_in > 0 else 0.0
 
 
 def truncation_interval(
@@ -92,6 +94,8 @@ def dwf_init_(
     """
     if factors.dim() < 1 or factors.shape[0] < 1:
         raise ValueError(f"factors must have shape (D, *weight_shape); got {tuple(factors.shape)}")
+    if factors.numel() == 0:
+        return factors  # a zero-size weight (nn.Linear allows zero features): nothing to draw
     depth = factors.shape[0]
     a, b = truncation_interval(target_std, depth, eps, upper)
     rms = target_std ** (1.0 / depth)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import math
+import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -11,7 +13,7 @@ import torch
 from torch import nn
 
 from . import init as dwf_init
-from .nn import DENSE_CLASS_FOR, DWF_CLASS_FOR, DWFLayer
+from .nn import DENSE_CLASS_FOR, DWF_CLASS_FOR, DWFLayer, check_depth
 from .ops import dwf_product
 
 DEFAULT_THRESHOLD = 1.19e-7  # float32 machine epsilon: |w| below it counts as exactly zero
@@ -51,33 +53,89 @@ def factorize(
     sparsified from where it is. Exactly-zero weights get all-zero factors and stay zero.
     include / exclude: module names (fnmatch patterns, e.g. "classifier.*") or layer types; a
     layer is converted when it matches include (default: every factorizable layer) and not exclude.
-    Biases are copied unchanged.
+    Biases are kept (the same parameters).
+
+    Sharing is kept: a layer reachable under several names becomes one DWF layer in all those
+    places (a layer matches include/exclude under any of its names; exclude wins), and layers
+    that share one weight parameter (tied weights) get one shared factor parameter. A weight
+    shared with a module that is not converted is refused, as the tie could not be kept.
+    A model that already holds DWF layers of another depth is refused: collapse it first.
     """
+    check_depth(depth)
     if init not in ("dwf", "dense"):
         raise ValueError(f"init must be 'dwf' or 'dense'; got {init!r}")
     if isinstance(model, DWFLayer) or isinstance(model, FACTORIZABLE):
         raise TypeError("factorize converts the layers inside a model; wrap a single layer in nn.Sequential")
+    names: dict[int, list[str]] = {}  # every name of every module, shared ones included
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(name)
+        if isinstance(module, DWFLayer) and module.depth != depth:
+            raise ValueError(
+                f"model already holds DWF layers of depth {module.depth} ({name!r}); factorize(model, "
+                f"depth={depth}) would leave them at depth {module.depth}. To change the depth, factorize "
+                f"dwf_kernels.collapse(model) with init='dense' (or start again from the dense model)"
+            )
     targets = [
-        (name, module)
-        for name, module in model.named_modules()
+        module
+        for module in model.modules()
         if type(module) in DWF_CLASS_FOR
-        and (include is None or _matches(name, module, include))
-        and not _matches(name, module, exclude)
+        and (include is None or any(_matches(n, module, include) for n in names[id(module)]))
+        and not any(_matches(n, module, exclude) for n in names[id(module)])
     ]
-    for name, dense in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
+    tied = _tied_groups(model, targets, names)
+    twins: dict[int, DWFLayer] = {}  # id(dense) -> its DWF layer
+    shared_factors: dict[int, nn.Parameter] = {}  # id(dense weight) -> the factors made for it
+    for dense in targets:
         dwf = _dwf_twin(dense, depth)
-        with torch.no_grad():
-            if init == "dense":
-                dwf.factors.copy_(_dense_to_factors(dense.weight, depth))
-            else:
-                dwf_init.dwf_init_(dwf.factors, dwf_init.default_target_std(dense.weight.shape), eps=eps, upper=upper)
-            if dense.bias is not None:
-                dwf.bias.copy_(dense.bias)
+        factors = shared_factors.get(id(dense.weight))
+        if factors is not None:
+            dwf.factors = factors
+        else:
+            with torch.no_grad():
+                if init == "dense":
+                    dwf.factors.copy_(_dense_to_factors(dense.weight, depth))
+                else:
+                    dwf_init.dwf_init_(
+                        dwf.factors, dwf_init.default_target_std(dense.weight.shape), eps=eps, upper=upper
+                    )
+            if id(dense.weight) in tied:
+                shared_factors[id(dense.weight)] = dwf.factors
+        dwf.bias = dense.bias  # the same parameter: a bias shared with other modules stays shared
         dwf.train(dense.training)
-        setattr(parent, child, dwf)
+        twins[id(dense)] = dwf
+    _replace_children(model, twins)
     return model
+
+
+def _tied_groups(model: nn.Module, targets: list[nn.Module], names: dict[int, list[str]]) -> set[int]:
+    """The ids of target weights that several modules share, after checking that every module
+    sharing a target's weight is converted too (otherwise the tie could not be kept)."""
+    converted = {id(m) for m in targets}
+    owners: dict[int, list[nn.Module]] = {}  # id(parameter) -> modules holding it directly
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            owners.setdefault(id(param), []).append(module)
+    tied = set()
+    for dense in targets:
+        holders = owners.get(id(dense.weight), [])
+        for other in holders:
+            if id(other) not in converted:
+                raise ValueError(
+                    f"the weight of {names[id(dense)][0]!r} is also a parameter of {names[id(other)][0]!r} "
+                    f"({type(other).__name__}), which factorize does not convert, so the tie cannot be kept: "
+                    f"exclude {names[id(dense)][0]!r}, or convert both"
+                )
+        if len(holders) > 1:
+            tied.add(id(dense.weight))
+    return tied
+
+
+def _replace_children(model: nn.Module, replacement: dict[int, nn.Module]) -> None:
+    """Puts replacement[id(m)] in every place where module m is a child (shared modules included)."""
+    for parent in list(model.modules()):
+        for child_name, child in list(parent._modules.items()):
+            if child is not None and id(child) in replacement:
+                setattr(parent, child_name, replacement[id(child)])
 
 
 def _dwf_twin(dense: nn.Module, depth: int) -> DWFLayer:
@@ -105,15 +163,23 @@ def penalty(model: nn.Module, lam: float) -> torch.Tensor:
     """(lam / D) * sum of squared factors over the model's DWF layers, differentiable.
 
     Taken from each layer's last forward (the fused op computed it in the same pass as the
-    weight), so call it after the forward whose loss it joins. A layer that has not run a forward
-    yet has its sum computed here. Equivalent objective: weight_decay = 2 * lam / D on the factors
+    weight), so call it after the forward whose loss it joins. The sum is computed here instead
+    (one more pass over the factors) for a layer that has not run a forward yet, whose last
+    forward's graph a backward pass has already used, or whose last forward ran without grad
+    while grad is needed now (torch.utils.checkpoint with use_reentrant=True). Factors shared by
+    several layers count once. Equivalent objective: weight_decay = 2 * lam / D on the factors
     (and none elsewhere) with a mean loss.
     """
     by_depth: dict[int, list[torch.Tensor]] = {}  # one multiply per depth, not per layer
+    seen: set[int] = set()  # factors shared by several layers (tied weights) are penalized once
     for module in model.modules():
-        if isinstance(module, DWFLayer):
+        if isinstance(module, DWFLayer) and id(module.factors) not in seen:
+            seen.add(id(module.factors))
             sumsq = module.last_sumsq
-            if sumsq is None:
+            if sumsq is None or (not sumsq.requires_grad and module.factors.requires_grad and torch.is_grad_enabled()):
+                # No forward yet, a backward has used the last one, or it ran without grad (the
+                # first pass of torch.utils.checkpoint with use_reentrant=True): a fresh sum, so
+                # that the penalty has its value and its gradient.
                 sumsq = dwf_product(module.factors, return_sumsq=True)[1]
             by_depth.setdefault(module.depth, []).append(sumsq)
     if not by_depth:
@@ -135,16 +201,23 @@ def collapse(model: nn.Module, threshold: float = DEFAULT_THRESHOLD) -> nn.Modul
     with weights of magnitude below `threshold` set to exactly 0. `model` is left untouched."""
     if isinstance(model, DWFLayer):
         raise TypeError("collapse takes a model containing DWF layers; wrap a single layer in nn.Sequential")
-    collapsed = copy.deepcopy(model)
-    for name, layer in dwf_layers(collapsed):
-        parent_name, _, child = name.rpartition(".")
+    _check_threshold(threshold)
+    collapsed = copy.deepcopy(model)  # keeps shared layers and parameters shared
+    twins: dict[int, nn.Module] = {}
+    weights: dict[int, nn.Parameter] = {}  # id(factors) -> collapsed weight (tied layers share it)
+    for _, layer in dwf_layers(collapsed):
         dense = _dense_twin(layer)
-        with torch.no_grad():
-            dense.weight.copy_(_collapsed_weight(layer, threshold))
-            if layer.bias is not None:
-                dense.bias.copy_(layer.bias)
+        weight = weights.get(id(layer.factors))
+        if weight is None:
+            with torch.no_grad():
+                dense.weight.copy_(_collapsed_weight(layer, threshold))
+            weights[id(layer.factors)] = dense.weight
+        else:
+            dense.weight = weight
+        dense.bias = layer.bias  # the same parameter, shared where it was
         dense.train(layer.training)
-        setattr(collapsed.get_submodule(parent_name), child, dense)
+        twins[id(layer)] = dense
+    _replace_children(collapsed, twins)
     return collapsed
 
 
@@ -171,7 +244,8 @@ class LayerSparsity:
     name: str
     kind: str
     weights: int
-    nonzeros: int
+    nonzeros: int  # |w| >= threshold, NaN and Inf included
+    nonfinite: int = 0  # NaN or Inf: a diverged model
 
     @property
     def sparsity(self) -> float:
@@ -191,7 +265,13 @@ class SparsityReport:
 
     @property
     def total(self) -> LayerSparsity:
-        return LayerSparsity("total", "", sum(r.weights for r in self.layers), sum(r.nonzeros for r in self.layers))
+        return LayerSparsity(
+            "total",
+            "",
+            sum(r.weights for r in self.layers),
+            sum(r.nonzeros for r in self.layers),
+            sum(r.nonfinite for r in self.layers),
+        )
 
     def as_dict(self) -> dict:
         rows = [*self.layers, self.total]
@@ -203,6 +283,7 @@ class SparsityReport:
                     kind=r.kind,
                     weights=r.weights,
                     nonzeros=r.nonzeros,
+                    nonfinite=r.nonfinite,
                     sparsity=r.sparsity,
                     compression=r.compression,
                 )
@@ -221,22 +302,46 @@ class SparsityReport:
                 f"{r.name:<{width}}  {r.kind:<10} {r.weights:>10} {r.nonzeros:>10} {100 * r.sparsity:>8.2f}% "
                 f"{r.compression:>11.1f}x"
             )
-        return "\n".join(lines) + f"\n(|w| < {self.threshold:g} counts as zero)"
+        text = "\n".join(lines) + f"\n(|w| < {self.threshold:g} counts as zero)"
+        nonfinite = self.total.nonfinite
+        if nonfinite:
+            text += f"\n{nonfinite} weights are NaN or Inf (counted as nonzeros): the model has diverged"
+        return text
 
 
 @torch.no_grad()
 def sparsity_report(model: nn.Module, threshold: float = DEFAULT_THRESHOLD) -> SparsityReport:
     """Weights, nonzeros (|w| >= threshold), sparsity and compression ratio per Linear/Conv layer
-    (DWF or ordinary) and in total."""
+    (DWF or ordinary) and in total. NaN and Inf weights count as nonzeros, never as zeros, and
+    are counted in `nonfinite` (a diverged model). A weight shared by several layers counts once."""
+    _check_threshold(threshold)
     rows = []
+    seen: set[int] = set()  # a weight shared by several layers (tied) is stored, and counted, once
     for name, module in model.named_modules():
         if isinstance(module, DWFLayer):
-            w = dwf_product(module.factors)
+            key, w = id(module.factors), None
         elif isinstance(module, FACTORIZABLE):
-            w = module.weight
+            key, w = id(module.weight), module.weight
         else:
             continue
-        rows.append(
-            LayerSparsity(name or "(model)", type(module).__name__, w.numel(), int((w.abs() >= threshold).sum()))
-        )
+        if key in seen:
+            continue
+        seen.add(key)
+        if w is None:
+            w = dwf_product(module.factors)
+        # NaN and Inf are not zeros: only |w| < threshold is (NaN compares false).
+        zeros = int((w.abs() < threshold).sum())
+        nonfinite = w.numel() - int(torch.isfinite(w).sum())
+        rows.append(LayerSparsity(name or "(model)", type(module).__name__, w.numel(), w.numel() - zeros, nonfinite))
     return SparsityReport(rows, threshold)
+
+
+def _check_real(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number; got {value!r} ({type(value).__name__})")
+
+
+def _check_threshold(threshold: object) -> None:
+    _check_real("threshold", threshold)
+    if not 0 <= threshold < math.inf:
+        raise ValueError(f"threshold must be a finite number >= 0 (|w| < threshold counts as zero); got {threshold}")

@@ -15,6 +15,7 @@ forwards hand autograd w and sumsq as leaves, and the optimizer collects dL/dw a
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from collections.abc import Iterator
@@ -24,6 +25,20 @@ from torch import nn
 
 from . import init as dwf_init
 from .ops import dwf_product
+
+
+def check_depth(depth: object) -> None:
+    """The number of factors per weight: an int in [1, 16] (not a bool, a float or a string)."""
+    if isinstance(depth, bool) or not isinstance(depth, int):
+        raise TypeError(f"depth must be an int in [1, 16]; got {depth!r} ({type(depth).__name__})")
+    if not 1 <= depth <= 16:
+        raise ValueError(f"depth must be an int in [1, 16]; got {depth!r}")
+
+
+@functools.cache
+def _autocast_available(device_type: str) -> bool:
+    # torch.is_autocast_enabled raises for device types without autocast (meta, for one).
+    return torch.amp.is_autocast_available(device_type)
 
 
 class DWFLayer(nn.Module):
@@ -41,16 +56,34 @@ class DWFLayer(nn.Module):
         return iter(list(cls._live))
 
     def _setup_factors(self, weight_shape: torch.Size, depth: int, bias: bool, device, dtype) -> None:
-        if not isinstance(depth, int) or not 1 <= depth <= 16:
-            raise ValueError(f"depth must be an int in [1, 16]; got {depth!r}")
+        check_depth(depth)
         self.depth = depth
         self.weight_shape = torch.Size(weight_shape)
         self.factors = nn.Parameter(torch.empty((depth, *weight_shape), device=device, dtype=dtype))
         out_features = weight_shape[0]
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
-        self.last_sumsq: torch.Tensor | None = None
+        self.last_sumsq = None
         DWFLayer._live.add(self)
         self.reset_parameters()
+
+    @property
+    def last_sumsq(self) -> torch.Tensor | None:
+        """The factors' sum of squares recorded by the last forward, for `dwf_kernels.penalty`; None
+        before the first forward and once a backward pass has run through that forward's graph
+        (which frees it: the penalty then takes a fresh sum)."""
+        record = self.__dict__.get("_last_sumsq")
+        return None if record is None or record[1][0] else record[0]
+
+    @last_sumsq.setter
+    def last_sumsq(self, sumsq: torch.Tensor | None) -> None:
+        used = [False]  # set by the backward; the hook holds only this flag, so no reference cycle
+        if sumsq is not None and not torch.compiler.is_compiling() and sumsq.grad_fn is not None:
+
+            def mark_used(grad_outputs, used=used):
+                used[0] = True
+
+            sumsq.grad_fn.register_prehook(mark_used)
+        self.__dict__["_last_sumsq"] = None if sumsq is None else (sumsq, used)
 
     def reset_parameters(self) -> None:
         """DWF init of the factors (product std = torch.nn's default weight std); torch.nn's bias init."""
@@ -64,7 +97,11 @@ class DWFLayer(nn.Module):
         """The weight for this forward, and records the factors' sum of squares for the penalty."""
         out_dtype = None
         device_type = self.factors.device.type
-        if self.factors.dtype == torch.float32 and torch.is_autocast_enabled(device_type):
+        if (
+            self.factors.dtype == torch.float32
+            and _autocast_available(device_type)
+            and torch.is_autocast_enabled(device_type)
+        ):
             autocast_dtype = torch.get_autocast_dtype(device_type)
             if autocast_dtype in (torch.bfloat16, torch.float16):
                 out_dtype = autocast_dtype
@@ -109,7 +146,7 @@ class DWFLayer(nn.Module):
         # which deepcopy refuses and pickling must not carry. A copy starts without one.
         # A copy is not updated by this layer's FusedSGD either: it starts outside fused mode.
         state = self.__dict__.copy()
-        state["last_sumsq"] = None
+        state["_last_sumsq"] = None
         state.pop("pending_grads", None)
         return state
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import compiled_ops, reference, triton_ops
-from ._validate import check_backward, check_forward, check_sgd_step
+from ._validate import check_backward, check_flag, check_forward, check_sgd_step
 from .backends import resolve_backend
 
 
@@ -51,6 +51,7 @@ def dwf_product(
         w of shape S, or (w, sumsq) when return_sumsq is True.
     """
     out = check_forward(factors, out_dtype)
+    check_flag("return_sumsq", return_sumsq)
     name = resolve_backend(factors.device.type, backend)
     if name == "reference":
         w, sumsq = reference.dwf_forward_reference(factors, out, return_sumsq)
@@ -71,10 +72,15 @@ def dwf_product_backward(
     """The fused backward on its own: d/dfactors of <grad_w, w> + grad_sumsq * sumsq.
 
     grad_sumsq=None leaves the penalty term out. This is what autograd runs for `dwf_product`;
-    it is public for fused optimizers and for testing.
+    it is public for fused optimizers and for testing. When grad mode is on and an input requires
+    grad, the result is computed by differentiable torch ops instead, so it can be differentiated
+    again (as dwf_product's gradient is under backward(create_graph=True)).
     """
     check_backward(factors, grad_w, grad_sumsq)
     name = resolve_backend(factors.device.type, backend)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (factors, grad_w, grad_sumsq)):
+        # Differentiable, like the gradient of dwf_product under create_graph=True.
+        return reference.dwf_backward_differentiable(factors, grad_w, grad_sumsq)
     if name == "reference":
         return reference.dwf_backward_reference(factors, grad_w, grad_sumsq)
     if name == "triton" and not torch.is_grad_enabled() and triton_ops.direct_call_ok(factors, grad_w, grad_sumsq):

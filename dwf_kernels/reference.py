@@ -40,6 +40,41 @@ def dwf_backward_reference(
     return grad
 
 
+def dwf_backward_differentiable(
+    factors: torch.Tensor, grad_w: torch.Tensor, grad_sumsq: torch.Tensor | None
+) -> torch.Tensor:
+    """The backward as differentiable torch ops: what autograd runs for a backward with create_graph=True.
+
+    The factor gradients are products of the factors and grad_w, d/df_d = grad_w * prod_{k != d} f_k
+    (+ 2 grad_sumsq f_d), so their derivatives exist: double backward, gradgradcheck and
+    meta-gradients differentiate through this formula, with respect to the factors, grad_w and
+    grad_sumsq. The products are taken in the reference chain's order (prefix f_0*...*f_{d-1}
+    times the suffix grad_w*f_{D-1}*...*f_{d+1}), so the values match the fused backward's.
+    """
+    acc = acc_dtype(factors.dtype)
+    f = factors.to(acc)
+    g = grad_w.to(acc)
+    depth = f.shape[0]
+    if depth == 1:
+        grads = [g]
+    else:
+        prefix = [None, f[0]]  # prefix[d] = f_0 * ... * f_{d-1}
+        for d in range(2, depth):
+            prefix.append(prefix[-1] * f[d - 1])
+        grads = [None] * depth
+        suffix = g  # grad_w * f_{D-1} * ... * f_{d+1}
+        for d in range(depth - 1, 0, -1):
+            grads[d] = suffix * prefix[d]
+            if d > 1:
+                suffix = suffix * f[d]
+        grads[0] = suffix * f[1]
+    grad = torch.stack(grads)
+    if grad_sumsq is not None:
+        twice = grad_sumsq.reshape(()).to(acc) * f
+        grad = grad + (twice + twice)
+    return grad.to(factors.dtype)
+
+
 def dwf_sgd_step_reference(
     factors: torch.Tensor,
     momentum_buffer: torch.Tensor | None,

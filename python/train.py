@@ -4,27 +4,30 @@
     python python/train.py --model vgg16 --dataset cifar10 --data-root data --download --depth 3 --lam 1e-4
 
 Writes results.json and checkpoint.pt (every epoch) into --output-dir; --resume continues an
-interrupted run exactly.
+interrupted run exactly. A bad argument exits with status 2, a run that cannot be done (missing
+dataset, training diverged to NaN/Inf, --resume without a matching checkpoint) with status 1;
+either way with one line on stderr.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from paper.data import DATASETS  # noqa: E402
-from paper.experiment import DWFConfig, run_dwf, summary  # noqa: E402
+from paper.cli import ArgumentParser  # noqa: E402
+from paper.data import DATASETS, DatasetMissingError  # noqa: E402
+from paper.experiment import ConfigError, DWFConfig, run_dwf, summary  # noqa: E402
 from paper.models import MODELS  # noqa: E402
+from paper.training import CheckpointMismatch, ResumeMissing, TrainingDiverged  # noqa: E402
 
 import dwf_kernels  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> DWFConfig:
     d = DWFConfig()
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog=os.path.basename(__file__), description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=MODELS, default=d.model)
     p.add_argument("--dataset", choices=DATASETS, default=d.dataset)
     p.add_argument("--depth", type=int, default=d.depth, help="factors per weight D (1 = dense with L2)")
@@ -50,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> DWFConfig:
     p.add_argument("--stop-after", type=int, default=None, help="stop after this many epochs of this invocation")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     a = p.parse_args(argv)
-    return DWFConfig(
+    cfg = DWFConfig(
         model=a.model,
         dataset=a.dataset,
         depth=a.depth,
@@ -71,11 +74,20 @@ def parse_args(argv: list[str] | None = None) -> DWFConfig:
         stop_after=a.stop_after,
         progress=not a.no_progress,
     )
+    try:
+        cfg.check()
+    except ConfigError as exc:
+        p.error(f"--{exc.field.replace('_', '-')} {exc.expectation}")
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
-    results = run_dwf(cfg)
+    try:
+        results = run_dwf(cfg)
+    except (DatasetMissingError, TrainingDiverged, CheckpointMismatch, ResumeMissing) as exc:
+        print(f"train.py: error: {exc}", file=sys.stderr)
+        return 1
     print(summary(results))
     print(f"\nresults: {os.path.join(cfg.output_dir, 'results.json')}")
     return 0

@@ -6,6 +6,7 @@ import io
 
 import pytest
 import torch
+import torch.utils.checkpoint
 import torchvision
 from torch import nn
 
@@ -170,3 +171,189 @@ def test_sparsity_report_counts():
     assert sparsity_report(dwf).total.nonzeros == 5
     assert sparsity_report(collapse(dwf)).total.nonzeros == 5
     assert report.as_dict()["layers"][-1]["compression"] == pytest.approx(58 / 6)
+
+
+# --- non-finite weights are not zeros -------------------------------------------------------------
+
+
+def test_sparsity_report_counts_nan_and_inf_as_nonzeros():
+    """A diverged model: NaN and Inf weights are neither zeros nor a compression."""
+    dense = nn.Sequential(nn.Linear(10, 4, bias=False))
+    with torch.no_grad():
+        dense[0].weight.zero_()
+        dense[0].weight[0, :3] = float("nan")
+        dense[0].weight[1, 0] = float("inf")
+        dense[0].weight[2, 0] = 1.0
+    report = sparsity_report(dense)
+    total = report.total
+    assert (total.weights, total.nonzeros, total.nonfinite) == (40, 5, 4)
+    assert total.compression == pytest.approx(8.0) and total.sparsity == pytest.approx(35 / 40)
+    assert report.as_dict()["layers"][-1]["nonfinite"] == 4
+    assert "4 weights are NaN or Inf" in str(report)
+    diverged = factorize(nn.Sequential(nn.Linear(10, 4, bias=False)), depth=2)
+    with torch.no_grad():
+        diverged[0].factors.fill_(float("nan"))
+    for model in (diverged, collapse(diverged)):
+        report = sparsity_report(model)
+        assert report.total.nonfinite == 40 and report.total.nonzeros == 40
+        assert report.total.compression == 1.0 and report.total.sparsity == 0.0
+    assert torch.isnan(collapse(diverged)[0].weight).all()  # NaN is not collapsed to zero either
+
+
+@pytest.mark.parametrize("threshold", ["1e-3", None, True, float("nan"), -1.0, float("inf")])
+def test_threshold_must_be_a_finite_nonnegative_number(threshold):
+    model = factorize(_mlp(), depth=2)
+    error = TypeError if isinstance(threshold, (str, bool)) or threshold is None else ValueError
+    for fn in (collapse, sparsity_report):
+        with pytest.raises(error, match="threshold must be a"):
+            fn(model, threshold)
+
+
+# --- penalty: checkpointing, reuse after a backward -----------------------------------------------
+
+
+class _Checkpointed(nn.Module):
+    def __init__(self, use_reentrant: bool | None) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 3)
+        self.use_reentrant = use_reentrant
+
+    def forward(self, x):
+        if self.use_reentrant is None:
+            h = self.a(x).relu()
+        else:
+            h = torch.utils.checkpoint.checkpoint(lambda t: self.a(t).relu(), x, use_reentrant=self.use_reentrant)
+        return self.b(h)
+
+
+def _train_three_steps(use_reentrant, optimizer_cls):
+    torch.manual_seed(0)
+    model = factorize(_Checkpointed(use_reentrant), depth=3)
+    opt = optimizer_cls(model.parameters(), lr=0.1, momentum=0.9)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        # The input requires grad: use_reentrant=True gives no gradient to anything otherwise.
+        x = torch.randn(16, 6, generator=gen).requires_grad_(True)
+        y = torch.randint(0, 3, (16,), generator=gen)
+        loss = nn.functional.cross_entropy(model(x), y) + penalty(model, 0.5)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("optimizer_cls", [torch.optim.SGD, dwf_kernels.optim.FusedSGD], ids=["SGD", "FusedSGD"])
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_penalty_gradient_flows_under_activation_checkpointing(use_reentrant, optimizer_cls):
+    """The reentrant checkpoint runs the first forward without grad; the penalty still has its
+    gradient (one more pass over the factors), so training equals the run without checkpointing."""
+    expected = _train_three_steps(None, optimizer_cls)
+    for p, q in zip(_train_three_steps(use_reentrant, optimizer_cls), expected, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_penalty_after_a_backward_takes_a_fresh_sum():
+    """The recorded sum belongs to a graph the backward freed: penalty() computes the sum again
+    (from the current factors) instead of failing in the next backward."""
+    model = factorize(_mlp(), depth=2)
+    model(torch.randn(2, 1, 8, 8)).sum().backward()
+    model.zero_grad()
+    penalty(model, 0.1).backward()
+    layer = model[1]
+    torch.testing.assert_close(layer.factors.grad, 2 * 0.1 / 2 * layer.factors.detach())
+    with torch.no_grad():  # and after a step the penalty is of the new factors, not the old ones
+        for m in model.modules():
+            if isinstance(m, DWFLayer):
+                m.factors.mul_(0.5)
+    expected = sum(0.1 / 2 * m.factors.detach().square().sum() for _, m in dwf_kernels.model.dwf_layers(model))
+    torch.testing.assert_close(penalty(model, 0.1).detach(), expected)
+
+
+# --- factorize keeps sharing ----------------------------------------------------------------------
+
+
+class _Tied(nn.Module):
+    """Two Linears sharing one weight parameter (and the first one's bias used by a third)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(5, 5)
+        self.b = nn.Linear(5, 5, bias=False)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def test_factorize_keeps_a_layer_used_twice_one_layer():
+    layer = nn.Linear(6, 6)
+    model = nn.Sequential(layer, nn.ReLU(), layer)
+    x = torch.randn(4, 6)
+    expected = model(x)
+    factorize(model, depth=3, init="dense")
+    assert isinstance(model[0], DWFLinear) and model[0] is model[2]
+    assert sum(p.numel() for p in model.parameters()) == 3 * 36 + 6
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
+    back = collapse(model)  # collapse keeps the sharing too
+    assert back[0] is back[2] and isinstance(back[0], nn.Linear)
+
+
+def test_factorize_ties_the_factors_of_tied_weights():
+    model = _Tied()
+    x = torch.randn(3, 5)
+    expected = model(x)
+    factorize(model, depth=2, init="dense")
+    assert isinstance(model.a, DWFLinear) and isinstance(model.b, DWFLinear)
+    assert model.a.factors is model.b.factors
+    assert sum(p.numel() for p in model.parameters()) == 2 * 25 + 5  # one factor parameter, one bias
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
+    assert sparsity_report(model).total.weights == 25  # stored once
+    back = collapse(model)
+    assert back.a.weight is back.b.weight
+
+
+def test_tied_factors_train_as_one_parameter():
+    """One SGD step (penalty counted once) equals the plain chain with one factor tensor used twice."""
+    torch.manual_seed(0)
+    model = factorize(_Tied(), depth=2)
+    f = model.a.factors.detach().clone().requires_grad_(True)
+    bias = model.a.bias.detach().clone().requires_grad_(True)
+    x, lam, lr = torch.randn(3, 5), 0.3, 0.1
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    (model(x).square().mean() + penalty(model, lam)).backward()
+    opt.step()
+    w = f[0] * f[1]
+    loss = nn.functional.linear(torch.tanh(nn.functional.linear(x, w, bias)), w).square().mean()
+    (loss + lam / 2 * (f * f).sum()).backward()
+    assert model.a.factors is model.b.factors
+    torch.testing.assert_close(model.a.factors.detach(), (f - lr * f.grad).detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_factorize_refuses_a_tie_it_cannot_keep():
+    model = _Tied()
+    with pytest.raises(ValueError, match=r"weight of 'a' is also a parameter of 'b'.*exclude 'a'"):
+        factorize(model, depth=2, exclude=["b"])
+    assert isinstance(model.a, nn.Linear)  # refused before anything changed
+    emb = nn.Embedding(5, 5)
+    head = nn.Linear(5, 5, bias=False)
+    head.weight = emb.weight  # a language model's tied output layer
+    with pytest.raises(ValueError, match=r"also a parameter of '0' \(Embedding\)"):
+        factorize(nn.Sequential(emb, head), depth=2)
+
+
+# --- argument checks ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("depth", [True, 2.0, "2"])
+def test_factorize_depth_must_be_an_int(depth):
+    with pytest.raises(TypeError, match=r"depth must be an int in \[1, 16\]"):
+        factorize(_mlp(), depth)
+
+
+def test_factorize_again_with_another_depth_is_refused():
+    model = factorize(_mlp(), depth=2)
+    with pytest.raises(ValueError, match=r"already holds DWF layers of depth 2 .*collapse"):
+        factorize(model, depth=3)
+    assert factorize(model, depth=2) is model and model[1].depth == 2  # the same depth: nothing to do
+    again = factorize(collapse(model), depth=3, init="dense")
+    assert again[1].depth == 3

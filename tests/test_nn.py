@@ -146,3 +146,33 @@ def test_torch_compile_fullgraph_model_with_penalty(device, backend):
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-6, atol=1e-7)
     for g_c, g_e in zip(compiled_grads, eager_grads, strict=True):
         torch.testing.assert_close(g_c, g_e, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("in_features,out_features", [(0, 3), (3, 0)])
+def test_zero_features_work_like_torch_nn(in_features, out_features):
+    layer = dwf_nn.DWFLinear(in_features, out_features, depth=3)
+    dense = nn.Linear(in_features, out_features)
+    x = torch.randn(2, in_features, requires_grad=True)
+    with torch.no_grad():
+        dense.bias.copy_(layer.bias)
+    torch.testing.assert_close(layer(x), dense(x))
+    (layer(x).sum() + penalty(nn.Sequential(layer), 0.1)).backward()
+    assert layer.factors.grad.shape == (3, out_features, in_features)
+    conv = dwf_nn.DWFConv2d(0, 2, 3, depth=2)
+    assert conv(torch.randn(1, 0, 5, 5)).shape == nn.Conv2d(0, 2, 3)(torch.randn(1, 0, 5, 5)).shape
+
+
+def test_meta_device_layers_run_like_torch_nn():
+    """Meta in, meta out (shape inference without memory), as torch.nn layers do."""
+    layer = dwf_nn.DWFLinear(5, 4, depth=3, device="meta")
+    out = layer(torch.empty(2, 5, device="meta"))
+    assert out.device.type == "meta" and out.shape == (2, 4)
+    assert penalty(nn.Sequential(layer), 0.1).device.type == "meta"
+    conv = dwf_nn.DWFConv2d(3, 4, 3, depth=2, device="meta")
+    assert conv(torch.empty(1, 3, 8, 8, device="meta")).shape == (1, 4, 6, 6)
+
+
+@pytest.mark.parametrize("depth", [True, 2.5, "3", None])
+def test_depth_must_be_an_int(depth):
+    with pytest.raises(TypeError, match=r"depth must be an int in \[1, 16\]"):
+        dwf_nn.DWFLinear(3, 4, depth=depth)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import KERNEL_BACKENDS, make_factors
 
-from dwf_kernels import _extension, backends, dwf_product, dwf_product_backward
+from dwf_kernels import _extension, backends, dwf_product, dwf_product_backward, dwf_sgd_step
 
 ALL_BACKENDS = KERNEL_BACKENDS + [pytest.param("cpu", "reference", id="cpu-reference")]
 
@@ -108,3 +108,65 @@ def test_compiled_ops_check_arguments_too():
         torch.ops.dwf_kernels.dwf_backward(torch.ones(2, 3), torch.ones(4), None)
     with pytest.raises(RuntimeError, match="factors must be float16, bfloat16, float32 or float64"):
         torch.ops.dwf_kernels.dwf_forward(torch.ones(2, 3, dtype=torch.int32), None, True)
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+@pytest.mark.parametrize("layout", ["coo", "csr"])
+def test_sparse_tensors_are_refused(device, backend, layout):
+    def sparse(t):
+        return t.to_sparse() if layout == "coo" else t.to_sparse_csr()
+
+    factors = make_factors(2, (3, 4), torch.float32, device)
+    with pytest.raises(TypeError, match=r"factors must be a dense \(strided\) tensor; got layout torch.sparse"):
+        dwf_product(sparse(factors), backend=backend)
+    with pytest.raises(TypeError, match=r"grad_w must be a dense \(strided\) tensor"):
+        dwf_product_backward(factors, sparse(torch.ones(3, 4, device=device)), backend=backend)
+    with pytest.raises(TypeError, match=r"grad_w must be a dense \(strided\) tensor"):
+        dwf_sgd_step(factors, sparse(torch.ones(3, 4, device=device)), lr=0.1, backend=backend)
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+@pytest.mark.parametrize("value", ["no", 0, 1, None])
+def test_return_sumsq_must_be_a_bool(device, backend, value):
+    with pytest.raises(TypeError, match="return_sumsq must be a bool"):
+        dwf_product(torch.ones(2, 3, device=device), return_sumsq=value, backend=backend)
+
+
+def _aliasing_cases(device):
+    """(factors, grad_w, grad_sumsq, momentum_buffer, message): each writes over something it reads."""
+    f = make_factors(2, (3, 4), torch.float32, device)
+    g = torch.ones(3, 4, device=device)
+    flat = torch.zeros(2 * 24, device=device)
+    buffer = torch.zeros(2, 3, 4, device=device)
+    yield f, g, None, f, r"factors and momentum_buffer share memory"  # dwf_sgd_step(f, gw, None, f, ...)
+    yield f, g, None, f.view(2, 12).view(2, 3, 4), r"factors and momentum_buffer share memory"
+    yield f, f[1], None, None, r"factors and grad_w share memory"
+    yield f, g, f[0, 0, :1], None, r"factors and grad_sumsq share memory"
+    yield f, buffer[1], None, buffer, r"momentum_buffer and grad_w share memory"
+    yield flat[:24].view(2, 3, 4), g, None, flat[20:44].view(2, 3, 4), r"factors and momentum_buffer share memory"
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+def test_sgd_step_refuses_overlapping_outputs_and_inputs(device, backend):
+    """The step writes factors and buffer in place: any overlap with what it reads is refused before
+    a kernel runs (the result would depend on the order of the memory accesses)."""
+    for factors, grad_w, grad_sumsq, buffer, message in _aliasing_cases(device):
+        before = factors.clone()
+        with pytest.raises(ValueError, match=message):
+            dwf_sgd_step(factors, grad_w, grad_sumsq, buffer, lr=0.1, momentum=0.9, backend=backend)
+        assert torch.equal(factors, before), message  # refused before anything was written
+    flat = torch.zeros(2 * 24, device=device)  # disjoint parts of one storage are fine
+    factors, buffer = flat[:24].view(2, 3, 4), flat[24:].view(2, 3, 4)
+    factors.copy_(make_factors(2, (3, 4), torch.float32, device))
+    dwf_sgd_step(factors, torch.ones(3, 4, device=device), None, buffer, lr=0.1, momentum=0.9, backend=backend)
+
+
+@pytest.mark.skipif(not _extension.LOADED, reason="compiled extension not loaded")
+def test_compiled_sgd_step_op_refuses_overlap_too():
+    """A direct torch.ops call skips the Python checks; the C++ op refuses aliasing itself."""
+    from dwf_kernels import compiled_ops
+
+    for factors, grad_w, grad_sumsq, buffer, _message in _aliasing_cases("cpu"):
+        buffer = buffer if buffer is not None else torch.zeros_like(factors)
+        with pytest.raises(RuntimeError, match="share memory"):
+            compiled_ops.sgd_step_op(factors, buffer, grad_w, grad_sumsq, 0.1, 0.9, 0.0, 0.0, False, False, False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -10,8 +11,8 @@ import torch
 
 import dwf_kernels
 
-from .data import load_data
-from .models import build_model, count_parameters
+from .data import DATASETS, load_data
+from .models import MODELS, build_model, count_parameters
 from .training import LoopConfig, evaluate, fit, seed_everything, sparsity_metrics, write_json
 
 EXACT_THRESHOLD = dwf_kernels.DEFAULT_THRESHOLD  # float32 eps: exactly-zero weights
@@ -40,16 +41,75 @@ class DWFConfig:
     stop_after: int | None = None
     progress: bool = True
 
+    def check(self) -> None:
+        """Refuses a configuration that cannot train, naming the field (before any data is loaded)."""
+        _check_choice("model", self.model, MODELS)
+        _check_choice("dataset", self.dataset, DATASETS)
+        _check_int("depth", self.depth, 1, 16)
+        _check_number("lam", self.lam, minimum=0.0)
+        _check_number("lr", self.lr, minimum=0.0, inclusive=False)
+        _check_number("momentum", self.momentum, minimum=0.0)
+        _check_int("epochs", self.epochs, 1)
+        _check_int("batch_size", self.batch_size, 1)
+        _check_int("num_workers", self.num_workers, 0)
+        if self.stop_after is not None:
+            _check_int("stop_after", self.stop_after, 1)
+        _check_choice("penalty_mode", self.penalty_mode, ("penalty", "weight_decay"))
+        _check_choice("backend", self.backend, (None, *dwf_kernels.BACKENDS))
+        resolve_device(self.device)
+
     def identity(self) -> dict:
         """What a checkpoint must match for --resume (everything that changes the trajectory)."""
         keep = ("model", "dataset", "depth", "lam", "lr", "momentum", "epochs", "batch_size", "penalty_mode", "seed")
         return {k: getattr(self, k) for k in keep}
 
 
+class ConfigError(ValueError):
+    """A configuration field that cannot work; `field` names it, the message says what is expected."""
+
+    def __init__(self, field: str, expectation: str) -> None:
+        super().__init__(f"{field} {expectation}")
+        self.field = field
+        self.expectation = expectation
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(name, f"must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
+def _check_int(name: str, value, minimum: int, maximum: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(name, f"must be an integer; got {value!r}")
+    if value < minimum or (maximum is not None and value > maximum):
+        bounds = f"in [{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
+        raise ConfigError(name, f"must be {bounds}; got {value}")
+
+
+def _check_number(name: str, value, minimum: float, inclusive: bool = True) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(name, f"must be a finite number; got {value!r}")
+    if value < minimum or (not inclusive and value == minimum):
+        raise ConfigError(name, f"must be {'>=' if inclusive else '>'} {minimum:g}; got {value:g}")
+
+
 def resolve_device(name: str) -> torch.device:
+    """The training device: "auto" (the GPU if any), or a torch device string that is usable here."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    expected = "must be 'auto', 'cpu', 'cuda' or 'cuda:N'"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError("device", f"{expected}; got {name!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("device", f"{name!r} needs CUDA, which is not available here; use cpu (or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError("device", f"{name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise ConfigError("device", f"{expected}; got {name!r}")
+    return device
 
 
 def _seeded_data(cfg) -> tuple[torch.device, object]:
@@ -75,9 +135,10 @@ def run_dwf(cfg: DWFConfig) -> dict:
 
 
 def train_dwf(cfg: DWFConfig) -> tuple[dict, torch.nn.Module, object]:
-    """run_dwf, also returning the model collapsed at the exact-zero threshold and the data."""
-    if cfg.penalty_mode not in ("penalty", "weight_decay"):
-        raise ValueError(f"penalty_mode must be 'penalty' or 'weight_decay'; got {cfg.penalty_mode!r}")
+    """run_dwf, also returning the model collapsed at the exact-zero threshold and the data.
+
+    Raises TrainingDiverged when the loss or the parameters become NaN or Inf."""
+    cfg.check()
     if cfg.output_dir:
         os.makedirs(cfg.output_dir, exist_ok=True)
     device, data = _seeded_data(cfg)
@@ -184,12 +245,31 @@ class BaselineConfig:
     num_workers: int = 0
     progress: bool = False
 
+    def check(self) -> None:
+        """Refuses a configuration that cannot train, naming the field (before any data is loaded)."""
+        _check_choice("method", self.method, PRUNING_METHODS)
+        _check_number("compression", self.compression, minimum=1.0)
+        _check_choice("model", self.model, MODELS)
+        _check_choice("dataset", self.dataset, DATASETS)
+        _check_number("lr", self.lr, minimum=0.0, inclusive=False)
+        _check_number("weight_decay", self.weight_decay, minimum=0.0)
+        _check_number("momentum", self.momentum, minimum=0.0)
+        _check_int("epochs", self.epochs, 1)
+        _check_int("batch_size", self.batch_size, 1)
+        _check_int("snip_batch", self.snip_batch, 1)
+        _check_int("num_workers", self.num_workers, 0)
+        resolve_device(self.device)
+
+
+PRUNING_METHODS = ("random", "snip", "synflow")
+
 
 def run_pruned_at_init(cfg: BaselineConfig) -> dict:
     """Prunes a freshly initialized dense model to exactly cfg.compression, trains it with the
     mask held fixed, and returns accuracy and compression."""
     from . import baselines
 
+    cfg.check()
     device, data = _seeded_data(cfg)
     model = build_model(cfg.model, data.in_shape, data.num_classes).to(device)
     if cfg.method == "random":

@@ -14,6 +14,7 @@ uninterrupted one.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import time
@@ -77,10 +78,67 @@ def evaluate(model: nn.Module, data: Data) -> float:
     return 100.0 * correct / max(total, 1)
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss or the parameters became NaN or Inf: the run cannot produce a meaningful model."""
+
+
+class CheckpointMismatch(ValueError):
+    """--resume found a checkpoint of another run."""
+
+
+class ResumeMissing(FileNotFoundError):
+    """--resume found no checkpoint."""
+
+
 def _save_checkpoint(path: str, payload: dict) -> None:
+    """Writes atomically and durably: the data reaches the disk before the rename makes it the
+    checkpoint, so neither an interruption nor a power loss leaves a half-written one."""
     tmp = path + ".tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)  # atomic: an interruption never leaves a half-written checkpoint
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+    _fsync_dir(os.path.dirname(path) or ".")
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def _fsync_dir(path: str) -> None:
+    """Makes a rename in `path` durable (where the platform allows opening a directory)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _check_finite(model: nn.Module, epoch: int, train_loss: float) -> None:
+    if not math.isfinite(train_loss):
+        raise TrainingDiverged(
+            f"training diverged in epoch {epoch}: the training loss is {train_loss} "
+            "(lower the learning rate or the penalty strength)"
+        )
+    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise TrainingDiverged(
+            f"training diverged in epoch {epoch}: parameters {', '.join(bad)} hold NaN or Inf "
+            "(lower the learning rate or the penalty strength)"
+        )
 
 
 def fit(
@@ -100,13 +158,15 @@ def fit(
     history: list[dict] = []
     start_epoch, train_seconds = 0, 0.0
     ckpt_path = os.path.join(cfg.output_dir, CHECKPOINT) if cfg.output_dir else None
+    if ckpt_path:
+        _remove(ckpt_path + ".tmp")  # left by a run killed while writing (the checkpoint itself is whole)
     if cfg.resume:
         if not ckpt_path or not os.path.exists(ckpt_path):
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+            raise ResumeMissing(f"--resume: no checkpoint at {ckpt_path}")
         ckpt = torch.load(ckpt_path, map_location=data.device, weights_only=False)
         if ckpt["identity"] != cfg.identity:
             diff = {k: (ckpt["identity"].get(k), v) for k, v in cfg.identity.items() if ckpt["identity"].get(k) != v}
-            raise ValueError(
+            raise CheckpointMismatch(
                 f"--resume: the checkpoint in {cfg.output_dir} is of another run (checkpoint vs now: {diff})"
             )
         model.load_state_dict(ckpt["model"])
@@ -145,6 +205,8 @@ def fit(
                     bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{100 * correct.item() / seen:.2f}")
         scheduler.step()
         train_seconds += time.perf_counter() - started
+        # Before anything is recorded or checkpointed: a diverged epoch never replaces a good one.
+        _check_finite(model, epoch + 1, loss_sum.item() / seen)
         record = {
             "epoch": epoch + 1,
             "lr": optimizer.param_groups[0]["lr"],

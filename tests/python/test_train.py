@@ -2,13 +2,15 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
+from paper import training
 from paper.experiment import DWFConfig, run_dwf, train_dwf
-from paper.training import CHECKPOINT
+from paper.training import CHECKPOINT, TrainingDiverged
 
 TRAIN_PY = os.path.join(os.path.dirname(__file__), "..", "..", "python", "train.py")
 
@@ -84,4 +86,94 @@ def test_train_py_command(tmp_path):
         capture_output=True,
         text=True,
     )
-    assert bad.returncode != 0 and "cifar-10-batches-py" in bad.stderr
+    assert bad.returncode == 1 and bad.stderr.startswith("train.py: error: dataset 'cifar10' not found")
+    assert len(bad.stderr.splitlines()) == 1 and "cifar-10-batches-py" in bad.stderr  # one line, no traceback
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--batch-size", "0"], "--batch-size must be >= 1; got 0"),
+        (["--epochs", "0"], "--epochs must be >= 1; got 0"),
+        (["--epochs", "-3"], "--epochs must be >= 1; got -3"),
+        (["--depth", "0"], r"--depth must be in \[1, 16\]; got 0"),
+        (["--lam", "nan"], "--lam must be a finite number; got nan"),
+        (["--lam", "-1"], "--lam must be >= 0; got -1"),
+        (["--lr", "0"], "--lr must be > 0; got 0"),
+        (["--device", "gpu"], "--device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got 'gpu'"),
+        (["--epochs", "ten"], "argument --epochs: invalid int value: 'ten'"),
+    ],
+)
+def test_train_py_refuses_bad_arguments_in_one_line(args, message, capsys, tmp_path):
+    import train
+
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*args, "--output-dir", str(tmp_path / "run"), "--no-progress"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("train.py: error: ")
+    assert re.search(message, err), err
+    assert not (tmp_path / "run").exists()  # refused before anything ran
+
+
+def test_train_py_refuses_cuda_without_cuda(capsys, monkeypatch):
+    import train
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--device", "cuda", "--no-progress"])
+    assert exit_info.value.code == 2
+    assert "--device 'cuda' needs CUDA, which is not available here" in capsys.readouterr().err
+
+
+def test_diverged_training_fails_clearly(tmp_path, capsys):
+    """A NaN loss is a failed run (non-zero exit, one line), never a model with 'compression inf'."""
+    import train
+
+    out = tmp_path / "run"
+    assert train.main(["--lr", "1e4", "--epochs", "2", "--output-dir", str(out), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "training diverged in epoch 1" in err, err
+    assert not (out / CHECKPOINT).exists() and not (out / "results.json").exists()
+    with pytest.raises(TrainingDiverged, match="training loss is nan"):
+        run_dwf(DWFConfig(lr=1e4, epochs=1, progress=False))
+
+
+def test_resume_errors_are_one_line(tmp_path, capsys):
+    import train
+
+    assert train.main(["--resume", "--output-dir", str(tmp_path / "none"), "--epochs", "1", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "--resume: no checkpoint at" in err
+
+
+def test_checkpoint_is_synced_before_the_rename(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(
+        os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))), real_fsync(fd))
+    )
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", a)), real_replace(a, b)))
+    path = str(tmp_path / CHECKPOINT)
+    training._save_checkpoint(path, {"x": torch.ones(3)})
+    tmp = path + ".tmp"
+    assert events.index(("fsync", tmp)) < events.index(("replace", tmp))
+    assert torch.load(path)["x"].sum() == 3 and not os.path.exists(tmp)
+
+
+def test_no_stale_temporary_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / CHECKPOINT)
+    training._save_checkpoint(path, {"epoch": 1})
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", fail)
+    with pytest.raises(OSError, match="disk full"):
+        training._save_checkpoint(path, {"epoch": 2})
+    monkeypatch.undo()
+    assert not os.path.exists(path + ".tmp") and torch.load(path)["epoch"] == 1  # the old one intact
+    with open(path + ".tmp", "wb") as f:  # left by a run killed mid-write (SIGKILL runs no cleanup)
+        f.write(b"partial")
+    run_dwf(DWFConfig(depth=2, epochs=1, progress=False, output_dir=str(tmp_path)))
+    assert not os.path.exists(path + ".tmp") and torch.load(path, weights_only=False)["epoch"] == 0
