@@ -140,8 +140,7 @@ def check_sgd_step(
                 f"{tuple(momentum_buffer.shape)}, {_dtype_name(momentum_buffer.dtype)}, {momentum_buffer.device}"
             )
     check_no_overlap(
-        outputs={"factors": factors, "momentum_buffer": momentum_buffer},
-        inputs={"grad_w": grad_w, "grad_sumsq": grad_sumsq},
+        (("factors", factors), ("momentum_buffer", momentum_buffer)), (("grad_w", grad_w), ("grad_sumsq", grad_sumsq))
     )
 
 
@@ -156,26 +155,29 @@ def _span(tensor: torch.Tensor) -> tuple[int, int]:
     return first, first + (extent + 1) * tensor.element_size()
 
 
-def _may_overlap(a: torch.Tensor, span_a: tuple[int, int], b: torch.Tensor, span_b: tuple[int, int]) -> bool:
-    """Whether a and b may share memory: the address ranges of their elements intersect (exact for
-    the contiguous tensors the in-place ops write; conservative for interleaved strided views)."""
-    if span_a[0] == 0 or span_b[0] == 0:
-        # No memory behind them (meta tensors, FakeTensors while tracing): they overlap when they
-        # are views of one storage.
-        return a.numel() > 0 and b.numel() > 0 and torch._C._overlaps(a, b)
-    return span_a[0] < span_b[1] and span_b[0] < span_a[1] and a.device == b.device
-
-
-def check_no_overlap(outputs: dict[str, torch.Tensor | None], inputs: dict[str, torch.Tensor | None]) -> None:
-    """Tensors an op writes in place must not share memory with each other or with its inputs:
+def check_no_overlap(
+    written: tuple[tuple[str, torch.Tensor | None], ...], read: tuple[tuple[str, torch.Tensor | None], ...]
+) -> None:
+    """Tensors an op writes in place must not share memory with each other or with what it reads:
     the kernels read and write element by element, so an alias would make the result depend on
-    the order of the memory accesses (and differ between backends)."""
-    written = [(name, t, _span(t)) for name, t in outputs.items() if t is not None]
-    read = [(name, t, _span(t)) for name, t in inputs.items() if t is not None]
-    for i, (out_name, out, out_span) in enumerate(written):
-        for other_name, other, other_span in written[i + 1 :] + read:
-            if _may_overlap(out, out_span, other, other_span):
+    the order of the memory accesses (and differ between backends). Memory is compared by the
+    address ranges of the elements: exact for the contiguous tensors the in-place ops write,
+    conservative for interleaved strided views; tensors without memory (meta tensors,
+    FakeTensors while tracing) overlap when they are views of one storage."""
+    if torch.compiler.is_compiling():
+        return  # traced tensors have no addresses; the ops check their real arguments when they run
+    spans = [(name, t, *_span(t)) for name, t in written if t is not None]
+    num_written = len(spans)
+    spans += [(name, t, *_span(t)) for name, t in read if t is not None]
+    for i in range(num_written):
+        name_a, a, first_a, end_a = spans[i]
+        for name_b, b, first_b, end_b in spans[i + 1 :]:
+            if first_a and first_b:
+                overlap = first_a < end_b and first_b < end_a and a.device == b.device
+            else:
+                overlap = a.numel() > 0 and b.numel() > 0 and torch._C._overlaps(a, b)
+            if overlap:
                 raise ValueError(
-                    f"{out_name} and {other_name} share memory; {out_name} is updated in place, so it must "
-                    f"not overlap {other_name}: pass separate tensors (e.g. {other_name}.clone())"
+                    f"{name_a} and {name_b} share memory; {name_a} is updated in place, so it must "
+                    f"not overlap {name_b}: pass separate tensors (e.g. {name_b}.clone())"
                 )

@@ -37,7 +37,8 @@ def check_depth(depth: object) -> None:
 
 @functools.cache
 def _autocast_available(device_type: str) -> bool:
-    # torch.is_autocast_enabled raises for device types without autocast (meta, for one).
+    # torch.is_autocast_enabled raises for device types without autocast (meta, for one). Not
+    # asked while compiling: torch 2.11's dynamo cannot trace it (and compiles no meta modules).
     return torch.amp.is_autocast_available(device_type)
 
 
@@ -99,7 +100,7 @@ class DWFLayer(nn.Module):
         device_type = self.factors.device.type
         if (
             self.factors.dtype == torch.float32
-            and _autocast_available(device_type)
+            and (torch.compiler.is_compiling() or _autocast_available(device_type))
             and torch.is_autocast_enabled(device_type)
         ):
             autocast_dtype = torch.get_autocast_dtype(device_type)

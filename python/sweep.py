@@ -6,40 +6,81 @@ D = 1 is the dense network (L2-regularized); its best model is magnitude-pruned 
 to each requested compression ratio. random / snip / synflow prune a fresh dense model at
 initialization to exactly each ratio and train it with the mask. Writes sweep.csv, summary.md and
 sweep.png (accuracy vs compression ratio on a log axis) into --output-dir.
+
+Every argument is checked before the first run. Each run's rows are appended to sweep.csv as soon
+as it finishes (flushed to disk), so an interrupted sweep continues with --resume, which skips the
+runs already in the CSV. A run whose loss or weights become NaN/Inf is recorded as "diverged" and
+counts for no compression ratio.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
+import json
 import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from paper.data import DATASETS  # noqa: E402
+import torch  # noqa: E402
+from paper.cli import ArgumentParser  # noqa: E402
+from paper.data import DATASETS, DatasetMissingError, load_data  # noqa: E402
 from paper.experiment import (  # noqa: E402
     EXACT_THRESHOLD,
     PRACTICAL_THRESHOLD,
+    PRUNING_METHODS,
     BaselineConfig,
+    ConfigError,
     DWFConfig,
     magnitude_pruned,
+    resolve_device,
     run_pruned_at_init,
     train_dwf,
 )
-from paper.models import MODELS  # noqa: E402
+from paper.models import MODELS, build_model  # noqa: E402
+from paper.training import TrainingDiverged  # noqa: E402
 
-FIELDS = ["method", "depth", "lam", "threshold", "target_compression", "compression", "test_acc", "seconds"]
+FIELDS = [
+    "method",
+    "depth",
+    "lam",
+    "threshold",
+    "target_compression",
+    "compression",
+    "test_acc",
+    "seconds",
+    "status",  # "ok", or "diverged" (NaN/Inf loss or weights: no accuracy, no compression)
+]
+CSV_NAME, CONFIG_NAME, BEST_DENSE_NAME = "sweep.csv", "sweep.json", "best-dense.pt"
+# What every run of one sweep must share for --resume to mix old and new rows.
+IDENTITY = ("model", "dataset", "epochs", "lr", "dense_lr", "dense_weight_decay", "batch_size", "seed")
 
 
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x]
+class SweepError(Exception):
+    """The output directory does not fit the requested sweep (the message says why and what to do)."""
+
+
+def _list(parser, flag: str, text: str, convert, check) -> list:
+    values = []
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        try:
+            value = convert(item)
+        except ValueError:
+            parser.error(f"{flag}: {item.strip()!r} is not a valid value")
+        problem = check(value)
+        if problem:
+            parser.error(f"{flag}: {problem}; got {item.strip()}")
+        values.append(value)
+    return values
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog=os.path.basename(__file__), description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=MODELS, default="lenet300")
     p.add_argument("--dataset", choices=DATASETS, default="mnist5k")
     p.add_argument("--depths", default="1,2,3,4", help="D values; 1 = dense (magnitude-pruned afterwards)")
@@ -56,7 +97,146 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--data-root", default="data")
     p.add_argument("--output-dir", default="runs/sweep")
-    return p.parse_args(argv)
+    p.add_argument("--resume", action="store_true", help="continue the sweep in --output-dir: skip finished runs")
+    args = p.parse_args(argv)
+
+    def nonnegative(x):
+        return None if math.isfinite(x) and x >= 0 else "must be finite numbers >= 0"
+
+    args.depth_list = _list(
+        p, "--depths", args.depths, int, lambda d: None if 1 <= d <= 16 else "must be integers in [1, 16]"
+    )
+    args.lambda_list = _list(p, "--lambdas", args.lambdas, float, nonnegative)
+    args.dense_lambda_list = _list(p, "--dense-lambdas", args.dense_lambdas, float, nonnegative)
+    args.ratio_list = _list(
+        p, "--ratios", args.ratios, float, lambda r: None if math.isfinite(r) and r >= 1 else "must be finite and >= 1"
+    )
+    args.method_list = _list(
+        p,
+        "--methods",
+        args.methods,
+        str.strip,
+        lambda m: None if m in PRUNING_METHODS else f"must be among {', '.join(PRUNING_METHODS)}",
+    )
+    if not args.depth_list and not args.method_list:
+        p.error("--depths and --methods are both empty: nothing to run")
+    if 1 in args.depth_list and not args.dense_lambda_list:
+        p.error("--dense-lambdas is empty but --depths has 1")
+    if any(d > 1 for d in args.depth_list) and not args.lambda_list:
+        p.error("--lambdas is empty but --depths has D > 1")
+    flags = {"lr": "--lr", "batch_size": "--batch-size", "epochs": "--epochs", "device": "--device"}
+    try:
+        for run in plan(args):
+            if run.config is not None:
+                run.config.check()
+    except ConfigError as exc:
+        if run.method == "dense" and exc.field == "lr":
+            flags["lr"] = "--dense-lr"
+        if run.method in PRUNING_METHODS:
+            flags.update(lr="--dense-lr", weight_decay="--dense-weight-decay")
+        p.error(f"{flags.get(exc.field, exc.field)} {exc.expectation}")
+    return args
+
+
+@dataclass
+class Run:
+    method: str  # "dense" (D = 1), "dwf", "magnitude" or a pruning-at-init method
+    key: tuple
+    config: DWFConfig | BaselineConfig | None  # None for magnitude pruning (no training)
+
+
+def _common(args) -> dict:
+    return dict(
+        model=args.model,
+        dataset=args.dataset,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        device=args.device,
+        data_root=args.data_root,
+    )
+
+
+def plan(args) -> list[Run]:
+    """Every run of the sweep, in order: DWF / dense over the lambda grids, magnitude pruning of the
+    best dense model, then the pruning-at-init baselines."""
+    runs = []
+    for depth in args.depth_list:
+        method = "dense" if depth == 1 else "dwf"
+        for lam in args.dense_lambda_list if depth == 1 else args.lambda_list:
+            cfg = DWFConfig(
+                depth=depth, lam=lam, lr=args.dense_lr if depth == 1 else args.lr, progress=False, **_common(args)
+            )
+            runs.append(Run(method, (method, depth, lam), cfg))
+    if 1 in args.depth_list:
+        runs += [Run("magnitude", ("magnitude", ratio), None) for ratio in args.ratio_list]
+    for method in args.method_list:
+        for ratio in args.ratio_list:
+            cfg = BaselineConfig(
+                method=method,
+                compression=ratio,
+                lr=args.dense_lr,
+                weight_decay=args.dense_weight_decay,
+                **_common(args),
+            )
+            runs.append(Run(method, (method, ratio), cfg))
+    return runs
+
+
+def row_key(row: dict) -> tuple:
+    if row["method"] in ("dense", "dwf"):
+        return (row["method"], int(row["depth"]), float(row["lam"]))
+    return (row["method"], float(row["target_compression"]))
+
+
+def _number(text: str):
+    return float(text) if text not in ("", None) else ""
+
+
+def read_rows(path: str) -> list[dict]:
+    """The rows of a sweep CSV, typed (files written before the status column count as "ok")."""
+    with open(path, newline="") as f:
+        return [
+            dict(
+                method=r["method"],
+                depth=int(r["depth"]),
+                lam=_number(r["lam"]),
+                threshold=_number(r["threshold"]),
+                target_compression=_number(r["target_compression"]),
+                compression=_number(r["compression"]),
+                test_acc=_number(r["test_acc"]),
+                seconds=_number(r["seconds"]),
+                status=r.get("status") or "ok",
+            )
+            for r in csv.DictReader(f)
+        ]
+
+
+class RowWriter:
+    """Appends each finished run's rows to the CSV at once, flushed to disk: a killed sweep keeps
+    every run it finished."""
+
+    def __init__(self, path: str, rows: list[dict]) -> None:
+        self.path = path
+        header_ok = False
+        if os.path.exists(path):
+            with open(path, newline="") as f:
+                header_ok = next(csv.reader(f), None) == FIELDS
+        if not header_ok:  # a new file, or one from before the status column: rewrite it whole
+            tmp = path + ".tmp"
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=FIELDS)
+                writer.writeheader()
+                writer.writerows(rows)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+
+    def write(self, rows: list[dict]) -> None:
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=FIELDS).writerows(rows)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def _pruned_row(method: str, ratio: float, result: dict, seconds: float) -> dict:
@@ -69,71 +249,161 @@ def _pruned_row(method: str, ratio: float, result: dict, seconds: float) -> dict
         compression=result["compression"],
         test_acc=result["test_acc"],
         seconds=seconds,
+        status="ok",
     )
+
+
+def _diverged_rows(run: Run, seconds: float) -> list[dict]:
+    depth = run.config.depth if run.method in ("dense", "dwf") else 1
+    lam = run.config.lam if run.method in ("dense", "dwf") else ""
+    ratio = run.key[1] if run.method in PRUNING_METHODS else ""
+    thresholds = (EXACT_THRESHOLD, PRACTICAL_THRESHOLD) if run.method in ("dense", "dwf") else (EXACT_THRESHOLD,)
+    return [
+        dict(
+            method=run.method,
+            depth=depth,
+            lam=lam,
+            threshold=thr,
+            target_compression=ratio,
+            compression="",
+            test_acc="",
+            seconds=seconds,
+            status="diverged",
+        )
+        for thr in thresholds
+    ]
+
+
+def _save_best_dense(path: str, model: torch.nn.Module, lam: float, test_acc: float) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save({"lam": lam, "test_acc": test_acc, "model": model.state_dict()}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _load_best_dense(args, path: str):
+    """The best dense model of this sweep (saved when its run finished) and the data it is tested on."""
+    if not os.path.exists(path):
+        raise SweepError(
+            f"magnitude pruning needs the best dense model, {path}, which is missing: delete the dense rows "
+            f"from {CSV_NAME} so that --resume retrains them"
+        )
+    device = resolve_device(args.device)
+    data = load_data(args.dataset, batch_size=args.batch_size, seed=args.seed, device=device, data_root=args.data_root)
+    model = build_model(args.model, data.in_shape, data.num_classes).to(device)
+    model.load_state_dict(torch.load(path, map_location=device, weights_only=True)["model"])
+    return model, data
+
+
+def _check_output_dir(args) -> list[dict]:
+    """Prepares --output-dir; returns the rows already there (with --resume)."""
+    os.makedirs(args.output_dir, exist_ok=True)
+    csv_path = os.path.join(args.output_dir, CSV_NAME)
+    config_path = os.path.join(args.output_dir, CONFIG_NAME)
+    identity = {k: getattr(args, k) for k in IDENTITY}
+    if not args.resume:
+        if os.path.exists(csv_path):
+            raise SweepError(f"{csv_path} exists: pass --resume to continue that sweep, or choose another --output-dir")
+        if os.path.exists(os.path.join(args.output_dir, BEST_DENSE_NAME)):
+            os.remove(os.path.join(args.output_dir, BEST_DENSE_NAME))  # of another sweep
+    elif os.path.exists(config_path):
+        with open(config_path) as f:
+            before = json.load(f)
+        diff = {k: (before.get(k), v) for k, v in identity.items() if before.get(k) != v}
+        if diff:
+            raise SweepError(
+                f"--resume: the sweep in {args.output_dir} was run with other settings (then vs now: {diff})"
+            )
+    with open(config_path, "w") as f:
+        json.dump(identity, f, indent=2)
+    return read_rows(csv_path) if args.resume and os.path.exists(csv_path) else []
 
 
 def run_sweep(args) -> list[dict]:
-    rows: list[dict] = []
-    ratios = _floats(args.ratios)
-    common = dict(
-        model=args.model,
-        dataset=args.dataset,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        device=args.device,
-        data_root=args.data_root,
+    """Runs every planned run not yet in the CSV, appending each one's rows as it finishes;
+    returns all rows (earlier ones included)."""
+    rows = _check_output_dir(args)
+    writer = RowWriter(os.path.join(args.output_dir, CSV_NAME), rows)
+    done = {row_key(r) for r in rows}
+    best_path = os.path.join(args.output_dir, BEST_DENSE_NAME)
+    best_dense_acc = max(
+        (
+            r["test_acc"]
+            for r in rows
+            if r["method"] == "dense" and r["status"] == "ok" and r["threshold"] == EXACT_THRESHOLD
+        ),
+        default=None,
     )
-    best_dense = None
-    for depth in [int(d) for d in args.depths.split(",") if d]:
-        for lam in _floats(args.dense_lambdas if depth == 1 else args.lambdas):
-            started = time.perf_counter()
-            cfg = DWFConfig(depth=depth, lam=lam, lr=args.dense_lr if depth == 1 else args.lr, progress=False, **common)
-            results, model, data = train_dwf(cfg)
-            seconds = time.perf_counter() - started
-            for name in ("exact", "practical"):
-                r = results[name]
-                rows.append(
+    best_dense = None  # (model, data) of this invocation's best dense run, if it is the best overall
+    for run in plan(args):
+        if run.key in done:
+            continue
+        started = time.perf_counter()
+        if run.method in ("dense", "dwf"):
+            try:
+                results, model, data = train_dwf(run.config)
+            except TrainingDiverged as exc:
+                new = _diverged_rows(run, round(time.perf_counter() - started, 1))
+                print(f"D={run.config.depth} lambda={run.config.lam:g}: {exc}", flush=True)
+            else:
+                seconds = round(time.perf_counter() - started, 1)
+                new = [
                     dict(
-                        method="dense" if depth == 1 else "dwf",
-                        depth=depth,
-                        lam=lam,
-                        threshold=r["threshold"],
+                        method=run.method,
+                        depth=run.config.depth,
+                        lam=run.config.lam,
+                        threshold=results[name]["threshold"],
                         target_compression="",
-                        compression=r["compression"],
-                        test_acc=r["test_acc"],
-                        seconds=round(seconds, 1),
+                        compression=results[name]["compression"],
+                        test_acc=results[name]["test_acc"],
+                        seconds=seconds,
+                        status="ok",
                     )
+                    for name in ("exact", "practical")
+                ]
+                acc = results["exact"]["test_acc"]
+                if run.method == "dense" and (best_dense_acc is None or acc > best_dense_acc):
+                    _save_best_dense(best_path, model, run.config.lam, acc)
+                    best_dense_acc, best_dense = acc, (model, data)
+                print(
+                    f"D={run.config.depth} lambda={run.config.lam:g}: acc {acc:.2f}% at compression "
+                    f"{results['exact']['compression']:.1f}x (exact) / {results['practical']['compression']:.1f}x "
+                    f"(|w|<{PRACTICAL_THRESHOLD:g}), {seconds:.0f} s",
+                    flush=True,
                 )
-            print(
-                f"D={depth} lambda={lam:g}: acc {results['exact']['test_acc']:.2f}% at compression "
-                f"{results['exact']['compression']:.1f}x (exact) / {results['practical']['compression']:.1f}x "
-                f"(|w|<{PRACTICAL_THRESHOLD:g}), {seconds:.0f} s",
-                flush=True,
-            )
-            if depth == 1 and (best_dense is None or results["exact"]["test_acc"] > best_dense[0]):
-                best_dense = (results["exact"]["test_acc"], model, data)
-    if best_dense is not None:
-        for ratio in ratios:
-            r = magnitude_pruned(best_dense[1], ratio, best_dense[2])
-            rows.append(_pruned_row("magnitude", ratio, r, seconds=0))
-            print(f"magnitude pruning to {ratio:g}x: acc {r['test_acc']:.2f}%", flush=True)
-    for method in [m for m in args.methods.split(",") if m]:
-        for ratio in ratios:
-            started = time.perf_counter()
-            r = run_pruned_at_init(
-                BaselineConfig(
-                    method=method, compression=ratio, lr=args.dense_lr, weight_decay=args.dense_weight_decay, **common
-                )
-            )
-            rows.append(_pruned_row(method, ratio, r, seconds=round(time.perf_counter() - started, 1)))
-            print(f"{method} at {ratio:g}x: acc {r['test_acc']:.2f}%", flush=True)
+        elif run.method == "magnitude":
+            if best_dense_acc is None:
+                print(f"magnitude pruning to {run.key[1]:g}x: skipped, every dense run diverged", flush=True)
+                continue
+            if best_dense is None:
+                best_dense = _load_best_dense(args, best_path)
+            r = magnitude_pruned(best_dense[0], run.key[1], best_dense[1])
+            new = [_pruned_row("magnitude", run.key[1], r, seconds=0)]
+            print(f"magnitude pruning to {run.key[1]:g}x: acc {r['test_acc']:.2f}%", flush=True)
+        else:
+            try:
+                r = run_pruned_at_init(run.config)
+            except TrainingDiverged as exc:
+                new = _diverged_rows(run, round(time.perf_counter() - started, 1))
+                print(f"{run.method} at {run.key[1]:g}x: {exc}", flush=True)
+            else:
+                new = [_pruned_row(run.method, run.key[1], r, seconds=round(time.perf_counter() - started, 1))]
+                print(f"{run.method} at {run.key[1]:g}x: acc {r['test_acc']:.2f}%", flush=True)
+        writer.write(new)
+        rows += new
+        done.add(run.key)
     return rows
 
 
 def summary_table(rows: list[dict], ratios: list[float], threshold: float) -> str:
     """Best test accuracy at each compression ratio: DWF runs reaching at least that ratio (at
     `threshold`), baselines pruned to exactly it."""
+    series = sorted(
+        {(r["method"], r["depth"]) for r in rows if r["method"] != "dense"}, key=lambda k: (k[0] != "dwf", k[0], k[1])
+    )
+    rows = [r for r in rows if r["status"] == "ok"]  # a diverged run reaches no ratio
     dense = max((r["test_acc"] for r in rows if r["method"] == "dense" and r["threshold"] == threshold), default=None)
     header = "| method | " + " | ".join(f"≥{r:g}x" for r in ratios) + " |"
     lines = [
@@ -144,9 +414,6 @@ def summary_table(rows: list[dict], ratios: list[float], threshold: float) -> st
         header,
         "|---|" + "---|" * len(ratios),
     ]
-    series = sorted(
-        {(r["method"], r["depth"]) for r in rows if r["method"] != "dense"}, key=lambda k: (k[0] != "dwf", k[0], k[1])
-    )
     for method, depth in series:
         cells = []
         for ratio in ratios:
@@ -173,6 +440,7 @@ def plot(rows: list[dict], path: str, threshold: float) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [r for r in rows if r["status"] == "ok"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for depth in sorted({r["depth"] for r in rows if r["method"] == "dwf"}):
         pts = sorted(
@@ -202,13 +470,14 @@ def plot(rows: list[dict], path: str, threshold: float) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    os.makedirs(args.output_dir, exist_ok=True)
-    rows = run_sweep(args)
-    with open(os.path.join(args.output_dir, "sweep.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    ratios = _floats(args.ratios)
+    try:
+        # The data once before any training: a missing dataset is reported now, not after hours.
+        load_data(args.dataset, batch_size=args.batch_size, seed=args.seed, data_root=args.data_root)
+        rows = run_sweep(args)
+    except (DatasetMissingError, SweepError) as exc:
+        print(f"sweep.py: error: {exc}", file=sys.stderr)
+        return 1
+    ratios = args.ratio_list
     text = "\n\n".join(summary_table(rows, ratios, thr) for thr in (EXACT_THRESHOLD, PRACTICAL_THRESHOLD))
     text = f"{args.model} on {args.dataset}, {args.epochs} epochs, seed {args.seed}\n\n" + text + "\n"
     with open(os.path.join(args.output_dir, "summary.md"), "w") as f:

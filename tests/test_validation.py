@@ -170,3 +170,15 @@ def test_compiled_sgd_step_op_refuses_overlap_too():
         buffer = buffer if buffer is not None else torch.zeros_like(factors)
         with pytest.raises(RuntimeError, match="share memory"):
             compiled_ops.sgd_step_op(factors, buffer, grad_w, grad_sumsq, 0.1, 0.9, 0.0, 0.0, False, False, False)
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
+def test_compiled_sgd_step_refuses_overlap_when_it_runs(device, backend):
+    """Traced tensors have no addresses: under torch.compile the ops refuse aliasing at run time."""
+    torch._dynamo.reset()
+    factors = make_factors(2, (3, 4), torch.float32, device)
+    step = torch.compile(
+        lambda f, g: dwf_sgd_step(f, g, None, f, lr=0.1, momentum=0.9, backend=backend), fullgraph=True
+    )
+    with pytest.raises((RuntimeError, ValueError), match="share memory"):
+        step(factors, torch.ones(3, 4, device=device))
