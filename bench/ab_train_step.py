@@ -8,7 +8,9 @@ tree runs in its own worker process; the workers take turns step by step (one wa
 other runs), so both see the same machine state, and each times its own steps. One step is
 bench/train_step.py's: forward + backward + FusedSGD step (momentum 0.9) at batch 128, D=4, DWF
 penalty. Prints per tree the median and p20/p80 step time, the ratio to the first tree, and the
-worker's peak RSS after the same number of steps.
+worker's peak RSS after the same number of steps. The process CPU time of each step is printed too:
+on a loaded machine it is steadier than wall time (run with OMP_NUM_THREADS=1 to compare it
+fairly).
 """
 
 from __future__ import annotations
@@ -50,13 +52,14 @@ def worker(model_name: str, depth: int, batch: int, zero_grad: str) -> None:
 
     print(json.dumps({"package": dwf_kernels.__file__}), flush=True)
     for line in sys.stdin:
-        times = []
+        times, cpu_times = [], []
         for _ in range(int(line)):
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             step()
             times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(json.dumps({"times": times, "peak_mb": peak_mb}), flush=True)
+        print(json.dumps({"times": times, "cpu_times": cpu_times, "peak_mb": peak_mb}), flush=True)
 
 
 def _quantile(data: list[float], q: float) -> float:
@@ -100,22 +103,25 @@ def main(argv=None) -> int:
         for proc in procs:
             run(proc, args.warmup)
         times: list[list[float]] = [[] for _ in procs]
+        cpu_times: list[list[float]] = [[] for _ in procs]
         peaks = [0.0 for _ in procs]
         for _ in range(args.rounds):
             for i, proc in enumerate(procs):
                 out = run(proc, 1)
                 times[i] += out["times"]
+                cpu_times[i] += out["cpu_times"]
                 peaks[i] = out["peak_mb"]
         for proc in procs:
             proc.stdin.close()
             proc.wait()
-        base = statistics.median(times[0])
-        for tree, package, t, peak in zip(trees, packages, times, peaks, strict=True):
-            med = statistics.median(t)
+        base, cpu_base = statistics.median(times[0]), statistics.median(cpu_times[0])
+        for tree, package, t, c, peak in zip(trees, packages, times, cpu_times, peaks, strict=True):
+            med, cpu_med = statistics.median(t), statistics.median(c)
             print(
                 f"{model:>9} {tree}: {1e3 * med:.3f} ms median (p20 {1e3 * _quantile(t, 0.2):.3f}, "
-                f"p80 {1e3 * _quantile(t, 0.8):.3f}) of {len(t)} interleaved steps; {med / base:.3f}x the "
-                f"first; peak RSS {peak:.0f} MB [{os.path.dirname(package)}]",
+                f"p80 {1e3 * _quantile(t, 0.8):.3f}) of {len(t)} interleaved steps, {med / base:.3f}x the "
+                f"first; CPU time {1e3 * cpu_med:.3f} ms median, {cpu_med / cpu_base:.3f}x the first; "
+                f"peak RSS {peak:.0f} MB [{os.path.dirname(package)}]",
                 flush=True,
             )
     return 0

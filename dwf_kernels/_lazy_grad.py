@@ -22,6 +22,7 @@ stale gradient.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 
 import torch
 from torch.utils._pytree import tree_map
@@ -186,7 +187,7 @@ def _run_materialized(func, args, kwargs):
 
 def stale_gradient_error(what: str) -> RuntimeError:
     return RuntimeError(
-        f"this DWF factor gradient {what}. FusedSGD keeps the factor gradient as dL/dw and forms it only "
+        f"This DWF factor gradient {what}. FusedSGD keeps the factor gradient as dL/dw and forms it only "
         "when read, from the factors of the backward pass, so it cannot be read or accumulated into once "
         "they changed. Clear the gradients after each step (optimizer.zero_grad() or model.zero_grad()) "
         "and read them before step(), or train with torch.optim.SGD where a gradient must outlive a step"
@@ -240,6 +241,30 @@ def take_for_fused_step(grad: torch.Tensor, factors: torch.Tensor):
 def _grad_w_or_zeros(grad_w: torch.Tensor | None, factors: torch.Tensor) -> torch.Tensor:
     # Only the penalty reached the layer (its output went unused): dL/dw is zero.
     return grad_w if grad_w is not None else factors.new_zeros(factors.shape[1:])
+
+
+def convertible(grad: torch.Tensor) -> tuple[torch.Tensor | None, Callable[[torch.Tensor], torch.Tensor] | None]:
+    """For module conversions (`Module._apply`: devices, dtypes, memory formats), which convert
+    parameter gradients too: (the tensor to convert in place of `grad`, or None; a function that
+    makes the converted parameter's gradient, or None).
+
+    A lazy gradient is converted as the dense gradient it stands for. One that can no longer be read
+    (applied by FusedSGD, or of factors changed since) has no value: the parameter gets an equally
+    unreadable gradient of its new dtype and device.
+    """
+    if type(grad) is not LazyFactorGrad:
+        return grad, None
+    state = grad._state
+    if not state.is_stale():
+        return materialize(grad), None
+    kind = _STALE if state.kind == _LAZY else state.kind
+
+    def unreadable_like(factors: torch.Tensor) -> LazyFactorGrad:
+        marker = _State(kind)
+        marker.consume(kind)
+        return LazyFactorGrad(marker, factors)
+
+    return None, unreadable_like
 
 
 def dense_of(grad: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from . import init as dwf_init
-from ._lazy_grad import fused_dwf_product
+from ._lazy_grad import convertible, fused_dwf_product
 from .ops import dwf_product
 
 
@@ -90,6 +90,7 @@ class DWFLayer(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):
         factors = self.factors
+        factors.grad, unreadable_like = convertible(factors.grad)  # a lazy gradient: see _lazy_grad
 
         def keep_factor_layout(t: torch.Tensor) -> torch.Tensor:
             if t is factors or t is factors.grad:
@@ -99,7 +100,10 @@ class DWFLayer(nn.Module):
                 return fn(t.view(t.shape[0], -1)).view(t.shape)
             return fn(t)
 
-        return super()._apply(keep_factor_layout, recurse)
+        module = super()._apply(keep_factor_layout, recurse)
+        if unreadable_like is not None:
+            self.factors.grad = unreadable_like(self.factors)
+        return module
 
     def __getstate__(self) -> dict:
         # The recorded sum of squares belongs to one forward's autograd graph: a non-leaf tensor,

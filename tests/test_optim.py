@@ -605,3 +605,26 @@ def test_foreach_zero_grad_keeping_tensors_after_a_fused_step():
             optimizer.step()
 
     _both(loop)
+
+
+def test_model_conversions_convert_the_factor_gradient():
+    """model.double() / .to() convert parameter gradients too: a lazy one as the dense gradient it
+    stands for; one FusedSGD has applied stays refused, and training goes on after it."""
+    model, reference = _model("cpu"), _model("cpu")
+    optimizer = FusedSGD(model.parameters(), lr=0.1)
+    x, y = _batch("cpu")
+    _loss(model, x, y).backward()
+    _loss(reference, x, y).backward()
+    model.double().to(memory_format=torch.channels_last)
+    reference.double()
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        assert p.grad.dtype == torch.float64 and torch.equal(p.grad, q.grad)
+    optimizer.zero_grad()
+    _loss(model, x.double(), y).backward()
+    optimizer.step()
+    model.float()
+    grad = model[0].factors.grad
+    assert grad.dtype == torch.float32 and grad.status == "consumed"
+    with pytest.raises(RuntimeError, match="already applied by FusedSGD.step"):
+        grad.sum()
+    _train(model, optimizer, "cpu", steps=2)
