@@ -75,6 +75,7 @@ class DWFLayer(nn.Module):
             and self.fused_by
             and torch.is_grad_enabled()
             and self.factors.requires_grad
+            and isinstance(self.factors, nn.Parameter)  # not tensors swapped in by torch.func.functional_call
         ):
             # Fused mode: the factors' gradient is lazy; FusedSGD.step() applies it without forming it.
             w, sumsq = fused_dwf_product(self.factors, out_dtype)

@@ -628,3 +628,22 @@ def test_model_conversions_convert_the_factor_gradient():
     with pytest.raises(RuntimeError, match="already applied by FusedSGD.step"):
         grad.sum()
     _train(model, optimizer, "cpu", steps=2)
+
+
+def test_functional_call_with_tensors_gives_ordinary_gradients():
+    """functional_call swaps tensors in for the parameters (MAML-style inner loops): those are not
+    what FusedSGD updates, and get ordinary gradients equal to the plain chain's."""
+    from torch.func import functional_call
+
+    model, reference = _model("cpu"), _model("cpu")
+    optimizer = FusedSGD(model.parameters(), lr=0.1)
+    x, y = _batch("cpu")
+    grads = []
+    for m in (model, reference):
+        params = {name: p.detach().clone().requires_grad_(True) for name, p in m.named_parameters()}
+        loss = nn.functional.cross_entropy(functional_call(m, params, (x,)), y) + dwf_kernels.penalty(m, 1e-2)
+        loss.backward()
+        grads.append([p.grad for p in params.values()])
+    for g, e in zip(*grads, strict=True):
+        assert type(g) is torch.Tensor and torch.equal(g, e)
+    del optimizer
