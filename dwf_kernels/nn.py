@@ -8,9 +8,10 @@ The bias is an ordinary, unfactorized, unpenalized parameter.
 Under torch.autocast the fused op writes w directly in the autocast dtype (fp32 factors, bf16/fp16
 w), so mixed precision costs no extra cast pass.
 
-A layer whose factors a `dwf_kernels.optim.FusedSGD` updates is in fused mode: its training
-forwards hand autograd w and sumsq as leaves, and the optimizer collects dL/dw and dL/dsumsq
-(`pending_grads`) in place of factor gradients.
+A layer whose factors a live `dwf_kernels.optim.FusedSGD` updates is in fused mode: its eager
+training forwards give the factors a lazy gradient, which holds dL/dw and dL/dsumsq and forms the
+D x N factor gradient only when something other than FusedSGD.step() reads it. `factors.grad` is
+an ordinary gradient for every other purpose (zero_grad, accumulation, other optimizers, DDP).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from . import init as dwf_init
+from ._lazy_grad import convertible, fused_dwf_product
 from .ops import dwf_product
 
 
@@ -47,7 +49,7 @@ class DWFLayer(nn.Module):
 
     factors: nn.Parameter
     bias: nn.Parameter | None
-    pending_grads = None  # a dwf_kernels.optim.PendingGrads while a FusedSGD updates this layer
+    fused_by: weakref.WeakSet | None = None  # the live FusedSGD optimizers that update the factors
 
     _live: weakref.WeakSet[DWFLayer] = weakref.WeakSet()
 
@@ -106,19 +108,15 @@ class DWFLayer(nn.Module):
             autocast_dtype = torch.get_autocast_dtype(device_type)
             if autocast_dtype in (torch.bfloat16, torch.float16):
                 out_dtype = autocast_dtype
-        pending = self.pending_grads
         if (
-            pending is not None
-            and pending.active()
+            not torch.compiler.is_compiling()
+            and self.fused_by
             and torch.is_grad_enabled()
             and self.factors.requires_grad
-            and not torch.compiler.is_compiling()
+            and isinstance(self.factors, nn.Parameter)  # not tensors swapped in by torch.func.functional_call
         ):
-            # Fused mode: autograd stops at w and sumsq; the optimizer's step applies the backward.
-            with torch.no_grad():
-                w, sumsq = dwf_product(self.factors, return_sumsq=True, out_dtype=out_dtype)
-            w.requires_grad_(True).register_post_accumulate_grad_hook(pending.take_grad_w)
-            sumsq.requires_grad_(True).register_post_accumulate_grad_hook(pending.take_grad_sumsq)
+            # Fused mode: the factors' gradient is lazy; FusedSGD.step() applies it without forming it.
+            w, sumsq = fused_dwf_product(self.factors, out_dtype)
         else:
             w, sumsq = dwf_product(self.factors, return_sumsq=True, out_dtype=out_dtype)
         self.last_sumsq = sumsq
@@ -131,6 +129,7 @@ class DWFLayer(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):
         factors = self.factors
+        factors.grad, unreadable_like = convertible(factors.grad)  # a lazy gradient: see _lazy_grad
 
         def keep_factor_layout(t: torch.Tensor) -> torch.Tensor:
             if t is factors or t is factors.grad:
@@ -140,7 +139,10 @@ class DWFLayer(nn.Module):
                 return fn(t.view(t.shape[0], -1)).view(t.shape)
             return fn(t)
 
-        return super()._apply(keep_factor_layout, recurse)
+        module = super()._apply(keep_factor_layout, recurse)
+        if unreadable_like is not None:
+            self.factors.grad = unreadable_like(self.factors)
+        return module
 
     def __getstate__(self) -> dict:
         # The recorded sum of squares belongs to one forward's autograd graph: a non-leaf tensor,
@@ -148,7 +150,7 @@ class DWFLayer(nn.Module):
         # A copy is not updated by this layer's FusedSGD either: it starts outside fused mode.
         state = self.__dict__.copy()
         state["_last_sumsq"] = None
-        state.pop("pending_grads", None)
+        state.pop("fused_by", None)
         return state
 
     def __setstate__(self, state: dict) -> None:

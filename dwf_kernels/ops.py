@@ -138,4 +138,10 @@ def dwf_sgd_step(
             triton_ops.sgd_step_direct(*args)
         else:
             _sgd_step_op(name)(*args)
+            if name != "triton" and not torch.compiler.is_compiling():
+                # The compiled op updates in place below autograd, which does not count it: bump the
+                # version counters, so that autograd and lazy factor gradients see the change.
+                torch.autograd.graph.increment_version(
+                    [t for t in (factors, momentum_buffer) if t is not None and not t.is_inference()]
+                )
     return momentum_buffer if momentum != 0 else None

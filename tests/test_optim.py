@@ -11,7 +11,7 @@ from torch import nn
 
 import dwf_kernels
 from dwf_kernels import _build_info
-from dwf_kernels.optim import FusedSGD
+from dwf_kernels.optim import FusedSGD, LazyFactorGrad
 
 CPU_FMA = getattr(_build_info, "CPU_ISA", None) in ("avx2", "avx512")
 ALL_BACKENDS = KERNEL_BACKENDS + [pytest.param("cpu", "reference", id="cpu-reference")]
@@ -76,7 +76,8 @@ def test_fused_sgd_trains_like_torch_sgd(device, backend, options):
     _assert_same_parameters(ours, theirs, exact)
     for layer in ours.modules():
         if isinstance(layer, dwf_kernels.nn.DWFLayer):
-            assert layer.factors.grad is None, "the factor gradient must never be materialized"
+            grad = layer.factors.grad
+            assert isinstance(grad, LazyFactorGrad) and grad.status == "consumed", "never materialized"
     if options.get("momentum"):
         for p, q in zip(ours.parameters(), theirs.parameters(), strict=True):
             torch.testing.assert_close(fused.state[p]["momentum_buffer"], plain.state[q]["momentum_buffer"])
@@ -186,18 +187,23 @@ def test_param_groups_and_lr_scheduler():
 
 
 def test_layers_leave_fused_mode_with_their_optimizer():
-    """Without a live FusedSGD, and in copies of the model, factors get ordinary gradients again."""
+    """Under a live FusedSGD the factor gradient is lazy (and reads as the dense one); without one,
+    and in copies of the model, it is an ordinary tensor again."""
     model = _model("cpu")
     optimizer = FusedSGD(model.parameters(), lr=0.1)
     x, y = _batch("cpu")
     clone = copy.deepcopy(model)
     nn.functional.cross_entropy(clone(x), y).backward()
-    assert clone[0].factors.grad is not None, "a deep copy must not stay bound to the original's optimizer"
+    assert type(clone[0].factors.grad) is torch.Tensor, "a deep copy must not stay bound to the original's optimizer"
     nn.functional.cross_entropy(model(x), y).backward()
-    assert model[0].factors.grad is None
+    grad = model[0].factors.grad
+    assert isinstance(grad, LazyFactorGrad) and grad.status == "lazy"
+    assert torch.equal(grad, clone[0].factors.grad)
+    assert grad.status == "dense", "reading it formed it once"
     del optimizer
+    model.zero_grad()
     nn.functional.cross_entropy(model(x), y).backward()
-    assert model[0].factors.grad is not None
+    assert type(model[0].factors.grad) is torch.Tensor
 
 
 def test_copying_model_and_optimizer_together_keeps_training_fused():
@@ -205,12 +211,11 @@ def test_copying_model_and_optimizer_together_keeps_training_fused():
     _train(models[0], optimizers[0], "cpu", steps=2)
     _train(models[1], optimizers[1], "cpu", steps=2)
     model_copy, optimizer_copy = copy.deepcopy((models[0], optimizers[0]))
-    assert optimizer_copy._layers and all(
-        layer.pending_grads.optimizer() is optimizer_copy for layer in optimizer_copy._layers.values()
-    )
+    layers = [layer for layer in model_copy if isinstance(layer, dwf_kernels.nn.DWFLayer)]
+    assert all(set(layer.fused_by) == {optimizer_copy} for layer in layers)
     _train(model_copy, optimizer_copy, "cpu", steps=2)
     _train(models[1], optimizers[1], "cpu", steps=2)
-    assert model_copy[0].factors.grad is None, "the copy trains fused"
+    assert all(layer.factors.grad.status == "consumed" for layer in layers), "the copy trains fused"
     _assert_same_parameters(model_copy, models[1], exact=CPU_FMA)
 
 
@@ -218,8 +223,8 @@ def test_eval_forward_with_grad_enabled_holds_nothing():
     model = _model("cpu")
     optimizer = FusedSGD(model.parameters(), lr=0.1)
     x, _ = _batch("cpu")
-    model(x)  # no backward: nothing is collected, and nothing is kept alive
-    assert all(layer.pending_grads.grad_w is None for layer in model if isinstance(layer, dwf_kernels.nn.DWFLayer))
+    model(x)  # no backward: no gradient
+    assert all(p.grad is None for p in model.parameters())
     before = [p.clone() for p in model.parameters()]
     optimizer.step()
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True)), "no gradient, no update"
@@ -253,11 +258,392 @@ def test_torch_compile_falls_back_to_ordinary_gradients():
     _assert_same_parameters(models[0], models[1], exact=False)
 
 
-def test_grad_scaler_is_refused():
+# Ordinary PyTorch patterns: the factor gradient is an ordinary (lazy) gradient, so each behaves as
+# with torch.optim.SGD. Each loop runs once with FusedSGD and once with torch.optim.SGD.
+
+
+def _both(loop, options=None, exact=CPU_FMA):
+    """Runs loop(model, optimizer_class) on a FusedSGD twin and a torch.optim.SGD twin; compares them."""
+    models = [_model("cpu"), _model("cpu")]
+    loop(models[0], FusedSGD)
+    loop(models[1], lambda *a, **k: torch.optim.SGD(*a, foreach=False, **k))
+    _assert_same_parameters(models[0], models[1], exact)
+    return models
+
+
+def _loss(model, x, y, lam=1e-2):
+    return nn.functional.cross_entropy(model(x), y) + dwf_kernels.penalty(model, lam)
+
+
+def test_model_zero_grad_and_a_skipped_nan_batch():
+    """A backward whose loss is not finite is skipped; model.zero_grad() clears its gradient."""
+
+    def loop(model, sgd):
+        optimizer = sgd(model.parameters(), lr=0.1, momentum=0.9)
+        x, y = _batch("cpu")
+        for i in range(5):
+            model.zero_grad()
+            xi = x.clone()
+            if i == 2:
+                xi[0, 0, 0, 0] = float("nan")
+            loss = _loss(model, xi, y)
+            loss.backward()
+            if not torch.isfinite(loss):
+                continue
+            optimizer.step()
+
+    models = _both(loop)
+    assert all(torch.isfinite(p).all() for p in models[0].parameters())
+
+
+@pytest.mark.parametrize("zero_grad", ["model", "model-keep-tensors", "optimizer"])
+def test_backward_without_step_fgsm(zero_grad):
+    """An input-gradient pass (FGSM) backpropagates into the parameters too; clearing afterwards
+    leaves only the training backward."""
+
+    def loop(model, sgd):
+        optimizer = sgd(model.parameters(), lr=0.1, momentum=0.9)
+        x, y = _batch("cpu")
+        for _ in range(4):
+            x_in = x.clone().requires_grad_(True)
+            _loss(model, x_in, y).backward()
+            x_adv = (x + 0.1 * x_in.grad.sign()).detach()
+            if zero_grad == "model":
+                model.zero_grad()
+            elif zero_grad == "model-keep-tensors":
+                model.zero_grad(set_to_none=False)
+            else:
+                optimizer.zero_grad()
+            _loss(model, x_adv, y).backward()
+            optimizer.step()
+
+    _both(loop)
+
+
+@pytest.mark.parametrize("holder", ["variable", "scheduler"])
+def test_a_second_optimizer_while_fused_sgd_lives(holder):
+    """torch.optim.SGD trains the model while a FusedSGD of it is still alive."""
+    model, reference = _model("cpu"), _model("cpu")
+    fused = FusedSGD(model.parameters(), lr=0.5)
+    keep = fused if holder == "variable" else torch.optim.lr_scheduler.StepLR(fused, step_size=1)
+    del fused
+    _train(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), "cpu")
+    _train(reference, torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9), "cpu")
+    _assert_same_parameters(model, reference, exact=True)
+    assert keep is not None
+
+
+def test_backward_with_inputs_gan_pattern():
+    """Two models, two optimizers, each backward restricted to one model's parameters."""
+
+    def loop(models, sgd):
+        gen, disc = models
+        opt_g = sgd(gen.parameters(), lr=0.05, momentum=0.9)
+        opt_d = sgd(disc.parameters(), lr=0.1, momentum=0.9)
+        noise = torch.randn(8, 6, generator=torch.Generator().manual_seed(5))
+        real = torch.randn(8, 2, 7, 7, generator=torch.Generator().manual_seed(6))
+        ones, zeros = torch.ones(8), torch.zeros(8)
+        bce = nn.functional.binary_cross_entropy_with_logits
+        for _ in range(3):
+            fake = gen(noise).view(8, 2, 7, 7)
+            d_loss = bce(disc(real)[:, 0], ones) + bce(disc(fake)[:, 0], zeros) + dwf_kernels.penalty(disc, 1e-2)
+            opt_d.zero_grad()
+            d_loss.backward(inputs=list(disc.parameters()))
+            opt_d.step()
+            g_loss = bce(disc(gen(noise).view(8, 2, 7, 7))[:, 0], ones)
+            opt_g.zero_grad()
+            g_loss.backward(inputs=list(gen.parameters()))
+            opt_g.step()
+
+    def make():
+        torch.manual_seed(7)
+        gen = dwf_kernels.factorize(nn.Sequential(nn.Linear(6, 20), nn.Tanh(), nn.Linear(20, 98)), 3)
+        return gen, _model("cpu")
+
+    twins = [make(), make()]
+    loop(twins[0], FusedSGD)
+    loop(twins[1], lambda *a, **k: torch.optim.SGD(*a, foreach=False, **k))
+    for a, b in zip(twins[0], twins[1], strict=True):
+        _assert_same_parameters(a, b, exact=CPU_FMA)
+
+
+def test_two_fused_sgd_on_one_model():
+    """Two FusedSGD over parts of one model, and a second FusedSGD over the same parameters that is
+    created while the first trains on (the first must still update the factors)."""
+
+    def loop(model, sgd):
+        first = sgd(model[0].parameters(), lr=0.02, momentum=0.9)
+        second = sgd(list(model[3].parameters()) + list(model[5].parameters()), lr=0.1, momentum=0.9)
+        x, y = _batch("cpu")
+        for _ in range(3):
+            first.zero_grad()
+            second.zero_grad()
+            _loss(model, x, y).backward()
+            first.step()
+            second.step()
+        later = sgd(model.parameters(), lr=0.05)
+        for optimizer in (first, later):  # the older one first, with the newer alive
+            for _ in range(2):
+                model.zero_grad()
+                _loss(model, x, y).backward()
+                optimizer.step()
+
+    _both(loop)
+
+
+def test_autograd_grad_of_the_parameters_is_the_dense_gradient():
+    model, reference = _model("cpu"), _model("cpu")
+    optimizer = FusedSGD(model.parameters(), lr=0.1)
+    x, y = _batch("cpu")
+    grads = torch.autograd.grad(_loss(model, x, y), list(model.parameters()))
+    expected = torch.autograd.grad(_loss(reference, x, y), list(reference.parameters()))
+    for (name, _), g, e in zip(model.named_parameters(), grads, expected, strict=True):
+        assert torch.equal(g, e), name
+    assert all(p.grad is None for p in model.parameters()), "autograd.grad accumulates nothing"
+    del optimizer
+
+
+def test_factor_grad_reads_the_dense_gradient():
+    """Code that reads factors.grad (logging, clipping) sees the gradient torch.optim.SGD would."""
+
+    def loop(model, sgd):
+        optimizer = sgd(model.parameters(), lr=0.1, momentum=0.9)
+        x, y = _batch("cpu")
+        for _ in range(3):
+            optimizer.zero_grad()
+            _loss(model, x, y).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+            model.norms = [p.grad.norm() for p in model.parameters()]
+            optimizer.step()
+
+    models = _both(loop)
+    for a, b in zip(models[0].norms, models[1].norms, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_accumulation_over_micro_batches():
+    def loop(model, sgd):
+        optimizer = sgd(model.parameters(), lr=0.1, momentum=0.9)
+        x, y = _batch("cpu")
+        for _ in range(3):
+            optimizer.zero_grad()
+            for part in range(4):
+                (_loss(model, x[2 * part : 2 * part + 2], y[2 * part : 2 * part + 2]) / 4).backward()
+            optimizer.step()
+
+    # Summing dL/dw before forming the factor gradient rounds differently from summing the factor
+    # gradients of each micro-batch.
+    _both(loop, exact=False)
+
+
+def test_a_layer_used_twice_and_zero_grad_keeping_tensors():
+    def loop(model, sgd):
+        optimizer = sgd(model.parameters(), lr=0.1, momentum=0.9)
+        x, y = _batch("cpu")
+        for _ in range(3):
+            optimizer.zero_grad(set_to_none=False)
+            hidden = model[:5](x)
+            out = model[5](hidden) + model[5](hidden.flip(0))
+            (nn.functional.cross_entropy(out, y) + dwf_kernels.penalty(model, 1e-2)).backward()
+            optimizer.step()
+
+    _both(loop, exact=False)
+
+
+def test_stepping_twice_on_one_backward_is_refused():
+    model = _model("cpu")
+    optimizer = FusedSGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = _batch("cpu")
+    _loss(model, x, y).backward()
+    optimizer.step()
+    with pytest.raises(RuntimeError, match="called again without clearing the gradients"):
+        optimizer.step()
+
+
+def test_a_gradient_outliving_the_step_is_refused():
+    """torch would reuse a gradient of factors that changed since; the lazy gradient refuses."""
     model = _model("cpu")
     optimizer = FusedSGD(model.parameters(), lr=0.1)
-    scaler = torch.amp.GradScaler("cpu")
     x, y = _batch("cpu")
-    scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
-    with pytest.raises(RuntimeError, match="FusedSGD does not support torch.amp.GradScaler"):
-        scaler.step(optimizer)
+    grads = torch.autograd.grad(_loss(model, x, y), list(model.parameters()))
+    _loss(model, x, y).backward()
+    optimizer.step()
+    with pytest.raises(RuntimeError, match="before its factors were changed in place"):
+        grads[0].sum()
+    with pytest.raises(RuntimeError, match="already applied by FusedSGD.step"):
+        model[0].factors.grad.sum()
+    _loss(model, x, y).backward()  # adds to the applied gradient (no zero_grad()): refused when used
+    with pytest.raises(RuntimeError, match="already applied by FusedSGD.step"):
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    with pytest.raises(RuntimeError, match="called again without clearing the gradients"):
+        optimizer.step()
+    optimizer.zero_grad()
+    _loss(model, x, y).backward()
+    optimizer.step()
+
+
+def test_the_fused_step_counts_as_an_in_place_update():
+    """Autograd sees the fused step's update (version counters), on every backend."""
+    for backend in [name for name in dwf_kernels.available_backends("cpu")]:
+        factors, buffer = torch.randn(3, 4, 5), torch.zeros(3, 4, 5)
+        versions = factors._version, buffer._version
+        dwf_kernels.dwf_sgd_step(factors, torch.randn(4, 5), None, buffer, lr=0.1, momentum=0.9, backend=backend)
+        assert factors._version > versions[0] and buffer._version > versions[1], backend
+
+
+def test_checkpointed_dwf_block():
+    from torch.utils.checkpoint import checkpoint
+
+    def loop(model, sgd):
+        optimizer = sgd(model.parameters(), lr=0.1, momentum=0.9)
+        x, y = _batch("cpu")
+        for _ in range(3):
+            optimizer.zero_grad()
+            hidden = checkpoint(model[:4], x, use_reentrant=False)
+            logits = model[5](model[4](hidden))
+            (nn.functional.cross_entropy(logits, y) + 1e-2 * model[5].last_sumsq).backward()
+            optimizer.step()
+
+    _both(loop)
+
+
+def test_lr_as_a_tensor_works_like_torch_sgd():
+    def loop(model, sgd):
+        optimizer = sgd(model.parameters(), lr=torch.tensor(0.1), momentum=0.9)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+        for _ in range(3):
+            _train(model, optimizer, "cpu", steps=1)
+            scheduler.step()
+
+    _both(loop)
+
+
+def test_unknown_backend_is_refused_at_construction():
+    model = _model("cpu")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        FusedSGD(model.parameters(), lr=0.1, backend="cuda-fast")
+
+
+@pytest.mark.parametrize("autocast", [None, torch.float16], ids=["fp32", "autocast-fp16"])
+def test_grad_scaler_works_like_torch_sgd(autocast):
+    """GradScaler unscales the factor gradients (which forms them) and skips a step with inf."""
+
+    def loop(model, sgd):
+        optimizer = sgd(model.parameters(), lr=0.1, momentum=0.9)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=1)
+        x, y = _batch("cpu")
+        for i in range(4):
+            xi = x.clone()
+            if i == 1:
+                xi[0, 0, 0, 0] = float("inf")  # this step is skipped
+            optimizer.zero_grad()
+            with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+                loss = _loss(model, xi, y)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        model.scale = scaler.get_scale()
+
+    models = _both(loop)
+    assert models[0].scale == models[1].scale == 2.0**18
+
+
+def test_create_graph_gives_the_ordinary_differentiable_gradient():
+    """A gradient penalty (create_graph=True) differentiates the factor gradient: it is then the
+    ordinary dense one, with a graph, and training matches torch.optim.SGD."""
+    model, reference = _model("cpu"), _model("cpu")
+    optimizer = FusedSGD(model.parameters(), lr=0.1)
+    x, y = _batch("cpu")
+    grads = torch.autograd.grad(_loss(model, x, y), list(model.parameters()), create_graph=True)
+    expected = torch.autograd.grad(_loss(reference, x, y), list(reference.parameters()), create_graph=True)
+    for g, e in zip(grads, expected, strict=True):
+        assert type(g) is torch.Tensor and g.grad_fn is not None
+        assert torch.equal(g, e)
+    del optimizer
+
+    def loop(model, sgd):
+        optimizer = sgd(model.parameters(), lr=0.1, momentum=0.9)
+        x, y = _batch("cpu")
+        for _ in range(3):
+            optimizer.zero_grad()
+            loss = _loss(model, x, y)
+            grads = torch.autograd.grad(loss, list(model.parameters()), create_graph=True)
+            (loss + 0.1 * sum(g.square().sum() for g in grads)).backward()
+            optimizer.step()
+
+    _both(loop)
+
+
+def test_the_lazy_gradient_reads_like_the_dense_one(tmp_path):
+    model, reference = _model("cpu"), _model("cpu")
+    optimizer = FusedSGD(model.parameters(), lr=0.1)
+    x, y = _batch("cpu")
+    _loss(model, x, y).backward()
+    _loss(reference, x, y).backward()
+    grad, dense = model[3].factors.grad, reference[3].factors.grad
+    assert isinstance(grad, LazyFactorGrad) and grad.status == "lazy"
+    assert grad.shape == dense.shape and grad.dtype == dense.dtype and grad.device == dense.device
+    assert torch.equal(grad[1], dense[1]) and torch.equal(grad.view(-1), dense.view(-1))
+    assert (grad.numpy() == dense.numpy()).all() and grad.tolist() == dense.tolist()
+    assert grad.sum().item() == dense.sum().item() and torch.equal(grad.data, dense)
+    assert type(copy.deepcopy(grad)) is torch.Tensor and torch.equal(copy.deepcopy(grad), dense)
+    torch.save(grad, tmp_path / "grad.pt")
+    assert torch.equal(torch.load(tmp_path / "grad.pt"), dense)
+    grad.view(-1).mul_(2)  # in-place through a view changes the gradient, as for a dense one
+    assert torch.equal(grad, 2 * dense)
+    del optimizer
+
+
+def test_foreach_zero_grad_keeping_tensors_after_a_fused_step():
+    def loop(model, sgd):
+        optimizer = sgd(model.parameters(), lr=0.1, momentum=0.9)
+        optimizer.defaults["foreach"] = True  # zero_grad then zeroes with one _foreach_zero_
+        x, y = _batch("cpu")
+        for _ in range(3):
+            optimizer.zero_grad(set_to_none=False)
+            _loss(model, x, y).backward()
+            optimizer.step()
+
+    _both(loop)
+
+
+def test_model_conversions_convert_the_factor_gradient():
+    """model.double() / .to() convert parameter gradients too: a lazy one as the dense gradient it
+    stands for; one FusedSGD has applied stays refused, and training goes on after it."""
+    model, reference = _model("cpu"), _model("cpu")
+    optimizer = FusedSGD(model.parameters(), lr=0.1)
+    x, y = _batch("cpu")
+    _loss(model, x, y).backward()
+    _loss(reference, x, y).backward()
+    model.double().to(memory_format=torch.channels_last)
+    reference.double()
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        assert p.grad.dtype == torch.float64 and torch.equal(p.grad, q.grad)
+    optimizer.zero_grad()
+    _loss(model, x.double(), y).backward()
+    optimizer.step()
+    model.float()
+    grad = model[0].factors.grad
+    assert grad.dtype == torch.float32 and grad.status == "consumed"
+    with pytest.raises(RuntimeError, match="already applied by FusedSGD.step"):
+        grad.sum()
+    _train(model, optimizer, "cpu", steps=2)
+
+
+def test_functional_call_with_tensors_gives_ordinary_gradients():
+    """functional_call swaps tensors in for the parameters (MAML-style inner loops): those are not
+    what FusedSGD updates, and get ordinary gradients equal to the plain chain's."""
+    from torch.func import functional_call
+
+    model, reference = _model("cpu"), _model("cpu")
+    optimizer = FusedSGD(model.parameters(), lr=0.1)
+    x, y = _batch("cpu")
+    grads = []
+    for m in (model, reference):
+        params = {name: p.detach().clone().requires_grad_(True) for name, p in m.named_parameters()}
+        loss = nn.functional.cross_entropy(functional_call(m, params, (x,)), y) + dwf_kernels.penalty(m, 1e-2)
+        loss.backward()
+        grads.append([p.grad for p in params.values()])
+    for g, e in zip(*grads, strict=True):
+        assert type(g) is torch.Tensor and torch.equal(g, e)
+    del optimizer
