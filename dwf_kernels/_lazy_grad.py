@@ -208,7 +208,7 @@ def materialize(grad: LazyFactorGrad) -> torch.Tensor:
         return state.dense
     factors = state.factors()
     if factors is None:
-        raise RuntimeError("this DWF factor gradient belongs to factors that no longer exist")
+        raise RuntimeError("This DWF factor gradient belongs to factors that no longer exist")
     if factors._version != state.version:
         raise stale_gradient_error("was computed by a backward pass before its factors were changed in place")
     with torch.no_grad():
