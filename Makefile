@@ -12,7 +12,8 @@ BUILD_STAMP := $(VENV)/.dwf-built
 # What dwf_kernels._C is built from: the files dwf_kernels/_source_hash.py hashes into its build stamp
 # (a _C whose stamp differs from the tree's sources is refused at import), and the hash itself.
 EXT_SOURCES := setup.py dwf_kernels/_source_hash.py \
-	$(shell find csrc -type f \( -name '*.h' -o -name '*.hpp' -o -name '*.c' -o -name '*.cc' -o -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' \))
+	$(shell find csrc -type f \( -name '*.h' -o -name '*.hpp' -o -name '*.c' -o -name '*.cc' -o -name '*.cpp' \
+		-o -name '*.cu' -o -name '*.cuh' \))
 PREBUILT := prebuilt/gpu/_C.abi3.so
 
 .PHONY: install train test test-gpu-versions gpu-prebuilt bench-cpu clean

@@ -70,7 +70,8 @@ if [[ ! -f $STAMP || $(cat "$STAMP") != "$wanted" ]]; then
   echo "$wanted" > "$STAMP"
 fi
 echo "gpu_machine_versions: environment ready at ${SECONDS} s"
-"$VENV/bin/python" -c "import sys, torch, triton; print('python', sys.version.split()[0], '/ torch', torch.__version__, '/ triton', triton.__version__)"
+"$VENV/bin/python" -c "import sys, torch, triton
+print('python', sys.version.split()[0], '/ torch', torch.__version__, '/ triton', triton.__version__)"
 VENV_PY=$PWD/$VENV/bin/python
 
 copy_sources() {  # $1: destination, a fresh copy of what the package is built and tested from
@@ -144,7 +145,8 @@ for dtype, rtol in ((torch.float32, 4e-7), (torch.float64, 1e-12)):
 print(
     f"prebuilt import test: python {sys.version.split()[0]}, torch {torch.__version__}: loaded "
     f"{os.path.relpath(sys.modules['dwf_kernels._C'].__file__)} with kernels for {sorted(_extension.KERNEL_DEVICES)} "
-    f"(CUDA archs {_build_info.CUDA_ARCH_LIST}, CPU ISA {_build_info.CPU_ISA}); CPU forward/backward equal the reference"
+    f"(CUDA archs {_build_info.CUDA_ARCH_LIST}, CPU ISA {_build_info.CPU_ISA}); "
+    "CPU forward/backward equal the reference"
 )
 EOF
 }
