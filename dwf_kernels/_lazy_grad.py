@@ -29,6 +29,7 @@ from torch.utils._pytree import tree_map
 
 from .backends import resolve_backend
 from .ops import dwf_product, dwf_product_backward
+from .reference import dwf_backward_differentiable
 
 aten = torch.ops.aten
 
@@ -194,6 +195,11 @@ def stale_gradient_error(what: str) -> RuntimeError:
     )
 
 
+def _autograd_excluded(t: torch.Tensor) -> bool:
+    key = torch._C._parse_dispatch_key("AutogradCUDA" if t.is_cuda else "AutogradCPU")
+    return key is not None and torch._C._dispatch_tls_is_dispatch_key_excluded(key)
+
+
 def materialize(grad: LazyFactorGrad) -> torch.Tensor:
     """The dense gradient behind `grad` (computed once, then kept: the gradient is now dense)."""
     state = grad._state
@@ -211,10 +217,14 @@ def materialize(grad: LazyFactorGrad) -> torch.Tensor:
         raise RuntimeError("This DWF factor gradient belongs to factors that no longer exist")
     if factors._version != state.version:
         raise stale_gradient_error("was computed by a backward pass before its factors were changed in place")
+    grad_w = _grad_w_or_zeros(state.grad_w, factors)
     with torch.no_grad():
-        dense = dwf_product_backward(
-            factors, _grad_w_or_zeros(state.grad_w, factors), state.grad_sumsq, backend=state.backend
-        )
+        if _autograd_excluded(factors) and resolve_backend(factors.device.type, state.backend) == "reference":
+            # Inside __torch_dispatch__ autograd is off, and the reference backward differentiates
+            # its forward: take its explicit formula instead (plain tensor ops).
+            dense = dwf_backward_differentiable(factors.detach(), grad_w, state.grad_sumsq)
+        else:
+            dense = dwf_product_backward(factors, grad_w, state.grad_sumsq, backend=state.backend)
     state.set_dense(dense)
     return dense
 
