@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU machines' environment on this machine: Python 3.12, torch 2.11.0+cu130, triton 3.6.0,
-# torchvision 0.26.0 (TOOLCHAIN.md), so a GPU session spends no device time finding out that the
-# build or a backend breaks there, and builds nothing there: it gets dwf_kernels._C prebuilt.
+# torchvision 0.26.0, so a run on a GPU machine spends no GPU time finding out that the build or a
+# backend breaks there, and builds nothing there: it gets dwf_kernels._C prebuilt.
 #
 #   .ci/gpu_machine_versions.sh              (make test-gpu-versions; CI runs it after `make test`)
 #   .ci/gpu_machine_versions.sh --prebuilt   (make gpu-prebuilt: the same without the test suite)

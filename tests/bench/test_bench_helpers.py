@@ -139,7 +139,7 @@ def test_report_merges_runs_each_row_against_its_own_copy(tmp_path):
     assert "median of 2 runs, 10.0-20.0" in report.header(doc, rows, copy_gbs)
 
 
-def test_goal_table_judges_the_gpu_goals_of_issues_3_and_4():
+def test_goal_table_judges_the_gpu_goals():
     def row(provider, mode, seconds, depth=4, n=1 << 24, dtype="float32"):
         traffic = 1e9  # bytes: 1 ms is 1000 GB/s
         info = {"kind": "kernel", "provider": provider, "mode": mode, "depth": depth, "n": n, "dtype": dtype}
