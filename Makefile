@@ -1,5 +1,5 @@
 # The two commands of the README, and the benchmark report. Each target creates .venv and
-# installs the pinned environment (TOOLCHAIN.md) when it is missing, then builds dwf_kernels._C
+# installs the pinned environment (below) when it is missing, then builds dwf_kernels._C
 # when its sources changed.
 PYTHON ?= python3
 VENV ?= .venv

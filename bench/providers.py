@@ -38,7 +38,7 @@ def versions() -> dict:
 
 
 def traffic_bytes(mode: str, depth: int, n: int, element_size: int) -> int:
-    """Bytes the fused algorithm must move (DESIGN.md §2): the roofline's numerator."""
+    """Bytes the fused algorithm must move (docs/design.md, Kernel contract): the roofline's numerator."""
     elements = {"forward": depth + 1, "backward": 2 * depth + 1, "full": 3 * depth + 2, "sgd": 4 * depth + 1}[mode]
     return elements * n * element_size
 

@@ -1,4 +1,4 @@
-// The autograd formula of dwf_kernels::dwf_forward, in C++ (DESIGN.md §2 backward).
+// The autograd formula of dwf_kernels::dwf_forward, in C++ (docs/design.md, The math).
 //
 // Registered for the Autograd dispatch key, so a training step crosses no Python to differentiate
 // the op: with torch.library.register_autograd every call paid ~20 us forward and ~30 us backward

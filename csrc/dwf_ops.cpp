@@ -29,7 +29,7 @@ TORCH_LIBRARY(dwf_kernels, m) {
   // d/dfactors of L given grad_w = dL/dw and grad_sumsq = dL/dsumsq (None: the penalty is unused).
   m.def("dwf_backward(Tensor factors, Tensor grad_w, Tensor? grad_sumsq) -> Tensor",
         {at::Tag::pt2_compliant_tag});
-  // The fused backward + torch.optim.SGD step (DESIGN.md §7b): the factor gradients of dwf_backward
+  // The fused backward + torch.optim.SGD step (docs/design.md, The fused SGD step): the factor gradients of dwf_backward
   // are formed in registers and applied at once, updating factors and momentum_buffer in place;
   // no gradient tensor exists. init_buffer: this is the buffer's first step (it is written, not read).
   m.def(

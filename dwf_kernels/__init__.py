@@ -9,7 +9,7 @@
     sparse = dwf_kernels.collapse(model)                             # plain torch.nn, exact zeros
     print(dwf_kernels.sparsity_report(sparse))
 
-See DESIGN.md for the math and the kernel contract.
+See docs/design.md for the math and the kernel contract.
 """
 
 from . import (

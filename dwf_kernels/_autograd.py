@@ -4,7 +4,7 @@ the same formula in C++, csrc/dwf_autograd.cpp).
 Both op families have the same signatures:
   dwf_forward(factors, out_dtype, with_sumsq) -> (w, sumsq)
   dwf_backward(factors, grad_w, grad_sumsq) -> grad_factors
-Nothing is saved for backward but the factors themselves (DESIGN.md §2).
+Nothing is saved for backward but the factors themselves (docs/design.md, Kernel contract).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Triton kernels for the fused DWF forward and backward (DESIGN.md §2), and their launchers.
+"""Triton kernels for the fused DWF forward and backward (docs/design.md, Kernel contract), and their launchers.
 
 Imported only when triton is installed (see triton_ops.py). Under TRITON_INTERPRET=1, which must
 be set before this module is imported, the same kernels run on CPU tensors for the tests.

@@ -1,6 +1,6 @@
 """Argument checks of the front door: bad input is refused before any kernel runs.
 
-Every message names the argument and says what was expected (DESIGN.md §6). The compiled ops
+Every message names the argument and says what was expected (docs/design.md, Argument checks). The compiled ops
 repeat the essential checks in C++ for direct torch.ops calls.
 """
 

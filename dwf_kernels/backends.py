@@ -1,6 +1,6 @@
 """Which backend computes the DWF product: discovery, automatic choice, and explicit selection.
 
-Backends (DESIGN.md §2), all with the same op semantics:
+Backends (docs/design.md, Kernel contract), all with the same op semantics:
   cuda       C++/CUDA kernels of dwf_kernels._C       CUDA tensors
   cpu        C++ kernels of dwf_kernels._C            CPU tensors
   triton     Triton kernels                           CUDA tensors; CPU tensors only under

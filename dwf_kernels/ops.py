@@ -102,7 +102,7 @@ def dwf_sgd_step(
     maximize: bool = False,
     backend: str | None = None,
 ) -> torch.Tensor | None:
-    """The fused backward + SGD step (DESIGN.md §7b): one pass, no factor-gradient tensor.
+    """The fused backward + SGD step (docs/design.md, The fused SGD step): one pass, no factor-gradient tensor.
 
     Updates `factors` in place exactly as torch.optim.SGD (same hyper-parameters, same order of
     operations) would with the gradient `dwf_product_backward(factors, grad_w, grad_sumsq)`; that

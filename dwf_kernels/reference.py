@@ -1,6 +1,6 @@
 """The `reference` backend: DWF in plain PyTorch, the ground truth of every test and the fallback.
 
-Correct on any device, dtype and depth. It follows DESIGN.md §2 literally: upcast to the
+Correct on any device, dtype and depth. It follows the kernel contract of docs/design.md literally: upcast to the
 accumulation dtype, multiply the factors left to right, sum the squares; autograd provides the
 backward. Nothing here is fused; it moves several times the memory of the kernels.
 """

@@ -1,4 +1,4 @@
-"""Bad input is refused before any kernel runs, with a message naming the argument (DESIGN.md §6)."""
+"""Bad input is refused before any kernel runs, with a message naming the argument (docs/design.md, Argument checks)."""
 
 from __future__ import annotations
 

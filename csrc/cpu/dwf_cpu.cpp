@@ -1,4 +1,4 @@
-// CPU kernels for the fused DWF forward, backward and backward + SGD step (DESIGN.md §2, §7b).
+// CPU kernels for the fused DWF forward, backward and backward + SGD step (docs/design.md).
 //
 // at::parallel_for splits the elements into fixed-size chunks; inside a chunk at::vec SIMD runs
 // the shared per-element math (dwf_math.h) on two registers' worth of elements per step, with a

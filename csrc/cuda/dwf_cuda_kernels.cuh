@@ -1,4 +1,4 @@
-// The CUDA kernels of the fused DWF forward, backward and backward + SGD step (DESIGN.md §2, §7b),
+// The CUDA kernels of the fused DWF forward, backward and backward + SGD step (docs/design.md),
 // and the host code that plans and launches them.
 //
 // Grid-stride loops over packs of V elements with 64-bit indices: V = 16 bytes / sizeof(factor)
