@@ -53,6 +53,9 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/dwf-gpu-check.XXXXXX")
 STAGES="$WORK/stages.tsv"
 printf 'stage\tstatus\tseconds\tnote\n' > "$STAGES"
 export PYTHONUNBUFFERED=1
+# Run from inside a pytest-xdist worker (the dry-run test), pytest-benchmark would see these and
+# silently disable every benchmark.
+unset PYTEST_XDIST_WORKER PYTEST_XDIST_WORKER_COUNT PYTEST_XDIST_TESTRUNUID PYTEST_ADDOPTS
 unset TRITON_INTERPRET  # compiled Triton (on CPU only the launch-overhead stage, its launch stubbed)
 
 left() { echo $((BUDGET - (SECONDS - T0))); }
@@ -196,29 +199,39 @@ bench_modes() {
   local tag=$1 mode status=0
   shift
   for mode in forward backward full sgd; do
-    bounded "$PY" -m pytest bench/test_bench_kernels.py -q -p no:warnings -p no:cacheprovider \
-      --bench-modes "$mode" "$@" --benchmark-json="$WORK/gpu-kernels-$tag-$mode.json" || status=1
+    bench_run "$WORK/gpu-kernels-$tag-$mode.json" --bench-modes "$mode" "$@" || status=1
   done
-  report
+  report || status=1
   return $status
 }
 
+# One pytest run of the kernel benchmarks into $1 (JSON); the rest: its options. Fails when the run
+# fails or leaves no results (pytest-benchmark disables itself rather than failing).
+bench_run() {
+  local json=$1
+  shift
+  bounded "$PY" -m pytest bench/test_bench_kernels.py -q -p no:warnings -p no:cacheprovider "$@" \
+    --benchmark-json="$json" || return 1
+  "$PY" -c "import json, sys; sys.exit(0 if json.load(open(sys.argv[1]))['benchmarks'] else 1)" "$json" ||
+    { echo "no benchmark results in $json"; return 1; }
+}
+
+# The reports of every benchmark result so far; fails when report.py fails.
 report() {
   compgen -G "$WORK/gpu-kernels-*.json" > /dev/null || return 0
   local step=()
   [[ -s $WORK/gpu-train-step.jsonl ]] && step=(--train-step "$WORK/gpu-train-step.jsonl")
   "$PY" bench/report.py "$WORK"/gpu-kernels-*.json --markdown "$WORK/gpu-kernels.md" --plot "$WORK/gpu-kernels.png" \
-    --goals "$WORK/gpu-goals.md" "${step[@]}" > /dev/null
+    --goals "$WORK/gpu-goals.md" "${step[@]}" > /dev/null || { echo "bench/report.py failed"; return 1; }
 }
 
 bench() {
   if [[ $DRY == 1 ]]; then
     note "dry run: N=4096, float32, 3 rounds, all modes in one pytest run, no torch.compile (a cold CPU compile takes 20 s)"
-    bounded "$PY" -m pytest bench/test_bench_kernels.py -q -p no:warnings -p no:cacheprovider --bench-depths 4 \
-      --bench-sizes 4096 --bench-dtypes float32 --bench-rounds 3 --bench-compile-modes "" \
-      --benchmark-json="$WORK/gpu-kernels-goal-all.json"
+    bench_run "$WORK/gpu-kernels-goal-all.json" --bench-depths 4 --bench-sizes 4096 --bench-dtypes float32 \
+      --bench-rounds 3 --bench-compile-modes ""
     local status=$?
-    report
+    report || status=1
     return $status
   else
     bench_modes goal --bench-depths 4 --bench-sizes 67108864 --bench-dtypes float32,bfloat16 --bench-rounds 20 \
@@ -280,26 +293,23 @@ step() {
   bounded "$PY" bench/train_step.py "${args[@]}" --jsonl "$WORK/gpu-train-step.jsonl" \
     --json "$WORK/gpu-train-step.json" --markdown "$WORK/gpu-train-step.md"
   local status=$?
-  report
+  report || status=1
   return $status
 }
 
 more() {
   if [[ $DRY == 1 ]]; then
     note "dry run: D=2, N=4096, forward only"
-    bounded "$PY" -m pytest bench/test_bench_kernels.py -q -p no:warnings -p no:cacheprovider --bench-modes forward \
-      --bench-depths 2 --bench-sizes 4096 --bench-rounds 3 --benchmark-json="$WORK/gpu-kernels-more-forward.json"
+    bench_run "$WORK/gpu-kernels-more-forward.json" --bench-modes forward --bench-depths 2 --bench-sizes 4096 \
+      --bench-rounds 3 && report
   else
     bench_modes more --bench-depths 2,8 --bench-sizes 1048576,16777216 --bench-dtypes float32,bfloat16 \
       --bench-rounds 20 --bench-compile-modes full
   fi
-  local status=$?
-  report
-  return $status
 }
 
 export DRY PY PREBUILT WORK
-export -f note bounded extension_ok preflight extension bench_modes report bench launch tests step more
+export -f note bounded extension_ok preflight extension bench_modes bench_run report bench launch tests step more
 stage preflight 60 5 preflight
 stage extension 300 20 extension
 stage bench 240 30 bench
