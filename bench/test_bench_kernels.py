@@ -1,7 +1,7 @@
 """pytest-benchmark timings of the DWF kernels against the eager chain and its torch.compile.
 
-    pytest bench/test_bench_kernels.py --benchmark-json=bench/results/cpu.json
-    python bench/report.py bench/results/cpu.json
+    pytest bench/test_bench_kernels.py --benchmark-json=bench/results/cpu-kernels.json
+    python bench/report.py bench/results/cpu-kernels.json
 
 Every row records in extra_info the bytes the fused algorithm must move, and the run holds a
 copy-bandwidth measurement on the same device, so every row converts to GB/s and to a fraction
