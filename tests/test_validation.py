@@ -101,8 +101,8 @@ def test_extension_ops_check_arguments_too():
     """Direct torch.ops calls (bypassing the front door) are refused in C++ with the same kind of message."""
     if not _extension.LOADED:
         pytest.skip("C++ extension not loaded")
-    with pytest.raises(RuntimeError, match=r"factors.shape\[0\] is the depth D and must be in \[1, 16\]"):
-        torch.ops.dwf_kernels.dwf_forward(torch.ones(17, 3), None, True)
+    with pytest.raises(RuntimeError, match=rf"factors.shape\[0\] is the depth D and must be in \[1, {MAX_DEPTH}\]"):
+        torch.ops.dwf_kernels.dwf_forward(torch.ones(MAX_DEPTH + 1, 3), None, True)
     with pytest.raises(RuntimeError, match="out_dtype must equal the factors' dtype"):
         torch.ops.dwf_kernels.dwf_forward(torch.ones(2, 3, dtype=torch.float64), torch.float16, True)
     with pytest.raises(RuntimeError, match=r"grad_w must have the weight shape"):
