@@ -36,7 +36,7 @@ def triton_backend(monkeypatch):
         from triton.runtime.jit import JITFunction
 
         monkeypatch.setattr(JITFunction, "run", lambda self, *args, **kwargs: None)
-        monkeypatch.setattr(backends, "_available", lambda device_type: ("triton", "reference"))
+        monkeypatch.setattr(backends.REGISTRY["triton"], "serves", lambda device_type: True)
     return "triton"
 
 

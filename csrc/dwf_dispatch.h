@@ -1,7 +1,9 @@
 // Host-side dispatch and argument checks shared by the CPU and CUDA implementations.
 //
 // The Python front door (dwf_kernels/_validate.py) refuses bad input with friendlier messages
-// before any op runs; these checks guard direct torch.ops.dwf_kernels calls.
+// before any op runs; these checks guard direct torch.ops.dwf_kernels calls. The limits are the
+// front door's: kMaxDepth (dwf_math.h) is MAX_DEPTH and is_supported_out_dtype is IO_DTYPES there;
+// tests/test_validation.py checks that both sides refuse exactly the same depths and dtype pairs.
 #pragma once
 
 #include <ATen/MemoryOverlap.h>
@@ -134,7 +136,7 @@ void dispatch_depth(int64_t depth, F&& f) {
       if (depth <= 12) {
         f(std::integral_constant<int, -12>{});
       } else {
-        f(std::integral_constant<int, -16>{});
+        f(std::integral_constant<int, -kMaxDepth>{});
       }
       break;
   }

@@ -1,7 +1,8 @@
 // The dwf_kernels operator schemas (defined once, here) and the Python module entry point.
 //
-// Device implementations register beside their code (cpu/dwf_cpu.cpp, cuda/dwf_cuda.cu); the
-// fake (meta) kernels and the autograd formula are registered from Python (dwf_kernels/_registry.py).
+// Device implementations register beside their code (cpu/dwf_cpu.cpp, cuda/dwf_cuda.cu), the
+// autograd formula in dwf_autograd.cpp; the fake (meta) kernels are registered from Python by the
+// extension backend (dwf_kernels/backends/extension.py), whose registry is dwf_kernels/backends/__init__.py.
 #include <Python.h>
 #include <torch/library.h>
 

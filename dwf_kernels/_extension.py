@@ -1,4 +1,4 @@
-"""Loads the compiled extension dwf_kernels._C, or explains once why it is not there.
+"""Loads the C++ extension dwf_kernels._C, or explains once why it is not there.
 
 Importing `_C` runs its static TORCH_LIBRARY registrations (the `torch.ops.dwf_kernels` ops and
 their CPU/CUDA kernels). A pure-Python install has no `_C`, and one built against another torch
@@ -23,7 +23,7 @@ from . import _source_hash
 
 LOADED: bool = False
 LOAD_ERROR: str | None = None
-# Device types ("cpu", "cuda") the compiled ops have kernels for. Plain Python data, computed once,
+# Device types ("cpu", "cuda") the C++ ops have kernels for. Plain Python data, computed once,
 # so backend selection stays traceable by torch.compile.
 KERNEL_DEVICES: frozenset[str] = frozenset()
 
@@ -71,7 +71,7 @@ else:
 
 if not LOADED:
     warnings.warn(
-        "dwf_kernels: the compiled extension dwf_kernels._C is not available "
+        "dwf_kernels: the C++ extension dwf_kernels._C is not available "
         f"({LOAD_ERROR}); the 'reference' backend (and 'triton' for CUDA tensors) will serve. "
         "Build it with `pip install --no-build-isolation -e .` against the installed torch.",
         RuntimeWarning,

@@ -28,8 +28,8 @@ import torch
 from torch.utils._pytree import tree_map
 
 from .backends import resolve_backend
+from .backends.reference import dwf_backward_differentiable
 from .ops import dwf_product, dwf_product_backward
-from .reference import dwf_backward_differentiable
 
 aten = torch.ops.aten
 

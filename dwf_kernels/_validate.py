@@ -1,17 +1,26 @@
-"""Argument checks of the front door: bad input is refused before any kernel runs.
+"""Argument checks of the front door, and the limits every backend shares.
 
-Every message names the argument and says what was expected (docs/design.md, Argument checks). The compiled ops
-repeat the essential checks in C++ for direct torch.ops calls.
+Bad input is refused before any kernel runs; every message names the argument and says what was
+expected (docs/design.md, Argument checks). The C++ ops repeat the essential checks for direct
+torch.ops.dwf_kernels calls, with the same limits in csrc/dwf_math.h (kMaxDepth) and
+csrc/dwf_dispatch.h (is_supported_out_dtype); tests/test_validation.py checks that they agree.
 """
 
 from __future__ import annotations
 
 import torch
 
+# The deepest factorization: the kernels hold D factors per element in registers.
 MAX_DEPTH = 16
-FACTOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# Mixed precision: fp32 factors may write w (and take grad_w) in a narrower dtype.
-NARROW_OUT_DTYPES = (torch.bfloat16, torch.float16)
+# Factor dtype -> the dtypes w (forward) and grad_w (backward) may have: the factors' own, and
+# for fp32 factors also bf16/fp16 (mixed precision).
+IO_DTYPES = {
+    torch.float16: (torch.float16,),
+    torch.bfloat16: (torch.bfloat16,),
+    torch.float32: (torch.float32, torch.bfloat16, torch.float16),
+    torch.float64: (torch.float64,),
+}
+FACTOR_DTYPES = tuple(IO_DTYPES)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -61,7 +70,7 @@ def resolve_out_dtype(factors: torch.Tensor, out_dtype: torch.dtype | None) -> t
         return factors.dtype
     if not isinstance(out_dtype, torch.dtype):
         raise TypeError(f"out_dtype must be a torch.dtype or None; got {type(out_dtype).__name__}")
-    if out_dtype != factors.dtype and not (factors.dtype == torch.float32 and out_dtype in NARROW_OUT_DTYPES):
+    if out_dtype not in IO_DTYPES[factors.dtype]:
         raise ValueError(
             "out_dtype must equal the factors' dtype, or be bfloat16/float16 for float32 factors; got "
             f"factors {_dtype_name(factors.dtype)} and out_dtype {_dtype_name(out_dtype)}"
@@ -87,7 +96,7 @@ def check_backward(factors: torch.Tensor, grad_w: torch.Tensor, grad_sumsq: torc
             f"grad_w must have the weight shape factors.shape[1:] = {tuple(factors.shape[1:])}; "
             f"got {tuple(grad_w.shape)}"
         )
-    if grad_w.dtype != factors.dtype and not (factors.dtype == torch.float32 and grad_w.dtype in NARROW_OUT_DTYPES):
+    if grad_w.dtype not in IO_DTYPES[factors.dtype]:
         raise TypeError(
             "grad_w must have the dtype of w (the factors' dtype, or bfloat16/float16 for float32 factors); "
             f"got factors {_dtype_name(factors.dtype)} and grad_w {_dtype_name(grad_w.dtype)}"

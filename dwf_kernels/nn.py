@@ -26,15 +26,16 @@ from torch import nn
 
 from . import init as dwf_init
 from ._lazy_grad import convertible, fused_dwf_product
+from ._validate import MAX_DEPTH
 from .ops import dwf_product
 
 
 def check_depth(depth: object) -> None:
-    """The number of factors per weight: an int in [1, 16] (not a bool, a float or a string)."""
+    """The number of factors per weight: an int in [1, MAX_DEPTH] (not a bool, a float or a string)."""
     if isinstance(depth, bool) or not isinstance(depth, int):
-        raise TypeError(f"depth must be an int in [1, 16]; got {depth!r} ({type(depth).__name__})")
-    if not 1 <= depth <= 16:
-        raise ValueError(f"depth must be an int in [1, 16]; got {depth!r}")
+        raise TypeError(f"depth must be an int in [1, {MAX_DEPTH}]; got {depth!r} ({type(depth).__name__})")
+    if not 1 <= depth <= MAX_DEPTH:
+        raise ValueError(f"depth must be an int in [1, {MAX_DEPTH}]; got {depth!r}")
 
 
 @functools.cache

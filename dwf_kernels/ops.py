@@ -3,29 +3,17 @@
     w = factors[0] * factors[1] * ... * factors[D-1]        (elementwise)
     sumsq = sum(factors ** 2)                                (with return_sumsq=True)
 
-Forward and backward are each one fused pass over memory in the compiled and Triton backends;
-the choice of backend never changes results beyond rounding.
+Forward and backward are each one fused pass over memory in the C++ and Triton backends;
+the choice of backend never changes results beyond rounding. Each entry point validates its
+arguments once, here, then calls the backend the registry selects (docs/design.md, Backends).
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import compiled_ops, reference, triton_ops
 from ._validate import check_backward, check_flag, check_forward, check_sgd_step
-from .backends import resolve_backend
-
-
-def _forward_op(backend: str):
-    return triton_ops.forward_op if backend == "triton" else compiled_ops.forward_op
-
-
-def _backward_op(backend: str):
-    return triton_ops.backward_op if backend == "triton" else compiled_ops.backward_op
-
-
-def _sgd_step_op(backend: str):
-    return triton_ops.sgd_step_op if backend == "triton" else compiled_ops.sgd_step_op
+from .backends import reference, select
 
 
 def dwf_product(
@@ -52,13 +40,7 @@ def dwf_product(
     """
     out = check_forward(factors, out_dtype)
     check_flag("return_sumsq", return_sumsq)
-    name = resolve_backend(factors.device.type, backend)
-    if name == "reference":
-        w, sumsq = reference.dwf_forward_reference(factors, out, return_sumsq)
-    elif name == "triton" and triton_ops.direct_call_ok(factors):
-        w, sumsq = triton_ops.forward_direct(factors, out, return_sumsq)
-    else:
-        w, sumsq = _forward_op(name)(factors, out, return_sumsq)
+    w, sumsq = select(factors.device.type, backend).forward(factors, out, return_sumsq)
     return (w, sumsq) if return_sumsq else w
 
 
@@ -77,15 +59,11 @@ def dwf_product_backward(
     again (as dwf_product's gradient is under backward(create_graph=True)).
     """
     check_backward(factors, grad_w, grad_sumsq)
-    name = resolve_backend(factors.device.type, backend)
+    chosen = select(factors.device.type, backend)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (factors, grad_w, grad_sumsq)):
         # Differentiable, like the gradient of dwf_product under create_graph=True.
         return reference.dwf_backward_differentiable(factors, grad_w, grad_sumsq)
-    if name == "reference":
-        return reference.dwf_backward_reference(factors, grad_w, grad_sumsq)
-    if name == "triton" and not torch.is_grad_enabled() and triton_ops.direct_call_ok(factors, grad_w, grad_sumsq):
-        return triton_ops.backward_direct(factors, grad_w, grad_sumsq)
-    return _backward_op(name)(factors, grad_w, grad_sumsq)
+    return chosen.backward(factors, grad_w, grad_sumsq)
 
 
 def dwf_sgd_step(
@@ -114,7 +92,7 @@ def dwf_sgd_step(
     torch.optim.SGD keeps it. Returns the buffer (new on the first step) when momentum != 0, else None.
     """
     check_sgd_step(factors, grad_w, grad_sumsq, momentum_buffer, lr, momentum, dampening, weight_decay, nesterov)
-    name = resolve_backend(factors.device.type, backend)
+    chosen = select(factors.device.type, backend)
     init_buffer = momentum != 0 and momentum_buffer is None
     if init_buffer:
         momentum_buffer = torch.empty_like(factors, memory_format=torch.contiguous_format)
@@ -132,16 +110,5 @@ def dwf_sgd_step(
         init_buffer,
     )
     with torch.no_grad():
-        if name == "reference":
-            reference.dwf_sgd_step_reference(*args)
-        elif name == "triton" and triton_ops.direct_call_ok(factors, momentum_buffer, grad_w, grad_sumsq):
-            triton_ops.sgd_step_direct(*args)
-        else:
-            _sgd_step_op(name)(*args)
-            if name != "triton" and not torch.compiler.is_compiling():
-                # The compiled op updates in place below autograd, which does not count it: bump the
-                # version counters, so that autograd and lazy factor gradients see the change.
-                torch.autograd.graph.increment_version(
-                    [t for t in (factors, momentum_buffer) if t is not None and not t.is_inference()]
-                )
+        chosen.sgd_step(*args)
     return momentum_buffer if momentum != 0 else None

@@ -17,6 +17,19 @@ KERNEL_BACKENDS = [
     if name != "reference"
 ]
 
+
+def _op_families() -> list:
+    """(the backend's custom ops, the devices they serve here) for each op family of KERNEL_BACKENDS."""
+    devices: dict = {}
+    for param in KERNEL_BACKENDS:
+        device, name = param.values
+        devices.setdefault(dwf_kernels.backends.REGISTRY[name].ops, []).append(device)
+    return [pytest.param(ops, sorted(set(on)), id=ops.namespace) for ops, on in devices.items()]
+
+
+# (ops, devices) for every custom-op family of KERNEL_BACKENDS (torch.ops.dwf_kernels, torch.ops.dwf_triton).
+OP_FAMILIES = _op_families()
+
 DEPTHS = [1, 2, 3, 4, 5, 8, 16]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 

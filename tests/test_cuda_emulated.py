@@ -29,7 +29,8 @@ import pytest
 import torch
 from helpers import SUMSQ_RTOL, TOLERANCES, make_factors
 
-from dwf_kernels import _build_info, reference
+from dwf_kernels import _build_info
+from dwf_kernels.backends import reference
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_OPS = torch.ops.dwf_kernels
@@ -62,7 +63,7 @@ def _require_cpu_backend():
     from dwf_kernels import _extension
 
     if "cpu" not in _extension.KERNEL_DEVICES:
-        pytest.fail("the compiled CPU backend is missing: build with `pip install --no-build-isolation -e .`")
+        pytest.fail("the C++ CPU backend is missing: build with `pip install --no-build-isolation -e .`")
 
 
 def assert_identical(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:

@@ -1,4 +1,4 @@
-"""Loading of the compiled extension: pure-Python installs work, built kernels are registered, and a
+"""Loading of the C++ extension: pure-Python installs work, built kernels are registered, and a
 _C built from other sources than the tree's (a stale build) is refused before it is imported."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ PACKAGE_DIR = Path(dwf_kernels.__file__).parent
 ROOT = PACKAGE_DIR.parent
 
 
-def test_import_without_compiled_extension_warns_once_and_reference_serves(tmp_path):
+def test_import_without_the_extension_warns_once_and_reference_serves(tmp_path):
     """A copy of the package without _C (a pure-Python install) imports, warns once, and computes."""
     shutil.copytree(PACKAGE_DIR, tmp_path / "dwf_kernels", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
     script = textwrap.dedent(
@@ -45,14 +45,14 @@ def test_import_without_compiled_extension_warns_once_and_reference_serves(tmp_p
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[4.0, 10.0, 18.0] 91.0 [[6.0, 9.0, 12.0], [9.0, 12.0, 15.0]]"
-    assert result.stderr.count("compiled extension dwf_kernels._C is not available") == 1, result.stderr
+    assert result.stderr.count("C++ extension dwf_kernels._C is not available") == 1, result.stderr
 
 
-def test_explicit_compiled_backend_without_extension_says_what_to_do(monkeypatch):
+def test_explicit_extension_backend_without_the_extension_says_what_to_do(monkeypatch):
     monkeypatch.setattr(_extension, "LOADED", False)
     monkeypatch.setattr(_extension, "LOAD_ERROR", "ImportError: no _C")
     monkeypatch.setattr(_extension, "KERNEL_DEVICES", frozenset())
-    with pytest.raises(RuntimeError, match=r"needs the compiled extension dwf_kernels._C.*use one of \['reference'"):
+    with pytest.raises(RuntimeError, match=r"needs the C\+\+ extension dwf_kernels._C.*use one of \['reference'"):
         dwf_kernels.dwf_product(torch.ones(2, 2), backend="cpu")
     assert dwf_kernels.available_backends("cpu")[0] == "reference"
 
@@ -141,7 +141,7 @@ def _load_in_copy(tree: Path) -> subprocess.CompletedProcess:
 
 def test_stale_build_is_refused_before_import(tmp_path):
     """A source tree whose setup.py/csrc no longer hash to the stamp in _build_info.py does not import
-    its _C (no stale kernels registered), says so once with the rebuild command, and the compiled
+    its _C (no stale kernels registered), says so once with the rebuild command, and the extension
     backends refuse to serve; the unchanged copy loads it."""
     if not _extension.LOADED or not _source_hash.is_source_tree(str(ROOT)):
         pytest.skip(f"needs a source tree with a current build of _C ({_extension.LOAD_ERROR})")
@@ -160,8 +160,8 @@ def test_stale_build_is_refused_before_import(tmp_path):
     assert "LOADED False False []" in stale.stdout, stale.stdout
     assert "StaleBuild: dwf_kernels._C was not loaded, it is stale" in stale.stdout, stale.stdout
     assert "pip install --no-build-isolation -e ." in stale.stdout, stale.stdout
-    assert "REFUSED backend 'cpu' needs the compiled extension" in stale.stdout, stale.stdout
-    assert stale.stderr.count("compiled extension dwf_kernels._C is not available (StaleBuild") == 1, stale.stderr
+    assert "REFUSED backend 'cpu' needs the C++ extension" in stale.stdout, stale.stdout
+    assert stale.stderr.count("C++ extension dwf_kernels._C is not available (StaleBuild") == 1, stale.stderr
 
     (tree / "dwf_kernels" / "_build_info.py").unlink()
     unstamped = _load_in_copy(tree)

@@ -139,7 +139,7 @@ def test_sumsq_is_bitwise_deterministic(device, backend, dtype):
 
 def test_cpu_sumsq_independent_of_thread_count():
     if "cpu" not in dwf_kernels.available_backends("cpu"):
-        pytest.skip("compiled extension not loaded")
+        pytest.skip("C++ extension not loaded")
     factors = make_factors(4, (1_000_003,), torch.float32, "cpu", seed=11)
     threads = torch.get_num_threads()
     try:
@@ -200,7 +200,7 @@ def test_available_backends_lists_fastest_first():
 def test_cpu_kernels_round_exactly_like_the_reference(dtype, depth):
     """Same products in the same order, no FMA contraction: w and both gradients are bitwise equal."""
     if "cpu" not in dwf_kernels.available_backends("cpu"):
-        pytest.skip("compiled extension not loaded")
+        pytest.skip("C++ extension not loaded")
     factors = make_factors(depth, (40009,), dtype, "cpu", seed=14)
     grad_w = make_factors(1, (40009,), dtype, "cpu", seed=15)[0]
     assert torch.equal(dwf_product(factors, backend="cpu"), dwf_product(factors, backend="reference"))
@@ -225,7 +225,7 @@ def test_cpu_row_offsets_past_two_to_the_31():
     4.8 GB of address space whose untouched pages read as the shared zero page; only w (300 MB) and
     those ends take memory."""
     if "cpu" not in dwf_kernels.available_backends("cpu"):
-        pytest.skip("compiled extension not loaded")
+        pytest.skip("C++ extension not loaded")
     depth, n = 16, 2**27 + 2**24
     assert (depth - 1) * n > 2**31 > n
     if _available_memory() < 2 * 2**30:
@@ -318,7 +318,7 @@ def test_first_order_backward_keeps_the_fused_op():
     from torch.utils._python_dispatch import TorchDispatchMode
 
     if "cpu" not in dwf_kernels.available_backends("cpu"):
-        pytest.skip("compiled extension not loaded")
+        pytest.skip("C++ extension not loaded")
 
     class Calls(TorchDispatchMode):
         def __init__(self):

@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import KERNEL_BACKENDS, make_factors
+from helpers import KERNEL_BACKENDS, OP_FAMILIES, make_factors
 
-from dwf_kernels import compiled_ops, dwf_product, triton_ops
-
-OP_FAMILIES = [
-    pytest.param(module, id=name) for name, module in (("dwf_kernels", compiled_ops), ("dwf_triton", triton_ops))
-]
+from dwf_kernels import backends, dwf_product
 
 
 def _sample_inputs(device):
@@ -21,29 +17,17 @@ def _sample_inputs(device):
     yield make_factors(9, (2, 3), torch.float16, device), None, True
 
 
-def _devices_for(module):
-    devices = []
-    for param in KERNEL_BACKENDS:
-        device, backend = param.values
-        if (module is triton_ops) == (backend == "triton"):
-            devices.append(device)
-    return devices
-
-
-@pytest.mark.parametrize("module", OP_FAMILIES)
-def test_opcheck_forward_and_backward(module):
-    devices = _devices_for(module)
-    if module.forward_op is None or not devices:
-        pytest.skip("op family not available here")
+@pytest.mark.parametrize("ops,devices", OP_FAMILIES)
+def test_opcheck_forward_and_backward(ops, devices):
     for device in devices:
         for factors, out_dtype, with_sumsq in _sample_inputs(device):
             for requires_grad in (False, True):
                 f = factors.clone().requires_grad_(requires_grad)
-                torch.library.opcheck(module.forward_op.default, (f, out_dtype, with_sumsq))
+                torch.library.opcheck(ops.forward.default, (f, out_dtype, with_sumsq))
             grad_w = make_factors(1, factors.shape[1:], out_dtype or factors.dtype, device, seed=3)[0]
             acc = torch.float64 if factors.dtype == torch.float64 else torch.float32
             for grad_sumsq in (None, torch.tensor(0.5, dtype=acc, device=device)):
-                torch.library.opcheck(module.backward_op.default, (factors, grad_w, grad_sumsq))
+                torch.library.opcheck(ops.backward.default, (factors, grad_w, grad_sumsq))
 
 
 @pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
@@ -80,7 +64,7 @@ def test_compiled_graph_holds_one_fused_op(device, backend):
     fn = torch.compile(lambda f: dwf_product(f, return_sumsq=True, backend=backend), backend=capture, fullgraph=True)
     fn(make_factors(4, (10,), torch.float32, device))
     (graph,) = graphs
-    op = (triton_ops if backend == "triton" else compiled_ops).forward_op
+    op = backends.REGISTRY[backend].ops.forward
     calls = [n for n in graph.graph.nodes if n.op == "call_function"]
     assert [n.target for n in calls if "dwf" in str(n.target)] == [op.default] or [
         n.target for n in calls if "dwf" in str(n.target)

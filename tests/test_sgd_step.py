@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DEPTHS, DTYPES, KERNEL_BACKENDS, assert_close, make_factors
+from helpers import DEPTHS, DTYPES, KERNEL_BACKENDS, OP_FAMILIES, assert_close, make_factors
 
-from dwf_kernels import _build_info, compiled_ops, dwf_product_backward, dwf_sgd_step, triton_ops
+from dwf_kernels import _build_info, _extension, backends, dwf_product_backward, dwf_sgd_step
 
 ALL_BACKENDS = KERNEL_BACKENDS + [pytest.param("cpu", "reference", id="cpu-reference")]
 
@@ -158,29 +158,20 @@ def test_sgd_step_front_door_checks_arguments():
     assert torch.equal(factors, torch.ones(2, 3, 4)), "a refused step must not touch the factors"
 
 
-@pytest.mark.skipif(compiled_ops.sgd_step_op is None, reason="compiled extension not loaded")
-def test_compiled_sgd_step_checks_arguments_too():
+@pytest.mark.skipif(not _extension.LOADED, reason="C++ extension not loaded")
+def test_extension_sgd_step_checks_arguments_too():
+    sgd_step_op = backends.REGISTRY["cpu"].ops.sgd_step
     factors = torch.ones(2, 3)
     with pytest.raises(RuntimeError, match="momentum_buffer is required when momentum != 0"):
-        compiled_ops.sgd_step_op(factors, None, torch.ones(3), None, 0.1, 0.9, 0.0, 0.0, False, False, True)
+        sgd_step_op(factors, None, torch.ones(3), None, 0.1, 0.9, 0.0, 0.0, False, False, True)
     with pytest.raises(RuntimeError, match="factors must be contiguous"):
-        compiled_ops.sgd_step_op(
+        sgd_step_op(
             torch.ones(2, 3, 4).transpose(1, 2), None, torch.ones(4, 3), None, 0.1, 0.0, 0.0, 0.0, False, False, False
         )
 
 
-def _sgd_op_families():
-    families = []
-    for name, module in (("dwf_kernels", compiled_ops), ("dwf_triton", triton_ops)):
-        devices = sorted({p.values[0] for p in KERNEL_BACKENDS if (p.values[1] == "triton") == (module is triton_ops)})
-        families.append(pytest.param(module, devices, id=name))
-    return families
-
-
-@pytest.mark.parametrize("module,devices", _sgd_op_families())
-def test_opcheck_sgd_step(module, devices):
-    if module.sgd_step_op is None or not devices:
-        pytest.skip("op family not available here")
+@pytest.mark.parametrize("ops,devices", OP_FAMILIES)
+def test_opcheck_sgd_step(ops, devices):
     for device in devices:
         for dtype, grad_dtype, momentum, init in (
             (torch.float32, torch.float32, 0.9, True),
@@ -193,7 +184,7 @@ def test_opcheck_sgd_step(module, devices):
             grad_w = make_factors(1, (5, 7), grad_dtype, device, seed=2)[0]
             for grad_sumsq in (None, torch.tensor(0.5, device=device, dtype=_acc(dtype))):
                 args = (factors, buffer, grad_w, grad_sumsq, 0.1, momentum, 0.0, 1e-4, False, False, init)
-                torch.library.opcheck(module.sgd_step_op.default, args)
+                torch.library.opcheck(ops.sgd_step.default, args)
 
 
 @pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)

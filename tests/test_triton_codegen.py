@@ -30,7 +30,7 @@ SCRIPT = textwrap.dedent(
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from dwf_kernels import _triton_kernels as K
+    from dwf_kernels.backends import _triton_kernels as K
 
     CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     DIVISIBLE = [["tt.divisibility", 16]]  # what Triton's launcher specializes for aligned pointers and sizes
@@ -114,7 +114,7 @@ N = 1000  # elements per factor: a multiple of 4 and 8, not of 16
 
 
 def _case(kernel, signature, arch, *, num_warps=None, **constexprs):
-    from dwf_kernels import _triton_kernels as K
+    from dwf_kernels.backends import _triton_kernels as K
 
     sizes = [ELEMENT_SIZE[kind] for name, kind in signature.items() if kind.startswith("*") and name != "partials"]
     return {
@@ -137,7 +137,7 @@ def _compile(cases):
 
 @pytest.mark.parametrize("arch", [80, 90])
 def test_kernels_compile_to_cubin_with_vector_accesses_and_no_spills(arch):
-    from dwf_kernels import _triton_kernels as K
+    from dwf_kernels.backends import _triton_kernels as K
 
     depths = [1, 4, 8, 16]
     cases = []

@@ -17,7 +17,7 @@ import torch
 from helpers import DEVICES, make_factors
 
 import dwf_kernels
-from dwf_kernels import triton_ops
+from dwf_kernels.backends import triton as triton_backend
 
 pytest.importorskip("triton")
 # Where the triton backend serves: CUDA tensors on a GPU, CPU tensors under the interpreter.
@@ -33,7 +33,7 @@ LAUNCH_SCRIPT = textwrap.dedent(
     import dwf_kernels
     from dwf_kernels import backends
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
-    backends._available = lambda device_type: ("triton", "reference")  # serve CPU tensors, launch stubbed
+    backends.REGISTRY["triton"].serves = lambda device_type: True  # serve CPU tensors, launch stubbed
     f = torch.rand(4, 300, 100)
     g = f.detach().clone().requires_grad_(True)
     grad_w = torch.rand(300, 100)
@@ -82,18 +82,18 @@ def test_direct_calls_equal_the_op(device, shape, dtype):
     grad_w = make_factors(1, shape, dtype, device, seed=1)[0]
     s = torch.tensor(0.25, device=device)
     w, sumsq = dwf_kernels.dwf_product(factors, return_sumsq=True, backend="triton")
-    w_op, sumsq_op = triton_ops.forward_op(factors, dtype, True)
+    w_op, sumsq_op = triton_backend.OPS.forward(factors, dtype, True)
     assert torch.equal(w, w_op) and torch.equal(sumsq, sumsq_op)
 
     leaf = factors.clone().requires_grad_(True)
     w, sumsq = dwf_kernels.dwf_product(leaf, return_sumsq=True, backend="triton")
     torch.autograd.backward([w, sumsq], [grad_w, s])
-    assert torch.equal(leaf.grad, triton_ops.backward_op(factors, grad_w, s))
+    assert torch.equal(leaf.grad, triton_backend.OPS.backward(factors, grad_w, s))
 
     direct, via_op = factors.clone(), factors.clone()
     buffer = dwf_kernels.dwf_sgd_step(direct, grad_w, s, None, lr=0.1, momentum=0.9, backend="triton")
     op_buffer = torch.empty_like(via_op)
-    triton_ops.sgd_step_op(via_op, op_buffer, grad_w, s, 0.1, 0.9, 0.0, 0.0, False, False, True)
+    triton_backend.OPS.sgd_step(via_op, op_buffer, grad_w, s, 0.1, 0.9, 0.0, 0.0, False, False, True)
     assert torch.equal(direct, via_op) and torch.equal(buffer, op_buffer)
 
 
@@ -115,9 +115,9 @@ def test_direct_sgd_step_bumps_versions_like_the_op(device):
 def test_fake_tensors_take_the_op(device):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    assert triton_ops.direct_call_ok(torch.ones(2, device=device))
+    assert triton_backend.direct_call_ok(torch.ones(2, device=device))
     with FakeTensorMode() as mode:
         fake = mode.from_tensor(torch.ones(2, 8, device=device))
-        assert not triton_ops.direct_call_ok(fake)
+        assert not triton_backend.direct_call_ok(fake)
         w = dwf_kernels.dwf_product(fake, backend="triton")  # the op's fake kernel answers
         assert w.shape == (8,)

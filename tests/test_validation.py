@@ -7,6 +7,7 @@ import torch
 from helpers import KERNEL_BACKENDS, make_factors
 
 from dwf_kernels import _extension, backends, dwf_product, dwf_product_backward, dwf_sgd_step
+from dwf_kernels._validate import IO_DTYPES, MAX_DEPTH, acc_dtype
 
 ALL_BACKENDS = KERNEL_BACKENDS + [pytest.param("cpu", "reference", id="cpu-reference")]
 
@@ -96,12 +97,12 @@ def test_cuda_tensor_with_a_build_without_cuda(monkeypatch):
     assert backends.resolve_backend("cuda", None) != "cuda"  # auto falls back to what is there
 
 
-def test_compiled_ops_check_arguments_too():
+def test_extension_ops_check_arguments_too():
     """Direct torch.ops calls (bypassing the front door) are refused in C++ with the same kind of message."""
     if not _extension.LOADED:
-        pytest.skip("compiled extension not loaded")
-    with pytest.raises(RuntimeError, match=r"factors.shape\[0\] is the depth D and must be in \[1, 16\]"):
-        torch.ops.dwf_kernels.dwf_forward(torch.ones(17, 3), None, True)
+        pytest.skip("C++ extension not loaded")
+    with pytest.raises(RuntimeError, match=rf"factors.shape\[0\] is the depth D and must be in \[1, {MAX_DEPTH}\]"):
+        torch.ops.dwf_kernels.dwf_forward(torch.ones(MAX_DEPTH + 1, 3), None, True)
     with pytest.raises(RuntimeError, match="out_dtype must equal the factors' dtype"):
         torch.ops.dwf_kernels.dwf_forward(torch.ones(2, 3, dtype=torch.float64), torch.float16, True)
     with pytest.raises(RuntimeError, match=r"grad_w must have the weight shape"):
@@ -161,15 +162,48 @@ def test_sgd_step_refuses_overlapping_outputs_and_inputs(device, backend):
     dwf_sgd_step(factors, torch.ones(3, 4, device=device), None, buffer, lr=0.1, momentum=0.9, backend=backend)
 
 
-@pytest.mark.skipif(not _extension.LOADED, reason="compiled extension not loaded")
-def test_compiled_sgd_step_op_refuses_overlap_too():
+@pytest.mark.skipif(not _extension.LOADED, reason="C++ extension not loaded")
+def test_extension_sgd_step_op_refuses_overlap_too():
     """A direct torch.ops call skips the Python checks; the C++ op refuses aliasing itself."""
-    from dwf_kernels import compiled_ops
-
+    sgd_step_op = backends.REGISTRY["cpu"].ops.sgd_step
     for factors, grad_w, grad_sumsq, buffer, _message in _aliasing_cases("cpu"):
         buffer = buffer if buffer is not None else torch.zeros_like(factors)
         with pytest.raises(RuntimeError, match="share memory"):
-            compiled_ops.sgd_step_op(factors, buffer, grad_w, grad_sumsq, 0.1, 0.9, 0.0, 0.0, False, False, False)
+            sgd_step_op(factors, buffer, grad_w, grad_sumsq, 0.1, 0.9, 0.0, 0.0, False, False, False)
+
+
+def _accepted(fn, *args, **kwargs) -> bool:
+    try:
+        fn(*args, **kwargs)
+    except (TypeError, ValueError, RuntimeError):
+        return False
+    return True
+
+
+@pytest.mark.skipif("cpu" not in _extension.KERNEL_DEVICES, reason="C++ extension not loaded")
+def test_python_and_cpp_limits_agree():
+    """The front door (plain Python, before any kernel) and the C++ ops called directly accept
+    exactly the same depths and (factor, w / grad_w) dtype pairs, and sumsq has the same dtype:
+    each side defines its limits once (dwf_kernels/_validate.py; csrc/dwf_math.h and dwf_dispatch.h)."""
+    ops = backends.REGISTRY["cpu"].ops
+    for depth in (0, 1, MAX_DEPTH, MAX_DEPTH + 1):
+        factors = torch.ones(depth, 3)
+        front_door = _accepted(dwf_product, factors, backend="reference")
+        assert front_door == _accepted(ops.forward, factors, None, True) == (1 <= depth <= MAX_DEPTH), depth
+    floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    for factor_dtype in (*floats, torch.int32):
+        factors = torch.ones(2, 3, dtype=factor_dtype)
+        for io_dtype in (*floats, torch.int32):
+            expected = io_dtype in IO_DTYPES.get(factor_dtype, ())
+            grad_w = torch.ones(3, dtype=io_dtype)
+            pair = f"factors {factor_dtype}, w / grad_w {io_dtype}"
+            assert _accepted(dwf_product, factors, out_dtype=io_dtype, backend="reference") == expected, pair
+            assert _accepted(ops.forward, factors, io_dtype, True) == expected, pair
+            assert _accepted(dwf_product_backward, factors, grad_w, backend="reference") == expected, pair
+            assert _accepted(ops.backward, factors, grad_w, None) == expected, pair
+    for dtype in floats:
+        _, sumsq = ops.forward(torch.ones(2, 3, dtype=dtype), None, True)
+        assert sumsq.dtype == acc_dtype(dtype), dtype
 
 
 @pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)

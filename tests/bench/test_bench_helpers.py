@@ -21,7 +21,7 @@ def test_traffic_bytes_is_the_roofline_of_design_md():
 def test_providers_take_the_same_sgd_step(provider):
     """Two momentum steps from the same factors and gradients land on the same factors."""
     if provider.startswith("cpu") and "cpu" not in dwf_kernels.available_backends("cpu"):
-        pytest.skip("compiled extension not loaded")
+        pytest.skip("C++ extension not loaded")
     torch.manual_seed(0)
     factors = 0.5 + torch.rand(3, 257)
     results = {}
@@ -41,7 +41,7 @@ def test_providers_take_the_same_sgd_step(provider):
 @pytest.mark.parametrize("provider", ["cpu", "reference", "eager", "compile"])
 def test_providers_compute_the_same_step(provider):
     if provider == "cpu" and "cpu" not in dwf_kernels.available_backends("cpu"):
-        pytest.skip("compiled extension not loaded")
+        pytest.skip("C++ extension not loaded")
     torch.manual_seed(0)
     factors = 0.5 + torch.rand(3, 257)
     torch.manual_seed(1)

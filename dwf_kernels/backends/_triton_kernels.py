@@ -1,6 +1,6 @@
 """Triton kernels for the fused DWF forward and backward (docs/design.md, Kernel contract), and their launchers.
 
-Imported only when triton is installed (see triton_ops.py). Under TRITON_INTERPRET=1, which must
+Imported only when triton is installed (see triton.py). Under TRITON_INTERPRET=1, which must
 be set before this module is imported, the same kernels run on CPU tensors for the tests.
 
 Layout: factors are one contiguous (D, N) buffer; program p handles elements [p*BLOCK, (p+1)*BLOCK)
@@ -16,6 +16,8 @@ import struct
 import torch
 import triton
 import triton.language as tl
+
+from .._validate import acc_dtype
 
 # Elements per program and warps, chosen for bandwidth: 8 warps x 16 fp32 elements per thread in
 # the forward (4 x 16-byte loads per factor in flight per thread); the backward holds D factors, D
@@ -271,7 +273,7 @@ def forward(factors: torch.Tensor, out_dtype: torch.dtype, with_sumsq: bool) -> 
     device = factors.device
     w = torch.empty(factors.shape[1:], dtype=out_dtype, device=device)
     # The reduction kernel writes sumsq when it is requested; otherwise it is 0.
-    acc = torch.float64 if is_fp64 else torch.float32
+    acc = acc_dtype(factors.dtype)
     sumsq = (torch.empty if with_sumsq and n > 0 else torch.zeros)((), dtype=acc, device=device)
     if n == 0:
         return w, sumsq

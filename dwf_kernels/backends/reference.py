@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch.optim.sgd import sgd as _torch_sgd
 
-from ._validate import acc_dtype
+from .._validate import acc_dtype
+from .base import Backend
 
 
 def dwf_forward_reference(
@@ -114,3 +115,21 @@ def dwf_sgd_step_reference(
             factors.copy_(params[0])
         if momentum != 0 and buffers[0] is not momentum_buffer:
             momentum_buffer.copy_(buffers[0])
+
+
+def _serves(device_type: str) -> bool:
+    return True  # plain torch: any device
+
+
+def _why_not(device_type: str, instead: str) -> str:
+    return f"backend 'reference' cannot serve {device_type} tensors; {instead}"
+
+
+BACKEND = Backend(
+    "reference",
+    forward=dwf_forward_reference,
+    backward=dwf_backward_reference,
+    sgd_step=dwf_sgd_step_reference,
+    serves=_serves,
+    why_not=_why_not,
+)

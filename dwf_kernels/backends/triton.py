@@ -1,10 +1,15 @@
-"""The `triton` backend: the Triton kernels as custom ops dwf_triton::dwf_forward/backward/sgd_step.
+"""The `triton` backend: the Triton kernels (_triton_kernels.py), as custom ops
+dwf_triton::dwf_forward/backward/sgd_step and as direct launches.
 
 Registered with torch.library.custom_op + register_fake, so torch.compile(fullgraph=True) sees one
 opaque node and opcheck passes, on a GPU and under TRITON_INTERPRET=1 alike (torch.library.triton_op,
 which lets Inductor trace into the kernel, fails both under the interpreter). Being opaque, the op
 bodies launch their kernels directly (`kernel[grid](...)`): a few microseconds of host time per
 launch and no per-call state in torch's Triton side tables.
+
+The front door validates every argument before it calls this backend, so the op bodies check
+nothing again, except what a traced call cannot check while it is traced: that the SGD step's
+in-place outputs do not overlap its inputs (traced tensors have no addresses).
 
 AVAILABLE is False when triton is not installed; INTERPRETED tells whether the kernels run in
 Triton's CPU interpreter (TRITON_INTERPRET=1 at import time), which serves CPU tensors only.
@@ -16,7 +21,9 @@ import os
 
 import torch
 
-from . import _autograd, _validate
+from .._validate import check_no_overlap
+from . import registration
+from .base import Backend, OpFamily
 
 INTERPRETED: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 IMPORT_ERROR: str | None = None
@@ -26,7 +33,12 @@ try:
 except ImportError as exc:
     AVAILABLE = False
     IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
-    forward_op = backward_op = sgd_step_op = None
+    OPS = None
+
+    def _not_installed(*args, **kwargs):
+        raise RuntimeError(f"backend 'triton' needs the triton package ({IMPORT_ERROR})")
+
+    forward = backward = sgd_step = _not_installed
 else:
     AVAILABLE = True
 
@@ -34,12 +46,10 @@ else:
     def _dwf_forward(
         factors: torch.Tensor, out_dtype: torch.dtype | None, with_sumsq: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        out = _validate.check_forward(factors, out_dtype)
-        return _triton_kernels.forward(factors, out, with_sumsq)
+        return _triton_kernels.forward(factors, out_dtype or factors.dtype, with_sumsq)
 
     @torch.library.custom_op("dwf_triton::dwf_backward", mutates_args=())
     def _dwf_backward(factors: torch.Tensor, grad_w: torch.Tensor, grad_sumsq: torch.Tensor | None) -> torch.Tensor:
-        _validate.check_backward(factors, grad_w, grad_sumsq)
         return _triton_kernels.backward(factors, grad_w, grad_sumsq)
 
     @torch.library.custom_op("dwf_triton::dwf_sgd_step", mutates_args=("factors", "momentum_buffer"))
@@ -56,8 +66,9 @@ else:
         maximize: bool,
         init_buffer: bool,
     ) -> None:
-        _validate.check_sgd_step(
-            factors, grad_w, grad_sumsq, momentum_buffer, lr, momentum, dampening, weight_decay, nesterov
+        check_no_overlap(
+            (("factors", factors), ("momentum_buffer", momentum_buffer)),
+            (("grad_w", grad_w), ("grad_sumsq", grad_sumsq)),
         )
         _triton_kernels.sgd_step(
             factors,
@@ -73,22 +84,21 @@ else:
             init_buffer,
         )
 
-    _autograd.register(
+    registration.register(
         "dwf_triton::dwf_forward",
         "dwf_triton::dwf_backward",
         "dwf_triton::dwf_sgd_step",
         torch.ops.dwf_triton.dwf_backward,
     )
-    forward_op = torch.ops.dwf_triton.dwf_forward
-    backward_op = torch.ops.dwf_triton.dwf_backward
-    sgd_step_op = torch.ops.dwf_triton.dwf_sgd_step
+    OPS = OpFamily.of("dwf_triton")
+    _forward_op, _backward_op, _sgd_step_op = OPS.forward, OPS.backward, OPS.sgd_step
 
     # Direct calls. A custom op costs tens of microseconds of Python dispatch per call (its
     # autograd wrapper more), against a few for the launch itself, and a small layer's whole
     # forward is a few microseconds of GPU time. So an eager call on plain tensors, which needs
     # none of what the op registration is for (tracing, fake tensors, functionalization), calls
     # the launchers directly, through the same autograd formula; everything else goes through
-    # the ops above. Checked by the front door (ops.py), which has validated the arguments.
+    # the ops above.
 
     _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
@@ -102,10 +112,10 @@ else:
             return False
         return all(t is None or type(t) in _PLAIN for t in tensors)
 
-    def _backward_direct(factors, grad_w, grad_sumsq):
-        # Under create_graph the backward must itself be recorded: the op, with its autograd.
+    def backward(factors: torch.Tensor, grad_w: torch.Tensor, grad_sumsq: torch.Tensor | None) -> torch.Tensor:
+        # With grad mode on (create_graph) the backward must itself be recorded: the op, with its autograd.
         if torch.is_grad_enabled() or not direct_call_ok(factors, grad_w, grad_sumsq):
-            return backward_op(factors, grad_w, grad_sumsq)
+            return _backward_op(factors, grad_w, grad_sumsq)
         return _triton_kernels.backward(factors, grad_w, grad_sumsq)
 
     class _Product(torch.autograd.Function):
@@ -115,22 +125,47 @@ else:
 
         @staticmethod
         def forward(ctx, factors, out_dtype, with_sumsq):
-            _autograd.setup_context(ctx, (factors, out_dtype, with_sumsq), None)
+            registration.setup_context(ctx, (factors, out_dtype, with_sumsq), None)
             return _triton_kernels.forward(factors, out_dtype, with_sumsq)
 
-        backward = staticmethod(_autograd.backward_formula(_backward_direct))
+        backward = staticmethod(registration.backward_formula(backward))
 
-    def forward_direct(
-        factors: torch.Tensor, out_dtype: torch.dtype, with_sumsq: bool
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(factors: torch.Tensor, out_dtype: torch.dtype, with_sumsq: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        if not direct_call_ok(factors):
+            return _forward_op(factors, out_dtype, with_sumsq)
         if torch.is_grad_enabled() and factors.requires_grad:
             return _Product.apply(factors, out_dtype, with_sumsq)
         return _triton_kernels.forward(factors, out_dtype, with_sumsq)
 
-    def backward_direct(factors, grad_w, grad_sumsq) -> torch.Tensor:
-        return _triton_kernels.backward(factors, grad_w, grad_sumsq)
-
-    def sgd_step_direct(factors, momentum_buffer, *args) -> None:
-        _triton_kernels.sgd_step(factors, momentum_buffer, *args)
+    def sgd_step(factors, momentum_buffer, grad_w, grad_sumsq, *hyper) -> None:
+        if not direct_call_ok(factors, momentum_buffer, grad_w, grad_sumsq):
+            _sgd_step_op(factors, momentum_buffer, grad_w, grad_sumsq, *hyper)  # mutates_args bumps versions
+            return
+        _triton_kernels.sgd_step(factors, momentum_buffer, grad_w, grad_sumsq, *hyper)
         # What the op's mutates_args does: autograd must see that these tensors changed.
         torch.autograd.graph.increment_version(factors if momentum_buffer is None else (factors, momentum_buffer))
+
+
+def _serves(device_type: str) -> bool:
+    return AVAILABLE and device_type == ("cpu" if INTERPRETED else "cuda")
+
+
+def _why_not(device_type: str, instead: str) -> str:
+    if not AVAILABLE:
+        return f"backend 'triton' needs the triton package ({IMPORT_ERROR}); {instead}"
+    return (
+        f"backend 'triton' runs CUDA tensors (and CPU tensors only under TRITON_INTERPRET=1), "
+        f"got a {device_type} tensor; {instead}"
+    )
+
+
+BACKEND = Backend(
+    "triton",
+    forward=forward,
+    backward=backward,
+    sgd_step=sgd_step,
+    serves=_serves,
+    why_not=_why_not,
+    emulated=INTERPRETED,
+    ops=OPS,
+)

@@ -1,9 +1,15 @@
-"""Fake (meta) implementations and the autograd formula of the Triton ops (the compiled ops carry
-the same formula in C++, csrc/dwf_autograd.cpp).
+"""What torch.library needs of a DWF op family besides its kernels (docs/design.md, Backends).
+
+The fake (meta) implementations, which let torch.compile, FakeTensor and opcheck run the ops
+without data, and the autograd formula. The extension's ops (torch.ops.dwf_kernels) take only the
+fakes from here: their autograd formula is in C++ (csrc/dwf_autograd.cpp). The Triton ops
+(torch.ops.dwf_triton) take both, and the Triton direct path (backends/triton.py) the same formula.
 
 Both op families have the same signatures:
   dwf_forward(factors, out_dtype, with_sumsq) -> (w, sumsq)
   dwf_backward(factors, grad_w, grad_sumsq) -> grad_factors
+  dwf_sgd_step(factors, momentum_buffer, grad_w, grad_sumsq, lr, momentum, dampening,
+               weight_decay, nesterov, maximize, init_buffer) -> None      (in place)
 Nothing is saved for backward but the factors themselves (docs/design.md, Kernel contract).
 """
 
@@ -13,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from ._validate import acc_dtype
+from .._validate import acc_dtype
 from .reference import dwf_backward_differentiable
 
 
@@ -65,7 +71,6 @@ def backward_formula(backward_op: Callable[..., torch.Tensor]) -> Callable:
 def register(
     forward_name: str, backward_name: str, sgd_step_name: str, backward_op: Callable[..., torch.Tensor]
 ) -> None:
-    """Registers fakes for both ops and the autograd formula of the forward op (in Python; the
-    compiled ops carry theirs in C++, csrc/dwf_autograd.cpp)."""
+    """Registers the fakes of the three ops and the autograd formula of the forward op."""
     register_fakes(forward_name, backward_name, sgd_step_name)
     torch.library.register_autograd(forward_name, backward_formula(backward_op), setup_context=setup_context)
