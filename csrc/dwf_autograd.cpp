@@ -41,7 +41,7 @@ at::Tensor call_backward(const at::Tensor& factors, const at::Tensor& grad_w,
 // meta-gradients): d/df_d = grad_w * prod_{k != d} f_k (+ 2 grad_sumsq f_d) is itself a product of
 // the factors and grad_w, so autograd differentiates it with respect to all three. The products
 // are taken in the reference chain's order: prefix f_0*...*f_{d-1} times suffix grad_w*f_{D-1}*...*f_{d+1}.
-// Mirrors dwf_kernels/reference.py dwf_backward_differentiable.
+// Mirrors dwf_kernels/backends/reference.py dwf_backward_differentiable.
 at::Tensor differentiable_backward(const at::Tensor& factors, const at::Tensor& grad_w,
                                    const std::optional<at::Tensor>& grad_sumsq) {
   const at::ScalarType acc = factors.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
