@@ -16,7 +16,7 @@ EXT_SOURCES := setup.py dwf_kernels/_source_hash.py \
 		-o -name '*.cu' -o -name '*.cuh' \))
 PREBUILT := prebuilt/gpu/_C.abi3.so
 
-.PHONY: install train test test-gpu-versions gpu-prebuilt bench-cpu clean
+.PHONY: install train test test-cpu-baseline test-gpu-versions gpu-prebuilt bench-cpu clean
 
 $(DEPS_STAMP):
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,13 @@ train: $(BUILD_STAMP)
 
 test: $(BUILD_STAMP)
 	$(PY) -m pytest tests -q
+
+# The CPU kernel tests again with torch and dwf_kernels lowered to their baseline SIMD code
+# (ATEN_CPU_CAPABILITY=default), as on a CPU without AVX2: the same build's portable variant, which
+# the tests check is the one running (CI runs it after `make test`).
+test-cpu-baseline: $(BUILD_STAMP)
+	ATEN_CPU_CAPABILITY=default $(PY) -m pytest -q tests/test_cpu_variants.py tests/test_ops.py \
+		tests/test_sgd_step.py tests/test_optim.py tests/test_cuda_emulated.py
 
 # The tests again against the GPU machines' Python 3.12 / torch 2.11.0 / triton 3.6.0, in
 # .venv-gpu-versions and a copy of the tree under build/ (CI runs it after `make test`); that build

@@ -27,11 +27,10 @@ import subprocess
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "python"))
-sys.path.insert(0, HERE)
+from providers import versions  # beside this file, first on a script's sys.path
 
-from providers import versions  # noqa: E402
+# The paper's models (python/paper), for the per-case processes, which get it on PYTHONPATH.
+PYTHON_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python")
 
 MODELS = {
     "lenet300": ((1, 28, 28), 10),
@@ -190,7 +189,8 @@ def main(argv=None) -> int:
                 "--device",
                 device,
             ]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [PYTHON_DIR, os.environ.get("PYTHONPATH")])))
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if proc.returncode != 0:
                 error = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
                 print(f"{model:>9} {variant:>14}: FAILED: {error}", flush=True)

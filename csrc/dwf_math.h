@@ -25,6 +25,13 @@
 #include <cmath>
 
 namespace dwf {
+// The CPU kernels are compiled once per instruction set (cpu/dwf_cpu_kernels.h); each such build
+// defines DWF_CPU_VARIANT_NS, and these templates then live in that inline namespace, so the
+// copies one variant emits (scalar tails) are never merged at link time with another's, compiled
+// for other instructions.
+#if defined(DWF_CPU_VARIANT_NS)
+inline namespace DWF_CPU_VARIANT_NS {
+#endif
 
 constexpr int kMaxDepth = 16;
 
@@ -103,7 +110,8 @@ DWF_HD void add_penalty_grads(const T* f, int depth, T two_s, T* grad) {
 }
 
 // a * b + c with one rounding. Scalars here; the CPU kernels' SIMD registers find at::vec::fmadd
-// by argument-dependent lookup (a true FMA instruction on AVX2/AVX-512).
+// by argument-dependent lookup (one FMA instruction on AVX2/AVX-512), or, in the portable
+// variant, the per-lane fmadd that cpu/dwf_cpu_kernels.cpp declares before including this file.
 DWF_HD float fmadd(float a, float b, float c) { return fmaf(a, b, c); }
 DWF_HD double fmadd(double a, double b, double c) { return fma(a, b, c); }
 
@@ -137,4 +145,7 @@ DWF_HD void sgd_update(const SgdStep<V>& s, V g, V& p, V& buf) {
   p = fmadd(g, s.neg_lr, p);
 }
 
+#if defined(DWF_CPU_VARIANT_NS)
+}  // inline namespace DWF_CPU_VARIANT_NS
+#endif
 }  // namespace dwf

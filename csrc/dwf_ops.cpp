@@ -13,11 +13,20 @@
 #endif
 static_assert(Py_LIMITED_API == DWF_PY_LIMITED_API, "Py_LIMITED_API differs from the version setup.py tags");
 
+#include "cpu/dwf_cpu.h"
+
 // A plain module init instead of pybind11: importing the module runs the static TORCH_LIBRARY
-// registrations below, which is all Python needs from it, and it builds in seconds.
+// registrations below, which is nearly all Python needs from it, and it builds in seconds. Its one
+// function names the CPU kernels' SIMD variant in use (dwf_kernels/_extension.py).
+static PyObject* cpu_variant(PyObject*, PyObject*) { return PyUnicode_FromString(dwf::cpu::selected_variant()); }
+
+static PyMethodDef module_methods[] = {
+    {"cpu_variant", cpu_variant, METH_NOARGS, "The CPU kernels' SIMD variant: 'default', 'avx2' or 'avx512'."},
+    {nullptr, nullptr, 0, nullptr}};
+
 extern "C" {
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, module_methods};
   return PyModule_Create(&module_def);
 }
 }

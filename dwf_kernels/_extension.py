@@ -26,6 +26,10 @@ LOAD_ERROR: str | None = None
 # Device types ("cpu", "cuda") the C++ ops have kernels for. Plain Python data, computed once,
 # so backend selection stays traceable by torch.compile.
 KERNEL_DEVICES: frozenset[str] = frozenset()
+# The SIMD variant of the CPU kernels this process runs: "default", "avx2" or "avx512", the widest
+# one built (_build_info.CPU_VARIANTS) at or below ATen's CPU capability (ATEN_CPU_CAPABILITY
+# lowers both together); None without _C.
+CPU_VARIANT: str | None = None
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 REBUILD_HINT = "rebuild it with `pip install --no-build-isolation -e .` (or `make install`) in"
@@ -58,11 +62,12 @@ if _stale is not None and importlib.util.find_spec(f"{__package__}._C") is not N
     LOAD_ERROR = f"StaleBuild: dwf_kernels._C was not loaded, {_stale}; {REBUILD_HINT} {_root}"
 else:
     try:
-        from . import _C  # noqa: F401
+        from . import _C
     except (ImportError, OSError) as exc:  # missing file, or built against another torch
         LOAD_ERROR = f"{type(exc).__name__}: {exc}"
     else:
         LOADED = True
+        CPU_VARIANT = _C.cpu_variant()
         KERNEL_DEVICES = frozenset(
             device
             for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))

@@ -22,12 +22,12 @@ import sys
 import time
 from dataclasses import dataclass
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
 
-import torch  # noqa: E402
-from paper.cli import ArgumentParser  # noqa: E402
-from paper.data import DATASETS, DatasetMissingError, load_data  # noqa: E402
-from paper.experiment import (  # noqa: E402
+# `paper` is found beside this file: Python puts a script's directory first on sys.path.
+from paper.cli import ArgumentParser
+from paper.data import DATASETS, DatasetMissingError, load_data
+from paper.experiment import (
     EXACT_THRESHOLD,
     PRACTICAL_THRESHOLD,
     PRUNING_METHODS,
@@ -39,9 +39,9 @@ from paper.experiment import (  # noqa: E402
     run_pruned_at_init,
     train_dwf,
 )
-from paper.models import MODELS, build_model  # noqa: E402
-from paper.sweep_results import FIELDS, RowWriter, plot, read_rows, row_key, summary_table  # noqa: E402,F401
-from paper.training import TrainingDiverged  # noqa: E402
+from paper.models import MODELS, build_model
+from paper.sweep_results import FIELDS, RowWriter, plot, read_rows, row_key, summary_table  # noqa: F401
+from paper.training import TrainingDiverged
 
 CSV_NAME, CONFIG_NAME, BEST_DENSE_NAME = "sweep.csv", "sweep.json", "best-dense.pt"
 # What every run of one sweep must share for --resume to mix old and new rows.

@@ -14,15 +14,14 @@ from __future__ import annotations
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# `paper` is found beside this file: Python puts a script's directory first on sys.path.
+from paper.cli import ArgumentParser
+from paper.data import DATASETS, DatasetMissingError
+from paper.experiment import ConfigError, DWFConfig, run_dwf, summary
+from paper.models import MODELS
+from paper.training import CheckpointMismatch, ResumeMissing, TrainingDiverged
 
-from paper.cli import ArgumentParser  # noqa: E402
-from paper.data import DATASETS, DatasetMissingError  # noqa: E402
-from paper.experiment import ConfigError, DWFConfig, run_dwf, summary  # noqa: E402
-from paper.models import MODELS  # noqa: E402
-from paper.training import CheckpointMismatch, ResumeMissing, TrainingDiverged  # noqa: E402
-
-import dwf_kernels  # noqa: E402
+import dwf_kernels
 
 
 def parse_args(argv: list[str] | None = None) -> DWFConfig:

@@ -43,6 +43,10 @@ TOLERANCES = {  # dtype: (atol, rtol)
     torch.bfloat16: (1e-5, 2.0**-7),
     torch.float16: (1e-5, 2.0**-10),
 }
+# The CPU kernels fuse the SGD step's a*b + c (one rounding) in every SIMD variant. torch's own CPU
+# kernels (torch.optim.SGD's `add(b, alpha=x)` is one FMA) fuse only at an AVX2/AVX-512 capability:
+# there the two steps are bitwise equal; under ATEN_CPU_CAPABILITY=default they agree to rounding.
+TORCH_CPU_FMA = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 SUMSQ_RTOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5}
 
 

@@ -5,9 +5,9 @@ picks the pack width and grid and launches them, unchanged) with g++ against a h
 CUDA's threads, barriers and warp shuffles. These tests run that build on CPU tensors:
 
 - w, the factor gradients and the SGD step equal the CPU backend's exactly: both evaluate
-  dwf_math.h's per-element templates in the same order with the same roundings, so any difference
-  is a fault of the CUDA kernels' indexing, packing, tails or grid-stride loops (the SGD step only
-  to rounding against a portable CPU build, whose a*b + c is not fused);
+  dwf_math.h's per-element templates in the same order with the same roundings (the SGD step's
+  a*b + c fused, in every CPU SIMD variant too), so any difference is a fault of the CUDA kernels'
+  indexing, packing, tails or grid-stride loops;
 - sumsq matches the reference to summation rounding and is bitwise deterministic;
 - the final partial-sum reduction equals, bit for bit, a numpy replay of its fixed order;
 - a misaligned vector access, which faults on a GPU, fails the launch (x86 would tolerate it);
@@ -27,18 +27,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import SUMSQ_RTOL, TOLERANCES, make_factors
+from helpers import SUMSQ_RTOL, make_factors
 
-from dwf_kernels import _build_info
 from dwf_kernels.backends import reference
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_OPS = torch.ops.dwf_kernels
 BLOCKS_PER_SM = 3  # the emulated occupancy (emulated_ops.cpp)
-# The SGD step's a*b + c are fused (one rounding) in the CUDA kernels, and in the CPU kernels when
-# built with FMA (AVX2/AVX-512). A portable CPU build (DWF_KERNELS_CPU_ISA=default) rounds twice,
-# so there the two steps agree to rounding only.
-CPU_FMA = getattr(_build_info, "CPU_ISA", None) in ("avx2", "avx512")
 
 
 @pytest.fixture(scope="module")
@@ -69,18 +64,6 @@ def _require_cpu_backend():
 def assert_identical(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
     assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
     torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{what}: {m}")
-
-
-def assert_same_step(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    """An SGD step's results: identical to the CPU kernel's when it fuses a*b + c too (CPU_FMA).
-    Otherwise within 8 ulp: two steps at D=9 with momentum differ by up to ~4 ulp (fp32) from the
-    double roundings alone, while an indexing, packing or tail fault is off by O(1)."""
-    if CPU_FMA:
-        assert_identical(actual, expected, what)
-        return
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
-    rtol, atol = 8 * torch.finfo(expected.dtype).eps, TOLERANCES[expected.dtype][0]
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
 
 
 # Compile-time depths 1..8; padded slots: 9 and 12 (12 slots), 13 and 16 (16 slots).
@@ -162,8 +145,8 @@ def test_unaligned_operands_take_the_scalar_path(emulated, factors_offset, grad_
     args = (grad_w, s, 0.05, 0.9, 0.0, 1e-3, True, False, False)
     emulated.sgd_step(mine, buf_mine, *args, 1)
     CPU_OPS.dwf_sgd_step(theirs, buf_theirs, *args)
-    assert_same_step(mine, theirs, "factors after a step")
-    assert_same_step(buf_mine, buf_theirs, "momentum buffer")
+    assert_identical(mine, theirs, "factors after a step")
+    assert_identical(buf_mine, buf_theirs, "momentum buffer")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -221,9 +204,9 @@ def test_sgd_step_equals_the_cpu_kernel(emulated, options, depth, dtype, grad_dt
             flags = (options["nesterov"], options["maximize"], init_buffer)
             emulated.sgd_step(mine, buf_mine, *args, *flags, 1)
             CPU_OPS.dwf_sgd_step(theirs, buf_theirs, *args, *flags)
-            assert_same_step(mine, theirs, f"factors after a step (init_buffer={init_buffer})")
+            assert_identical(mine, theirs, f"factors after a step (init_buffer={init_buffer})")
             if has_momentum:
-                assert_same_step(buf_mine, buf_theirs, "momentum buffer")
+                assert_identical(buf_mine, buf_theirs, "momentum buffer")
 
 
 def _replay_block_sum(values: np.ndarray) -> np.floating:
@@ -300,8 +283,8 @@ def test_rows_aligned_to_16_bytes_take_the_vector_path(emulated, dtype, io_dtype
     assert [widest for _, _, widest in _launches(emulated)] == [16] * 4, "forward, backward, two steps"
     assert_identical(w, CPU_OPS.dwf_forward(factors, io_dtype, False)[0], "w")
     assert_identical(grad, CPU_OPS.dwf_backward(factors, grad_w, s), "grad")
-    assert_same_step(mine, theirs, "factors after two steps")
-    assert_same_step(buf_mine, buf_theirs, "momentum buffer")
+    assert_identical(mine, theirs, "factors after two steps")
+    assert_identical(buf_mine, buf_theirs, "momentum buffer")
 
     # One element more: rows d > 0 are misaligned, so every kernel takes the element-wise path.
     factors = make_factors(3, (n + 1,), dtype, "cpu", seed=n)

@@ -71,8 +71,23 @@ def test_built_kernels_are_registered():
         # Built for the stable ABI (py_limited_api): one binary for every CPython >= 3.10.
         assert Path(sys.modules["dwf_kernels._C"].__file__).name == "_C.abi3.so"
         assert _build_info.PY_LIMITED_API == "cp310"
+        assert _extension.CPU_VARIANT in _build_info.CPU_VARIANTS and "default" in _build_info.CPU_VARIANTS
         if _source_hash.is_source_tree(str(ROOT)):
             assert _build_info.SOURCE_HASH == _source_hash.source_hash(str(ROOT))
+
+
+def test_extension_calls_only_the_stable_abi():
+    """_C.abi3.so imports from Python only what dwf_ops.cpp calls, all of it in the stable ABI (the
+    C++ code uses torch's C++ API, no Python C API), so the abi3 tag is true."""
+    if not _extension.LOADED:
+        pytest.skip(f"needs the compiled extension ({_extension.LOAD_ERROR})")
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.fail("nm (binutils, which the build itself needs) is missing")
+    library = sys.modules["dwf_kernels._C"].__file__
+    undefined = subprocess.run([nm, "-D", "--undefined-only", library], capture_output=True, text=True, check=True)
+    python_symbols = {line.split()[-1] for line in undefined.stdout.splitlines() if line.split()[-1].startswith(("Py", "_Py"))}
+    assert python_symbols == {"PyModule_Create2", "PyUnicode_FromString"}, python_symbols
 
 
 def test_source_hash_covers_setup_py_and_the_csrc_sources(tmp_path):

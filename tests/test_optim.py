@@ -6,14 +6,13 @@ import copy
 
 import pytest
 import torch
-from helpers import KERNEL_BACKENDS
+from helpers import KERNEL_BACKENDS, TORCH_CPU_FMA
 from torch import nn
 
 import dwf_kernels
-from dwf_kernels import _build_info
 from dwf_kernels.optim import FusedSGD, LazyFactorGrad
 
-CPU_FMA = getattr(_build_info, "CPU_ISA", None) in ("avx2", "avx512")
+CPU_FMA = TORCH_CPU_FMA  # the CPU kernels' SGD step rounds as torch.optim.SGD's (helpers.py)
 ALL_BACKENDS = KERNEL_BACKENDS + [pytest.param("cpu", "reference", id="cpu-reference")]
 
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DEPTHS, DTYPES, KERNEL_BACKENDS, OP_FAMILIES, assert_close, make_factors
+from helpers import DEPTHS, DTYPES, KERNEL_BACKENDS, OP_FAMILIES, TORCH_CPU_FMA, assert_close, make_factors
 
-from dwf_kernels import _build_info, _extension, backends, dwf_product_backward, dwf_sgd_step
+from dwf_kernels import _extension, backends, dwf_product_backward, dwf_sgd_step
 
 ALL_BACKENDS = KERNEL_BACKENDS + [pytest.param("cpu", "reference", id="cpu-reference")]
 
@@ -21,12 +21,11 @@ OPTIONS = [
     pytest.param({"lr": 0.2, "momentum": 0.5, "dampening": 0.3, "maximize": True}, id="dampening-maximize"),
 ]
 
-# Where the SIMD registers have an FMA instruction, the CPU kernels round every operation exactly as
-# torch's CPU kernels do (torch's `add(b, alpha=x)` is one FMA), so their results are bitwise
-# torch.optim.SGD's (bf16/fp16: its fp32 step rounded once, which is what the reference defines).
-# Triton's interpreter evaluates tl.fma as a*b+c with two roundings, so the interpreted Triton
-# step differs by rounding only.
-CPU_FMA = getattr(_build_info, "CPU_ISA", None) in ("avx2", "avx512")
+# Where torch's CPU kernels fuse (TORCH_CPU_FMA), the CPU kernels round every operation exactly as
+# they do, so their results are bitwise torch.optim.SGD's (bf16/fp16: its fp32 step rounded once,
+# which is what the reference defines). Triton's interpreter evaluates tl.fma as a*b+c with two
+# roundings, so the interpreted Triton step differs by rounding only.
+CPU_FMA = TORCH_CPU_FMA
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
