@@ -190,7 +190,10 @@ def _build_ext_class(cpp_extension, info: dict, cpu_variants: list[str]) -> type
                     macros=ext.define_macros,
                     include_dirs=ext.include_dirs,
                     debug=self.debug,
-                    extra_postargs={**ext.extra_compile_args, "cxx": [*ext.extra_compile_args["cxx"], *CPU_VARIANTS[name]]},
+                    extra_postargs={
+                        **ext.extra_compile_args,
+                        "cxx": [*ext.extra_compile_args["cxx"], *CPU_VARIANTS[name]],
+                    },
                     depends=ext.depends,
                 )
 

@@ -75,7 +75,8 @@ torch.save(results, out)
 
 
 def _run_child(capability: str, out: Path) -> dict:
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability, PYTHONPATH=path)
     proc = subprocess.run([sys.executable, "-c", CHILD, capability, str(out)], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, f"ATEN_CPU_CAPABILITY={capability}:\n{proc.stderr[-3000:]}"
     return torch.load(out)
@@ -123,8 +124,14 @@ def test_every_variant_gives_bitwise_the_same_results(tmp_path):
                     assert _same_bits(a, b), f"{key}: {runnable[0]} and {capability} differ"
 
 
-AVX_MARKERS = ("dwf::cpu::Kernels<(dwf::cpu::Isa)1>", "dwf::cpu::Kernels<(dwf::cpu::Isa)2>", "::avx2::", "::avx512::",
-               "at::vec::AVX2::", "at::vec::AVX512::")
+AVX_MARKERS = (
+    "dwf::cpu::Kernels<(dwf::cpu::Isa)1>",
+    "dwf::cpu::Kernels<(dwf::cpu::Isa)2>",
+    "::avx2::",
+    "::avx512::",
+    "at::vec::AVX2::",
+    "at::vec::AVX512::",
+)
 
 
 def test_only_the_avx_variants_hold_avx_instructions():
@@ -135,8 +142,9 @@ def test_only_the_avx_variants_hold_avx_instructions():
     if objdump is None:
         pytest.fail("objdump (binutils, which the build itself needs) is missing")
     library = sys.modules["dwf_kernels._C"].__file__
-    listing = subprocess.run([objdump, "-d", "-C", "--no-show-raw-insn", library], capture_output=True, text=True,
-                             check=True).stdout
+    listing = subprocess.run(
+        [objdump, "-d", "-C", "--no-show-raw-insn", library], capture_output=True, text=True, check=True
+    ).stdout
     function, offenders, variant_avx = None, set(), 0
     for line in listing.splitlines():
         header = re.match(r"^[0-9a-f]+ <(.*)>:$", line)

@@ -86,7 +86,8 @@ def test_extension_calls_only_the_stable_abi():
         pytest.fail("nm (binutils, which the build itself needs) is missing")
     library = sys.modules["dwf_kernels._C"].__file__
     undefined = subprocess.run([nm, "-D", "--undefined-only", library], capture_output=True, text=True, check=True)
-    python_symbols = {line.split()[-1] for line in undefined.stdout.splitlines() if line.split()[-1].startswith(("Py", "_Py"))}
+    symbols = [line.split()[-1] for line in undefined.stdout.splitlines()]
+    python_symbols = {name for name in symbols if name.startswith(("Py", "_Py"))}
     assert python_symbols == {"PyModule_Create2", "PyUnicode_FromString"}, python_symbols
 
 
