@@ -8,6 +8,7 @@
     optimizer = dwf_kernels.optim.FusedSGD(model.parameters(), lr, momentum=0.9)  # backward fused into step
     sparse = dwf_kernels.collapse(model)                             # plain torch.nn, exact zeros
     print(dwf_kernels.sparsity_report(sparse))
+    dwf_kernels.save_compressed(sparse, "model.dwfz")                 # nonzeros only; load_compressed
 
 See docs/design.md for the math and the kernel contract.
 """
@@ -19,11 +20,13 @@ from . import (
     optim,
 )
 from .backends import BACKENDS, available_backends, current_backend, use_backend
+from .compressed import CompressedFileError, load_compressed, load_compressed_into, save_compressed
 from .model import DEFAULT_THRESHOLD, collapse, factorize, penalty, sparsity_report
 from .ops import dwf_product, dwf_product_backward, dwf_sgd_step
 
 __all__ = [
     "BACKENDS",
+    "CompressedFileError",
     "DEFAULT_THRESHOLD",
     "available_backends",
     "collapse",
@@ -33,9 +36,12 @@ __all__ = [
     "dwf_sgd_step",
     "factorize",
     "init",
+    "load_compressed",
+    "load_compressed_into",
     "nn",
     "optim",
     "penalty",
+    "save_compressed",
     "sparsity_report",
     "use_backend",
 ]
