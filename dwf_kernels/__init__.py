@@ -9,6 +9,7 @@
     sparse = dwf_kernels.collapse(model)                             # plain torch.nn, exact zeros
     print(dwf_kernels.sparsity_report(sparse))
     dwf_kernels.save_compressed(sparse, "model.dwfz")                 # nonzeros only; load_compressed
+    fast = dwf_kernels.sparsify(sparse, example_batch)               # sparse Linear where measured faster
 
 See docs/design.md for the math and the kernel contract.
 """
@@ -18,15 +19,18 @@ from . import (
     init,
     nn,
     optim,
+    sparse,
 )
 from .backends import BACKENDS, available_backends, current_backend, use_backend
 from .compressed import CompressedFileError, load_compressed, load_compressed_into, save_compressed
 from .model import DEFAULT_THRESHOLD, collapse, factorize, penalty, sparsity_report
 from .ops import dwf_product, dwf_product_backward, dwf_sgd_step
+from .sparse import SparseLinear, sparsify
 
 __all__ = [
     "BACKENDS",
     "CompressedFileError",
+    "SparseLinear",
     "DEFAULT_THRESHOLD",
     "available_backends",
     "collapse",
@@ -42,6 +46,8 @@ __all__ = [
     "optim",
     "penalty",
     "save_compressed",
+    "sparse",
+    "sparsify",
     "sparsity_report",
     "use_backend",
 ]
