@@ -53,14 +53,8 @@ class CompressedFileError(ValueError):
     fit the model it is loaded into."""
 
 
-def save_compressed(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], path: str | os.PathLike) -> int:
-    """Write a model's (or a state_dict's) tensors to `path`, each in its smaller exact encoding.
-
-    A model holding DWF layers is refused: collapse it first (`dwf_kernels.collapse(model,
-    threshold)`), which turns its factors into the sparse weights this file is for.
-    Returns the file's size in bytes. The file is written to a temporary name and renamed, so
-    `path` never holds a partial file.
-    """
+def compressed_bytes(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor]) -> bytes:
+    """The contents `save_compressed` writes, as bytes."""
     state = _state_dict_of(model_or_state_dict)
     tensors: dict[str, torch.Tensor] = {}
     layout: dict[str, dict] = {}
@@ -115,9 +109,18 @@ def save_compressed(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
         "aliases": json.dumps(aliases, separators=(",", ":")),
     }
     metadata["crc32"] = f"{_checksum(tensors, metadata):08x}"
-    save = _safetensors().torch.save
+    return _safetensors().torch.save(tensors, metadata=metadata)
 
-    blob = save(tensors, metadata=metadata)
+
+def save_compressed(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], path: str | os.PathLike) -> int:
+    """Write a model's (or a state_dict's) tensors to `path`, each in its smaller exact encoding.
+
+    A model holding DWF layers is refused: collapse it first (`dwf_kernels.collapse(model,
+    threshold)`), which turns its factors into the sparse weights this file is for.
+    Returns the file's size in bytes. The file is written to a temporary name and renamed, so
+    `path` never holds a partial file.
+    """
+    blob = compressed_bytes(model_or_state_dict)
     path = os.fspath(path)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
