@@ -91,6 +91,10 @@ def test_the_op_checks_its_arguments_and_passes_opcheck():
         op(x, sparse.row_ptr, sparse.col, sparse.values.double(), None)
     with pytest.raises(RuntimeError, match="contiguous"):
         op(x.t().contiguous().t(), *args)
+    with pytest.raises(RuntimeError, match=r"col must lie in \[0, 8\)"):
+        op(x[:, :8].contiguous(), *args)  # fewer input columns than the weight reads
+    with pytest.raises(RuntimeError, match="must not decrease"):
+        op(x, torch.tensor([0, 3, 1, sparse.nnz, sparse.nnz]), *args[1:])
 
 
 def test_sparsify_replaces_where_faster_and_reports():

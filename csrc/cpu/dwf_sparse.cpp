@@ -8,6 +8,7 @@
 // in the order of the row's nonzeros.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/aminmax.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -74,10 +75,18 @@ at::Tensor sparse_linear_cpu(const at::Tensor& input, const at::Tensor& row_ptr,
   for (const at::Tensor* t : {&row_ptr, &col, &values}) {
     TORCH_CHECK(t->device().is_cpu(), "sparse_linear: every tensor must be on the CPU");
   }
-  // The CSR structure is checked when a module builds it (dwf_kernels/sparse.py); here only what
-  // keeps every access in bounds cheaply: the offsets' ends.
-  const int64_t* rp = row_ptr.data_ptr<int64_t>();
+  // Every access in bounds: offsets from 0 to nnz, never decreasing, and columns in [0, in). One
+  // pass over the structure, cheaper than the product it guards.
+  const int64_t* rp = row_ptr.const_data_ptr<int64_t>();
   TORCH_CHECK(rp[0] == 0 && rp[out] == col.numel(), "sparse_linear: row_ptr must run from 0 to nnz");
+  for (int64_t o = 0; o < out; ++o) {
+    TORCH_CHECK(rp[o] <= rp[o + 1], "sparse_linear: row_ptr must not decrease (at row ", o, ")");
+  }
+  if (col.numel() > 0) {
+    const auto [lo, hi] = at::aminmax(col);
+    TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < in, "sparse_linear: col must lie in [0, ", in,
+                ") for an input of ", in, " columns");
+  }
   at::Tensor y = at::empty({rows, out}, input.options());
   const int64_t nnz = col.numel();
   // Enough work per thread to pay for it: about 64K multiply-adds.
