@@ -244,9 +244,13 @@ def _extensions() -> tuple[list, dict, dict]:
     with_cuda = have_cuda_toolchain if force_cuda is None else force_cuda
 
     # The baseline-compiled sources; the CPU kernel variants (CPU_KERNELS_SOURCE) are compiled by BuildExt.
-    sources = [
-        os.path.join("csrc", name) for name in ("dwf_ops.cpp", "dwf_autograd.cpp", os.path.join("cpu", "dwf_cpu.cpp"))
-    ]
+    host = (
+        "dwf_ops.cpp",
+        "dwf_autograd.cpp",
+        os.path.join("cpu", "dwf_cpu.cpp"),
+        os.path.join("cpu", "dwf_sparse.cpp"),
+    )
+    sources = [os.path.join("csrc", name) for name in host]
     # No FMA contraction: a*b + c rounds like the reference PyTorch (separate mul and add kernels).
     # The silenced warnings come from torch's and GCC's headers: CUDA/clang pragmas, and GCC 12's
     # false "may be used uninitialized" inside AVX-512 intrinsics (their undefined-register idiom).

@@ -47,4 +47,8 @@ TORCH_LIBRARY(dwf_kernels, m) {
       "float lr, float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, "
       "bool init_buffer) -> ()",
       {at::Tag::pt2_compliant_tag});
+  // Sparse inference: input @ W^T + bias with W (out, in) in CSR (row_ptr: out + 1 offsets into
+  // col and values); input is a contiguous (batch, in) matrix.
+  m.def("sparse_linear(Tensor input, Tensor row_ptr, Tensor col, Tensor values, Tensor? bias) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
 }

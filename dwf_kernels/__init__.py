@@ -8,6 +8,8 @@
     optimizer = dwf_kernels.optim.FusedSGD(model.parameters(), lr, momentum=0.9)  # backward fused into step
     sparse = dwf_kernels.collapse(model)                             # plain torch.nn, exact zeros
     print(dwf_kernels.sparsity_report(sparse))
+    dwf_kernels.save_compressed(sparse, "model.dwfz")                 # nonzeros only; load_compressed
+    fast = dwf_kernels.sparsify(sparse, example_batch)               # sparse Linear where measured faster
 
 See docs/design.md for the math and the kernel contract.
 """
@@ -17,13 +19,18 @@ from . import (
     init,
     nn,
     optim,
+    sparse,
 )
 from .backends import BACKENDS, available_backends, current_backend, use_backend
+from .compressed import CompressedFileError, load_compressed, load_compressed_into, save_compressed
 from .model import DEFAULT_THRESHOLD, collapse, factorize, penalty, sparsity_report
 from .ops import dwf_product, dwf_product_backward, dwf_sgd_step
+from .sparse import SparseLinear, sparsify
 
 __all__ = [
     "BACKENDS",
+    "CompressedFileError",
+    "SparseLinear",
     "DEFAULT_THRESHOLD",
     "available_backends",
     "collapse",
@@ -33,9 +40,14 @@ __all__ = [
     "dwf_sgd_step",
     "factorize",
     "init",
+    "load_compressed",
+    "load_compressed_into",
     "nn",
     "optim",
     "penalty",
+    "save_compressed",
+    "sparse",
+    "sparsify",
     "sparsity_report",
     "use_backend",
 ]

@@ -3,7 +3,8 @@
     python python/train.py                         # LeNet-300-100, D=4, on the embedded MNIST digits
     python python/train.py --model vgg16 --dataset cifar10 --data-root data --download --depth 3 --lam 1e-4
 
-Writes results.json and checkpoint.pt (every epoch) into --output-dir; --resume continues an
+Writes results.json, checkpoint.pt (every epoch) and model.dwfz (the model collapsed at |w| < 1e-4,
+its nonzeros only: dwf_kernels.load_compressed) into --output-dir; --resume continues an
 interrupted run exactly. A bad argument exits with status 2, a run that cannot be done (missing
 dataset, training diverged to NaN/Inf, --resume without a matching checkpoint) with status 1;
 either way with one line on stderr.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import time
@@ -17,6 +18,7 @@ from .training import LoopConfig, evaluate, fit, seed_everything, sparsity_metri
 
 EXACT_THRESHOLD = dwf_kernels.DEFAULT_THRESHOLD  # float32 eps: exactly-zero weights
 PRACTICAL_THRESHOLD = 1e-4
+COMPRESSED_FILE = "model.dwfz"  # the model collapsed at PRACTICAL_THRESHOLD (dwf_kernels.save_compressed)
 
 
 @dataclass
@@ -198,12 +200,22 @@ def train_dwf(cfg: DWFConfig) -> tuple[dict, torch.nn.Module, object]:
                 "sparsity": report.total.sparsity,
                 "report": report.as_dict(),
                 "table": str(report),
+                **file_sizes(collapsed),
             }
             if name == "exact":
                 exact_model = collapsed
+            elif cfg.output_dir:  # the practical model, as a file of its nonzeros
+                dwf_kernels.save_compressed(collapsed, os.path.join(cfg.output_dir, COMPRESSED_FILE))
     if cfg.output_dir:
         write_json(os.path.join(cfg.output_dir, "results.json"), results)
     return results, exact_model, data
+
+
+def file_sizes(model: torch.nn.Module) -> dict:
+    """Bytes of the model's compressed file and of torch.save of its (dense) state_dict."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return {"compressed_bytes": len(dwf_kernels.compressed.compressed_bytes(model)), "torch_save_bytes": buffer.tell()}
 
 
 def summary(results: dict) -> str:
@@ -220,6 +232,14 @@ def summary(results: dict) -> str:
             f"collapsed at |w| < {r['threshold']:g}: test accuracy {r['test_acc']:.2f}%, "
             f"compression ratio {r['compression']:.1f}x (sparsity {100 * r['sparsity']:.2f}%)"
         )
+        if "compressed_bytes" in r:
+            lines.append(
+                f"  file of its nonzeros: {r['compressed_bytes']:,} bytes; torch.save of its state_dict: "
+                f"{r['torch_save_bytes']:,} bytes ({r['torch_save_bytes'] / r['compressed_bytes']:.0f}x larger)"
+            )
+    if results["config"].get("output_dir"):
+        threshold = results["practical"]["threshold"]
+        lines.append(f"compressed model (|w| < {threshold:g}): {COMPRESSED_FILE} in the output folder")
     lines += ["", f"per-layer sparsity at |w| < {results['practical']['threshold']:g}:", results["practical"]["table"]]
     return "\n".join(lines)
 
