@@ -11,6 +11,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <cstdint>
 #include <optional>
 #include <type_traits>
 
@@ -104,14 +105,33 @@ inline void check_sgd_step_args(const at::Tensor& factors, const std::optional<a
   }
 }
 
+// The hyper-parameters of one dwf_sgd_step as the op receives them (its float and bool
+// arguments), gathered once where the op is entered and passed down whole.
+struct SgdOptions {
+  double lr;
+  double momentum;
+  double dampening;
+  double weight_decay;
+  bool nesterov;
+  bool maximize;
+  bool init_buffer;  // the momentum buffer's first step: it is written, not read
+};
+
 // The SGD hyper-parameters in the arithmetic type A. They are rounded to A first, exactly as
 // torch rounds a Python float Scalar to the tensor's dtype.
 template <typename A>
+SgdStep<A> make_sgd_step(const SgdOptions& o) {
+  return SgdStep<A>{static_cast<A>(-o.lr),          static_cast<A>(o.momentum), static_cast<A>(1.0 - o.dampening),
+                    static_cast<A>(o.weight_decay), A(-1),                      o.momentum != 0,
+                    o.weight_decay != 0,            o.nesterov,                 o.maximize,
+                    o.init_buffer};
+}
+
+// The same from the op's arguments one by one.
+template <typename A>
 SgdStep<A> make_sgd_step(double lr, double momentum, double dampening, double weight_decay, bool nesterov,
                          bool maximize, bool init_buffer) {
-  return SgdStep<A>{static_cast<A>(-lr), static_cast<A>(momentum), static_cast<A>(1.0 - dampening),
-                    static_cast<A>(weight_decay), A(-1), momentum != 0, weight_decay != 0, nesterov, maximize,
-                    init_buffer};
+  return make_sgd_step<A>(SgdOptions{lr, momentum, dampening, weight_decay, nesterov, maximize, init_buffer});
 }
 
 // Calls f(std::integral_constant<int, kD>) with the depth policy kD of dwf_math.h: the depth
@@ -142,20 +162,67 @@ void dispatch_depth(int64_t depth, F&& f) {
   }
 }
 
-// Calls f(factor_tag, io_tag) where the tags are null pointers of the element types: the factor
-// dtype and the dtype of w (forward) or grad_w (backward). The supported pairs are exactly
-// is_supported_out_dtype's.
+// The width of the compiled kernels' vector accesses: one pack of kPackBytes / sizeof(T)
+// elements of type T (pack_elements<T>()) moves as a single aligned load or store.
+constexpr int kPackBytes = 16;
+
+template <typename T>
+constexpr int pack_elements() {
+  return kPackBytes / int(sizeof(T));
+}
+
+// Whether a kernel over (D, n) operands with factors of type T may access every operand in packs
+// of V = pack_elements<T>() elements: n % V == 0, so each row d * n starts on a pack boundary when
+// the base does, and each base pointer is aligned to a pack of its own element type, sizeof(E) * V
+// bytes (16 for the factors; 8 for a bfloat16 w beside float32 factors). A null pointer (an absent
+// operand) passes.
+template <typename T, typename... E>
+bool fits_packs(int64_t n, const E*... operands) {
+  constexpr int64_t V = pack_elements<T>();
+  return n % V == 0 && ((reinterpret_cast<uintptr_t>(operands) % (sizeof(E) * V) == 0) && ...);
+}
+
+// Calls f(std::integral_constant<int, kV>) with the pack width kV in elements of T:
+// pack_elements<T>() when `vector` (fits_packs), else 1 (one element per access, any alignment).
+template <typename T, typename F>
+void dispatch_pack(bool vector, F&& f) {
+  if (vector) {
+    f(std::integral_constant<int, pack_elements<T>()>{});
+  } else {
+    f(std::integral_constant<int, 1>{});
+  }
+}
+
+// The element types of one op: Factor, the factors' (also their gradients' and the momentum
+// buffer's), and IO, w's (forward) or grad_w's (backward, SGD step).
+template <typename Factor, typename IO>
+struct IoTypes {
+  using factor = Factor;
+  using io = IO;
+};
+
+// Calls f(IoTypes<Factor, IO>{}) for the factor dtype `in` and the dtype `io` of w or grad_w.
+// The supported pairs are exactly is_supported_out_dtype's.
 template <typename F>
-void dispatch_io_types(at::ScalarType in, at::ScalarType io, F&& f) {
+void dispatch_io(at::ScalarType in, at::ScalarType io, F&& f) {
   using c10::BFloat16;
   using c10::Half;
-  if (in == at::kFloat && io == at::kFloat) return f((float*)nullptr, (float*)nullptr);
-  if (in == at::kFloat && io == at::kBFloat16) return f((float*)nullptr, (BFloat16*)nullptr);
-  if (in == at::kFloat && io == at::kHalf) return f((float*)nullptr, (Half*)nullptr);
-  if (in == at::kDouble && io == at::kDouble) return f((double*)nullptr, (double*)nullptr);
-  if (in == at::kBFloat16 && io == at::kBFloat16) return f((BFloat16*)nullptr, (BFloat16*)nullptr);
-  if (in == at::kHalf && io == at::kHalf) return f((Half*)nullptr, (Half*)nullptr);
+  if (in == at::kFloat && io == at::kFloat) return f(IoTypes<float, float>{});
+  if (in == at::kFloat && io == at::kBFloat16) return f(IoTypes<float, BFloat16>{});
+  if (in == at::kFloat && io == at::kHalf) return f(IoTypes<float, Half>{});
+  if (in == at::kDouble && io == at::kDouble) return f(IoTypes<double, double>{});
+  if (in == at::kBFloat16 && io == at::kBFloat16) return f(IoTypes<BFloat16, BFloat16>{});
+  if (in == at::kHalf && io == at::kHalf) return f(IoTypes<Half, Half>{});
   TORCH_CHECK(false, "dwf_kernels: unsupported dtype pair (factors ", in, ", w ", io, ")");
+}
+
+// dispatch_io with the two element types as null pointer tags: f((Factor*)nullptr, (IO*)nullptr).
+template <typename F>
+void dispatch_io_types(at::ScalarType in, at::ScalarType io, F&& f) {
+  dispatch_io(in, io, [&](auto types) {
+    using Types = decltype(types);
+    f(static_cast<typename Types::factor*>(nullptr), static_cast<typename Types::io*>(nullptr));
+  });
 }
 
 }  // namespace dwf

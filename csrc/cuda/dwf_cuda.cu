@@ -65,10 +65,10 @@ void dwf_sgd_step_cuda(const at::Tensor& factors, const std::optional<at::Tensor
                        const at::Tensor& grad_w, const std::optional<at::Tensor>& grad_sumsq, double lr,
                        double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
                        bool init_buffer) {
-  check_sgd_step_args(factors, momentum_buffer, grad_w, grad_sumsq, momentum);
+  const SgdOptions options{lr, momentum, dampening, weight_decay, nesterov, maximize, init_buffer};
+  check_sgd_step_args(factors, momentum_buffer, grad_w, grad_sumsq, options.momentum);
   const c10::cuda::CUDAGuard guard(factors.device());
-  run_sgd_step(factors, momentum_buffer, grad_w, grad_sumsq, lr, momentum, dampening, weight_decay, nesterov,
-               maximize, init_buffer, CudaLauncher(factors));
+  run_sgd_step(factors, momentum_buffer, grad_w, grad_sumsq, options, CudaLauncher(factors));
 }
 
 }  // namespace

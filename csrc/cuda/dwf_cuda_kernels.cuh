@@ -1,11 +1,12 @@
-// The CUDA kernels of the fused DWF forward, backward and backward + SGD step (docs/design.md),
-// and the host code that plans and launches them.
+// The CUDA kernels of the fused DWF forward, backward and backward + SGD step, and the host code
+// that plans and launches them (docs/design.md, CUDA kernels).
 //
-// Grid-stride loops over packs of V elements with 64-bit indices: V = 16 bytes / sizeof(factor)
-// when every row start is 16-byte aligned, i.e. n % V == 0 and every base pointer is aligned (one
-// vector access per operand row per pack), else V = 1 (plain coalesced accesses), so any view
-// works. Per element the math is dwf_math.h's, the same templates the CPU kernels run. The grid is
-// as many blocks as the device holds at once for that kernel (its occupancy, asked once per kernel
+// Grid-stride loops over packs of V elements with 64-bit indices: V = pack_elements<factor>()
+// (16 bytes of factors) when fits_packs holds for all the op's operands, i.e. n % V == 0 and every
+// base pointer is aligned to its pack (one vector access per operand row per pack), else V = 1
+// (plain coalesced accesses), so any view works; dispatch_pack (dwf_dispatch.h) picks the kernel.
+// Per element the math is dwf_math.h's, the same templates the CPU kernels run. The grid is as
+// many blocks as the device holds at once for that kernel (its occupancy, asked once per kernel
 // and device), fewer when the work is smaller. sumsq: each block writes one partial to its own
 // slot, then one block sums the partials in a fixed order: deterministic, no floating-point atomics
 // (a one-block grid writes sumsq directly; without sumsq nothing is reduced).
@@ -269,18 +270,11 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-// The vector width in elements for factors of type T: V = 16 / sizeof(T) when n % V == 0 (then
-// every row d * n of a 16-byte aligned (D, n) operand is 16-byte aligned too) and the bases are
-// aligned for their packs (`factors` to 16 bytes, `other`, with elements of type O, to V of them);
-// else 1. The callers add the alignment of their further operands.
-template <typename T, typename O>
-int pack_width(int64_t n, const void* factors, const void* other) {
-  constexpr int V = 16 / sizeof(T);
-  const bool ok = n % V == 0 && aligned16(factors) &&
-                  reinterpret_cast<uintptr_t>(other) % (sizeof(O) * V) == 0;
-  return ok ? V : 1;
+// Calls f(kD, kV), std::integral_constant each: the depth policy of dispatch_depth and the pack
+// width of dispatch_pack for factors of type T (pack_elements<T>() when `vector`, else 1).
+template <typename T, typename F>
+void dispatch_depth_and_pack(int64_t depth, bool vector, F&& f) {
+  dispatch_depth(depth, [&](auto kd) { dispatch_pack<T>(vector, [&](auto kv) { f(kd, kv); }); });
 }
 
 template <typename Launcher>
@@ -292,9 +286,9 @@ std::tuple<at::Tensor, at::Tensor> run_forward(const at::Tensor& factors_arg, at
   at::Tensor w = at::empty(factors.sizes().slice(1), factors.options().dtype(out));
   at::Tensor sumsq = at::empty({}, factors.options().dtype(sumsq_dtype(factors.scalar_type())));
 
-  dispatch_io_types(factors.scalar_type(), out, [&](auto* t_tag, auto* o_tag) {
-    using T = std::remove_pointer_t<decltype(t_tag)>;
-    using O = std::remove_pointer_t<decltype(o_tag)>;
+  dispatch_io(factors.scalar_type(), out, [&](auto types) {
+    using T = typename decltype(types)::factor;
+    using O = typename decltype(types)::io;
     using acc_t = acc_type_t<T>;
     const T* F = factors.const_data_ptr<T>();
     O* W = w.mutable_data_ptr<O>();
@@ -304,12 +298,10 @@ std::tuple<at::Tensor, at::Tensor> run_forward(const at::Tensor& factors_arg, at
       launcher.launch(sum_partials_kernel<acc_t>, 1, kReduceThreads, none, int64_t(0), S);
       return;
     }
-    const int V = pack_width<T, O>(n, F, W);
-    dispatch_depth(depth, [&](auto kd) {
-      constexpr int kD = decltype(kd)::value;
-      constexpr int kV = 16 / sizeof(T);
-      const auto kernel = V == kV ? dwf_forward_kernel<kD, T, O, kV> : dwf_forward_kernel<kD, T, O, 1>;
-      const int64_t grid = grid_for(launcher, kernel, n / V);
+    dispatch_depth_and_pack<T>(depth, fits_packs<T>(n, F, W), [&](auto kd, auto kv) {
+      constexpr int kV = decltype(kv)::value;
+      const auto kernel = dwf_forward_kernel<decltype(kd)::value, T, O, kV>;
+      const int64_t grid = grid_for(launcher, kernel, n / kV);
       if (with_sumsq && grid > 1) {
         at::Tensor partials = at::empty({grid}, sumsq.options());
         acc_t* P = partials.mutable_data_ptr<acc_t>();
@@ -340,20 +332,18 @@ at::Tensor run_backward(const at::Tensor& factors_arg, const at::Tensor& grad_w_
   const at::Tensor s = penalty_scale(factors, grad_sumsq);
   if (n == 0) return grad_factors;
 
-  dispatch_io_types(factors.scalar_type(), grad_w.scalar_type(), [&](auto* t_tag, auto* g_tag) {
-    using T = std::remove_pointer_t<decltype(t_tag)>;
-    using G = std::remove_pointer_t<decltype(g_tag)>;
+  dispatch_io(factors.scalar_type(), grad_w.scalar_type(), [&](auto types) {
+    using T = typename decltype(types)::factor;
+    using G = typename decltype(types)::io;
     using acc_t = acc_type_t<T>;
     const T* F = factors.const_data_ptr<T>();
     const G* GW = grad_w.const_data_ptr<G>();
     T* GF = grad_factors.mutable_data_ptr<T>();
     const acc_t* S = s.defined() ? s.const_data_ptr<acc_t>() : nullptr;
-    const int V = (pack_width<T, G>(n, F, GW) > 1 && aligned16(GF)) ? 16 / int(sizeof(T)) : 1;
-    dispatch_depth(depth, [&](auto kd) {
-      constexpr int kD = decltype(kd)::value;
-      constexpr int kV = 16 / sizeof(T);
-      const auto kernel = V == kV ? dwf_backward_kernel<kD, T, G, kV> : dwf_backward_kernel<kD, T, G, 1>;
-      launcher.launch(kernel, grid_for(launcher, kernel, n / V), kThreads, F, GW, GF, S, n, int(depth));
+    dispatch_depth_and_pack<T>(depth, fits_packs<T>(n, F, GW, GF), [&](auto kd, auto kv) {
+      constexpr int kV = decltype(kv)::value;
+      const auto kernel = dwf_backward_kernel<decltype(kd)::value, T, G, kV>;
+      launcher.launch(kernel, grid_for(launcher, kernel, n / kV), kThreads, F, GW, GF, S, n, int(depth));
     });
   });
   return grad_factors;
@@ -361,32 +351,27 @@ at::Tensor run_backward(const at::Tensor& factors_arg, const at::Tensor& grad_w_
 
 template <typename Launcher>
 void run_sgd_step(const at::Tensor& factors, const std::optional<at::Tensor>& momentum_buffer,
-                  const at::Tensor& grad_w_arg, const std::optional<at::Tensor>& grad_sumsq, double lr,
-                  double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
-                  bool init_buffer, const Launcher& launcher) {
+                  const at::Tensor& grad_w_arg, const std::optional<at::Tensor>& grad_sumsq,
+                  const SgdOptions& options, const Launcher& launcher) {
   const at::Tensor grad_w = grad_w_arg.contiguous();
   const int64_t depth = factors.size(0);
   const int64_t n = factors.numel() / depth;
   const at::Tensor s = penalty_scale(factors, grad_sumsq);
   if (n == 0) return;
 
-  dispatch_io_types(factors.scalar_type(), grad_w.scalar_type(), [&](auto* t_tag, auto* g_tag) {
-    using T = std::remove_pointer_t<decltype(t_tag)>;
-    using G = std::remove_pointer_t<decltype(g_tag)>;
+  dispatch_io(factors.scalar_type(), grad_w.scalar_type(), [&](auto types) {
+    using T = typename decltype(types)::factor;
+    using G = typename decltype(types)::io;
     using acc_t = acc_type_t<T>;
     T* F = factors.mutable_data_ptr<T>();
-    T* B = momentum != 0 ? momentum_buffer->mutable_data_ptr<T>() : nullptr;
+    T* B = options.momentum != 0 ? momentum_buffer->mutable_data_ptr<T>() : nullptr;
     const G* GW = grad_w.const_data_ptr<G>();
     const acc_t* S = s.defined() ? s.const_data_ptr<acc_t>() : nullptr;
-    const SgdStep<acc_t> step =
-        make_sgd_step<acc_t>(lr, momentum, dampening, weight_decay, nesterov, maximize, init_buffer);
-    const bool vec = pack_width<T, G>(n, F, GW) > 1 && (B == nullptr || aligned16(B));
-    const int V = vec ? 16 / int(sizeof(T)) : 1;
-    dispatch_depth(depth, [&](auto kd) {
-      constexpr int kD = decltype(kd)::value;
-      constexpr int kV = 16 / sizeof(T);
-      const auto kernel = V == kV ? dwf_sgd_step_kernel<kD, T, G, kV> : dwf_sgd_step_kernel<kD, T, G, 1>;
-      launcher.launch(kernel, grid_for(launcher, kernel, n / V), kThreads, F, B, GW, S, n, int(depth), step);
+    const SgdStep<acc_t> step = make_sgd_step<acc_t>(options);
+    dispatch_depth_and_pack<T>(depth, fits_packs<T>(n, F, GW, B), [&](auto kd, auto kv) {
+      constexpr int kV = decltype(kv)::value;
+      const auto kernel = dwf_sgd_step_kernel<decltype(kd)::value, T, G, kV>;
+      launcher.launch(kernel, grid_for(launcher, kernel, n / kV), kThreads, F, B, GW, S, n, int(depth), step);
     });
   });
 }

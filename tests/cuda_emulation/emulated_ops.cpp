@@ -64,9 +64,9 @@ void sgd_step(const at::Tensor& factors, const std::optional<at::Tensor>& moment
               const std::optional<at::Tensor>& grad_sumsq, double lr, double momentum, double dampening,
               double weight_decay, bool nesterov, bool maximize, bool init_buffer, int64_t multiprocessors) {
   check_cpu(factors, "factors");
-  check_sgd_step_args(factors, momentum_buffer, grad_w, grad_sumsq, momentum);
-  run_sgd_step(factors, momentum_buffer, grad_w, grad_sumsq, lr, momentum, dampening, weight_decay, nesterov,
-               maximize, init_buffer, launcher(multiprocessors));
+  const SgdOptions options{lr, momentum, dampening, weight_decay, nesterov, maximize, init_buffer};
+  check_sgd_step_args(factors, momentum_buffer, grad_w, grad_sumsq, options.momentum);
+  run_sgd_step(factors, momentum_buffer, grad_w, grad_sumsq, options, launcher(multiprocessors));
 }
 
 // sum_partials_kernel alone, over any number of partials (the forward makes one per resident block).
@@ -74,17 +74,13 @@ at::Tensor sum_partials(const at::Tensor& partials) {
   check_cpu(partials, "partials");
   TORCH_CHECK(partials.dim() == 1 && partials.is_contiguous(), "dwf_cuda_emulated: partials must be contiguous 1-d");
   at::Tensor out = at::empty({}, partials.options());
-  auto run = [&](auto* tag) {
-    using A = std::remove_pointer_t<decltype(tag)>;
+  TORCH_CHECK(partials.scalar_type() == at::kFloat || partials.scalar_type() == at::kDouble,
+              "dwf_cuda_emulated: partials must be float32 or float64; got ", partials.scalar_type());
+  dispatch_io(partials.scalar_type(), partials.scalar_type(), [&](auto types) {
+    using A = typename decltype(types)::factor;
     HostLauncher{1}.launch(sum_partials_kernel<A>, 1, kReduceThreads, partials.const_data_ptr<A>(),
                            partials.numel(), out.mutable_data_ptr<A>());
-  };
-  if (partials.scalar_type() == at::kFloat) {
-    run((float*)nullptr);
-  } else {
-    TORCH_CHECK(partials.scalar_type() == at::kDouble, "dwf_cuda_emulated: partials must be float32 or float64");
-    run((double*)nullptr);
-  }
+  });
   return out;
 }
 
