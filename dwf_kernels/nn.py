@@ -8,22 +8,22 @@ The bias is an ordinary, unfactorized, unpenalized parameter.
 Under torch.autocast the fused op writes w directly in the autocast dtype (fp32 factors, bf16/fp16
 w), so mixed precision costs no extra cast pass.
 
-A layer whose factors a live `dwf_kernels.optim.FusedSGD` updates is in fused mode: its eager
-training forwards give the factors a lazy gradient, which holds dL/dw and dL/dsumsq and forms the
-D x N factor gradient only when something other than FusedSGD.step() reads it. `factors.grad` is
-an ordinary gradient for every other purpose (zero_grad, accumulation, other optimizers, DDP).
+A layer whose factors a live `dwf_kernels.optim.FusedSGD` updates is in fused mode (the link
+between them is on the factors Parameter: _fusion): its eager training forwards give the factors a
+lazy gradient, which holds dL/dw and dL/dsumsq and forms the D x N factor gradient only when
+something other than FusedSGD.step() reads it. `factors.grad` is an ordinary gradient for every
+other purpose (zero_grad, accumulation, other optimizers, DDP).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import weakref
-from collections.abc import Iterator
 
 import torch
 from torch import nn
 
+from . import _fusion
 from . import init as dwf_init
 from ._lazy_grad import convertible, fused_dwf_product
 from .ops import dwf_product
@@ -49,14 +49,6 @@ class DWFLayer(nn.Module):
 
     factors: nn.Parameter
     bias: nn.Parameter | None
-    fused_by: weakref.WeakSet | None = None  # the live FusedSGD optimizers that update the factors
-
-    _live: weakref.WeakSet[DWFLayer] = weakref.WeakSet()
-
-    @classmethod
-    def live_layers(cls) -> Iterator[DWFLayer]:
-        """Every DWF layer that exists now (FusedSGD finds the layers of its parameters here)."""
-        return iter(list(cls._live))
 
     def _setup_factors(self, weight_shape: torch.Size, depth: int, bias: bool, device, dtype) -> None:
         check_depth(depth)
@@ -66,8 +58,13 @@ class DWFLayer(nn.Module):
         out_features = weight_shape[0]
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
         self.last_sumsq = None
-        DWFLayer._live.add(self)
         self.reset_parameters()
+
+    def register_parameter(self, name: str, param: nn.Parameter | None) -> None:
+        # Every factors Parameter a layer holds (assigned in any way) carries the FusedSGD link.
+        super().register_parameter(name, param)
+        if name == "factors" and param is not None:
+            _fusion.attach(param)
 
     @property
     def last_sumsq(self) -> torch.Tensor | None:
@@ -98,10 +95,11 @@ class DWFLayer(nn.Module):
 
     def dwf_weight(self) -> torch.Tensor:
         """The weight for this forward, and records the factors' sum of squares for the penalty."""
+        factors = self.factors
         out_dtype = None
-        device_type = self.factors.device.type
+        device_type = factors.device.type
         if (
-            self.factors.dtype == torch.float32
+            factors.dtype == torch.float32
             and (torch.compiler.is_compiling() or _autocast_available(device_type))
             and torch.is_autocast_enabled(device_type)
         ):
@@ -110,15 +108,14 @@ class DWFLayer(nn.Module):
                 out_dtype = autocast_dtype
         if (
             not torch.compiler.is_compiling()
-            and self.fused_by
             and torch.is_grad_enabled()
-            and self.factors.requires_grad
-            and isinstance(self.factors, nn.Parameter)  # not tensors swapped in by torch.func.functional_call
+            and factors.requires_grad
+            and _fusion.is_fused(factors)  # never tensors swapped in by torch.func.functional_call
         ):
             # Fused mode: the factors' gradient is lazy; FusedSGD.step() applies it without forming it.
-            w, sumsq = fused_dwf_product(self.factors, out_dtype)
+            w, sumsq = fused_dwf_product(factors, out_dtype)
         else:
-            w, sumsq = dwf_product(self.factors, return_sumsq=True, out_dtype=out_dtype)
+            w, sumsq = dwf_product(factors, return_sumsq=True, out_dtype=out_dtype)
         self.last_sumsq = sumsq
         return w
 
@@ -129,6 +126,7 @@ class DWFLayer(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):
         factors = self.factors
+        link = _fusion.link_of(factors)
         factors.grad, unreadable_like = convertible(factors.grad)  # a lazy gradient: see _lazy_grad
 
         def keep_factor_layout(t: torch.Tensor) -> torch.Tensor:
@@ -140,6 +138,9 @@ class DWFLayer(nn.Module):
             return fn(t)
 
         module = super()._apply(keep_factor_layout, recurse)
+        # Conversions that swap the parameter's contents or replace it (torch.__future__ switches)
+        # leave it without the link: the layer stays in the mode it was in.
+        _fusion.attach(self.factors, link)
         if unreadable_like is not None:
             self.factors.grad = unreadable_like(self.factors)
         return module
@@ -147,15 +148,15 @@ class DWFLayer(nn.Module):
     def __getstate__(self) -> dict:
         # The recorded sum of squares belongs to one forward's autograd graph: a non-leaf tensor,
         # which deepcopy refuses and pickling must not carry. A copy starts without one.
-        # A copy is not updated by this layer's FusedSGD either: it starts outside fused mode.
         state = self.__dict__.copy()
         state["_last_sumsq"] = None
-        state.pop("fused_by", None)
         return state
 
     def __setstate__(self, state: dict) -> None:
+        # A deep copy of a Parameter drops its attributes: the copied factors get a new, empty link
+        # (a copy is not updated by this layer's FusedSGD, only by an optimizer copied with it).
         super().__setstate__(state)
-        DWFLayer._live.add(self)
+        _fusion.attach(self.factors)
 
 
 class DWFLinear(DWFLayer):
