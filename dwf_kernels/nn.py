@@ -136,7 +136,7 @@ class DWFLayer(nn.Module):
             if weight.numel():
                 dwf_init.uniform_draws((depth, *weight.shape))
             if module.bias is not None:
-                torch.empty_like(module.bias).uniform_()
+                torch.empty(module.bias.shape, device=weight.device, dtype=weight.dtype).uniform_()
         if factors is None:
             factors = nn.Parameter(torch.empty((depth, *weight.shape), device=weight.device, dtype=weight.dtype))
             with torch.no_grad():
