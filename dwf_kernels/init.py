@@ -10,6 +10,8 @@ factors would have kurtosis 3^D, which is why naive per-factor init trains badly
 A finite layer's sample std still scatters around the target (by ~20% for 100 weights at D=4);
 with `match_sample_std=True` (default) the factors are rescaled, and kept inside [a, b], until the
 std of the collapsed weights equals the target.
+
+`exact_factors(w, D)` is the other init: factors whose product is exactly a given weight.
 """
 
 from __future__ import annotations
@@ -78,6 +80,12 @@ def solve_sigma(second_moment: float, a: float, b: float) -> float:
     return math.exp(0.5 * (lo + hi))
 
 
+def uniform_draws(shape: torch.Size, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The random numbers dwf_init_ draws for factors of `shape`: the magnitudes' uniforms (fp64),
+    then the signs' (default dtype), on the CPU."""
+    return torch.rand(shape, generator=generator, dtype=torch.float64), torch.rand(shape, generator=generator)
+
+
 @torch.no_grad()
 def dwf_init_(
     factors: torch.Tensor,
@@ -94,18 +102,19 @@ def dwf_init_(
     """
     if factors.dim() < 1 or factors.shape[0] < 1:
         raise ValueError(f"factors must have shape (D, *weight_shape); got {tuple(factors.shape)}")
-    if factors.numel() == 0:
-        return factors  # a zero-size weight (nn.Linear allows zero features): nothing to draw
+    if factors.numel() == 0 or factors.is_meta:
+        # A zero-size weight (nn.Linear allows zero features), or a meta tensor (no values, as
+        # torch.nn.init on meta): nothing to draw.
+        return factors
     depth = factors.shape[0]
     a, b = truncation_interval(target_std, depth, eps, upper)
     rms = target_std ** (1.0 / depth)
     sigma = solve_sigma(rms * rms, a, b)
     # Inverse-CDF sampling from the upper tail (v = P(Z > m/sigma)), precise even when a >> sigma.
-    shape = factors.shape
     v_lo, v_hi = _upper_tail(b / sigma), _upper_tail(a / sigma)
-    u = torch.rand(shape, generator=generator, dtype=torch.float64)
+    u, sign_u = uniform_draws(factors.shape, generator)
     magnitude = (-sigma * torch.special.ndtri(v_lo + (v_hi - v_lo) * u)).clamp_(a, b)
-    sign = torch.where(torch.rand(shape, generator=generator) < 0.5, -1.0, 1.0).to(torch.float64)
+    sign = torch.where(sign_u < 0.5, -1.0, 1.0).to(torch.float64)
     values = magnitude * sign
     if match_sample_std and values[0].numel() > 1:
         for _ in range(20):
@@ -116,3 +125,14 @@ def dwf_init_(
             values = magnitude * sign
     factors.copy_(values)
     return factors
+
+
+@torch.no_grad()
+def exact_factors(weight: torch.Tensor, depth: int) -> torch.Tensor:
+    """Balanced exact factors of `weight`, shape (depth, *weight.shape): |f_d| = |w|^(1/D) for all d,
+    the sign on the first (exactly-zero weights get all-zero factors)."""
+    w = weight.detach().to(torch.float64)
+    root = w.abs().pow(1.0 / depth)
+    factors = root.unsqueeze(0).repeat(depth, *([1] * w.dim()))
+    factors[0] = torch.where(w < 0, -root, root)
+    return factors.to(weight.dtype)

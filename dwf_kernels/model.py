@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import math
-import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -13,11 +11,8 @@ import torch
 from torch import nn
 
 from . import init as dwf_init
-from .nn import DENSE_CLASS_FOR, DWF_CLASS_FOR, DWFLayer, check_depth
+from .nn import DEFAULT_THRESHOLD, FACTORIZABLE, DWFLayer, check_depth, check_init, check_threshold, converter_for
 from .ops import dwf_product
-
-DEFAULT_THRESHOLD = 1.19e-7  # float32 machine epsilon: |w| below it counts as exactly zero
-FACTORIZABLE = tuple(DWF_CLASS_FOR)
 
 
 def _matches(name: str, module: nn.Module, selectors: Iterable[str | type]) -> bool:
@@ -25,15 +20,6 @@ def _matches(name: str, module: nn.Module, selectors: Iterable[str | type]) -> b
         (isinstance(s, type) and isinstance(module, s)) or (isinstance(s, str) and fnmatch.fnmatchcase(name, s))
         for s in selectors
     )
-
-
-def _dense_to_factors(weight: torch.Tensor, depth: int) -> torch.Tensor:
-    """Balanced exact factors of `weight`: |f_d| = |w|^(1/D) for all d, the sign on the first."""
-    w = weight.detach().to(torch.float64)
-    root = w.abs().pow(1.0 / depth)
-    factors = root.unsqueeze(0).repeat(depth, *([1] * w.dim()))
-    factors[0] = torch.where(w < 0, -root, root)
-    return factors.to(weight.dtype)
 
 
 def factorize(
@@ -62,8 +48,7 @@ def factorize(
     A model that already holds DWF layers of another depth is refused: collapse it first.
     """
     check_depth(depth)
-    if init not in ("dwf", "dense"):
-        raise ValueError(f"init must be 'dwf' or 'dense'; got {init!r}")
+    check_init(init)
     if isinstance(model, DWFLayer) or isinstance(model, FACTORIZABLE):
         raise TypeError("factorize converts the layers inside a model; wrap a single layer in nn.Sequential")
     names: dict[int, list[str]] = {}  # every name of every module, shared ones included
@@ -78,7 +63,7 @@ def factorize(
     targets = [
         module
         for module in model.modules()
-        if type(module) in DWF_CLASS_FOR
+        if converter_for(module) is not None
         and (include is None or any(_matches(n, module, include) for n in names[id(module)]))
         and not any(_matches(n, module, exclude) for n in names[id(module)])
     ]
@@ -86,22 +71,10 @@ def factorize(
     twins: dict[int, DWFLayer] = {}  # id(dense) -> its DWF layer
     shared_factors: dict[int, nn.Parameter] = {}  # id(dense weight) -> the factors made for it
     for dense in targets:
-        dwf = _dwf_twin(dense, depth)
         factors = shared_factors.get(id(dense.weight))
-        if factors is not None:
-            dwf.factors = factors
-        else:
-            with torch.no_grad():
-                if init == "dense":
-                    dwf.factors.copy_(_dense_to_factors(dense.weight, depth))
-                else:
-                    dwf_init.dwf_init_(
-                        dwf.factors, dwf_init.default_target_std(dense.weight.shape), eps=eps, upper=upper
-                    )
-            if id(dense.weight) in tied:
-                shared_factors[id(dense.weight)] = dwf.factors
-        dwf.bias = dense.bias  # the same parameter: a bias shared with other modules stays shared
-        dwf.train(dense.training)
+        dwf = converter_for(dense).from_dense(dense, depth, init, eps=eps, upper=upper, factors=factors)
+        if id(dense.weight) in tied:
+            shared_factors[id(dense.weight)] = dwf.factors
         twins[id(dense)] = dwf
     _replace_children(model, twins)
     return model
@@ -136,23 +109,6 @@ def _replace_children(model: nn.Module, replacement: dict[int, nn.Module]) -> No
         for child_name, child in list(parent._modules.items()):
             if child is not None and id(child) in replacement:
                 setattr(parent, child_name, replacement[id(child)])
-
-
-def _dwf_twin(dense: nn.Module, depth: int) -> DWFLayer:
-    kwargs = dict(bias=dense.bias is not None, device=dense.weight.device, dtype=dense.weight.dtype, depth=depth)
-    if isinstance(dense, nn.Linear):
-        return DWF_CLASS_FOR[nn.Linear](dense.in_features, dense.out_features, **kwargs)
-    return DWF_CLASS_FOR[type(dense)](
-        dense.in_channels,
-        dense.out_channels,
-        dense.kernel_size,
-        dense.stride,
-        dense.padding,
-        dense.dilation,
-        dense.groups,
-        padding_mode=dense.padding_mode,
-        **kwargs,
-    )
 
 
 def dwf_layers(model: nn.Module) -> list[tuple[str, DWFLayer]]:
@@ -190,53 +146,21 @@ def penalty(model: nn.Module, lam: float) -> torch.Tensor:
     return terms[0] if len(terms) == 1 else torch.stack(terms).sum()
 
 
-@torch.no_grad()
-def _collapsed_weight(layer: DWFLayer, threshold: float) -> torch.Tensor:
-    w = dwf_product(layer.factors)
-    return torch.where(w.abs() < threshold, torch.zeros_like(w), w)
-
-
 def collapse(model: nn.Module, threshold: float = DEFAULT_THRESHOLD) -> nn.Module:
     """A new ordinary torch.nn model: each DWF layer becomes its torch.nn layer holding the product,
     with weights of magnitude below `threshold` set to exactly 0. `model` is left untouched."""
     if isinstance(model, DWFLayer):
         raise TypeError("collapse takes a model containing DWF layers; wrap a single layer in nn.Sequential")
-    _check_threshold(threshold)
+    check_threshold(threshold)
     collapsed = copy.deepcopy(model)  # keeps shared layers and parameters shared
     twins: dict[int, nn.Module] = {}
     weights: dict[int, nn.Parameter] = {}  # id(factors) -> collapsed weight (tied layers share it)
     for _, layer in dwf_layers(collapsed):
-        dense = _dense_twin(layer)
-        weight = weights.get(id(layer.factors))
-        if weight is None:
-            with torch.no_grad():
-                dense.weight.copy_(_collapsed_weight(layer, threshold))
-            weights[id(layer.factors)] = dense.weight
-        else:
-            dense.weight = weight
-        dense.bias = layer.bias  # the same parameter, shared where it was
-        dense.train(layer.training)
+        dense = layer.to_dense(threshold, weight=weights.get(id(layer.factors)))
+        weights[id(layer.factors)] = dense.weight
         twins[id(layer)] = dense
     _replace_children(collapsed, twins)
     return collapsed
-
-
-def _dense_twin(layer: DWFLayer) -> nn.Module:
-    cls = DENSE_CLASS_FOR[type(layer)]
-    kwargs = dict(bias=layer.bias is not None, device=layer.factors.device, dtype=layer.factors.dtype)
-    if cls is nn.Linear:
-        return nn.Linear(layer.in_features, layer.out_features, **kwargs)
-    return cls(
-        layer.in_channels,
-        layer.out_channels,
-        layer.kernel_size,
-        layer.stride,
-        layer.padding,
-        layer.dilation,
-        layer.groups,
-        padding_mode=layer.padding_mode,
-        **kwargs,
-    )
 
 
 @dataclass
@@ -314,7 +238,7 @@ def sparsity_report(model: nn.Module, threshold: float = DEFAULT_THRESHOLD) -> S
     """Weights, nonzeros (|w| >= threshold), sparsity and compression ratio per Linear/Conv layer
     (DWF or ordinary) and in total. NaN and Inf weights count as nonzeros, never as zeros, and
     are counted in `nonfinite` (a diverged model). A weight shared by several layers counts once."""
-    _check_threshold(threshold)
+    check_threshold(threshold)
     rows = []
     seen: set[int] = set()  # a weight shared by several layers (tied) is stored, and counted, once
     for name, module in model.named_modules():
@@ -334,14 +258,3 @@ def sparsity_report(model: nn.Module, threshold: float = DEFAULT_THRESHOLD) -> S
         nonfinite = w.numel() - int(torch.isfinite(w).sum())
         rows.append(LayerSparsity(name or "(model)", type(module).__name__, w.numel(), w.numel() - zeros, nonfinite))
     return SparsityReport(rows, threshold)
-
-
-def _check_real(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number; got {value!r} ({type(value).__name__})")
-
-
-def _check_threshold(threshold: object) -> None:
-    _check_real("threshold", threshold)
-    if not 0 <= threshold < math.inf:
-        raise ValueError(f"threshold must be a finite number >= 0 (|w| < threshold counts as zero); got {threshold}")

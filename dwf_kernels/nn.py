@@ -8,26 +8,35 @@ The bias is an ordinary, unfactorized, unpenalized parameter.
 Under torch.autocast the fused op writes w directly in the autocast dtype (fp32 factors, bf16/fp16
 w), so mixed precision costs no extra cast pass.
 
-A layer whose factors a live `dwf_kernels.optim.FusedSGD` updates is in fused mode: its eager
-training forwards give the factors a lazy gradient, which holds dL/dw and dL/dsumsq and forms the
-D x N factor gradient only when something other than FusedSGD.step() reads it. `factors.grad` is
-an ordinary gradient for every other purpose (zero_grad, accumulation, other optimizers, DDP).
+A layer whose factors a live `dwf_kernels.optim.FusedSGD` updates is in fused mode (the link
+between them is on the factors Parameter: _fusion): its eager training forwards give the factors a
+lazy gradient, which holds dL/dw and dL/dsumsq and forms the D x N factor gradient only when
+something other than FusedSGD.step() reads it. `factors.grad` is an ordinary gradient for every
+other purpose (zero_grad, accumulation, other optimizers, DDP).
+
+Conversion: `DWFLinear.from_dense(linear, depth, init=...)` (and the same on DWFConv1d/2d/3d)
+builds the DWF layer of a torch.nn layer, `layer.to_dense(threshold)` the torch.nn layer holding
+the product; `converter_for(module)` says which class converts a module. dwf_kernels.factorize and
+collapse are these, over a whole model.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import weakref
-from collections.abc import Iterator
+import numbers
 
 import torch
 from torch import nn
 
+from . import _fusion
 from . import init as dwf_init
 from ._lazy_grad import convertible, fused_dwf_product
 from ._validate import MAX_DEPTH
 from .ops import dwf_product
+
+DEFAULT_THRESHOLD = 1.19e-7  # float32 machine epsilon: |w| below it counts as exactly zero
+INITS = ("dwf", "dense")
 
 
 def check_depth(depth: object) -> None:
@@ -36,6 +45,22 @@ def check_depth(depth: object) -> None:
         raise TypeError(f"depth must be an int in [1, {MAX_DEPTH}]; got {depth!r} ({type(depth).__name__})")
     if not 1 <= depth <= MAX_DEPTH:
         raise ValueError(f"depth must be an int in [1, {MAX_DEPTH}]; got {depth!r}")
+
+
+def _check_real(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number; got {value!r} ({type(value).__name__})")
+
+
+def check_threshold(threshold: object) -> None:
+    _check_real("threshold", threshold)
+    if not 0 <= threshold < math.inf:
+        raise ValueError(f"threshold must be a finite number >= 0 (|w| < threshold counts as zero); got {threshold}")
+
+
+def check_init(init: object) -> None:
+    if init not in INITS:
+        raise ValueError(f"init must be 'dwf' or 'dense'; got {init!r}")
 
 
 @functools.cache
@@ -50,14 +75,8 @@ class DWFLayer(nn.Module):
 
     factors: nn.Parameter
     bias: nn.Parameter | None
-    fused_by: weakref.WeakSet | None = None  # the live FusedSGD optimizers that update the factors
-
-    _live: weakref.WeakSet[DWFLayer] = weakref.WeakSet()
-
-    @classmethod
-    def live_layers(cls) -> Iterator[DWFLayer]:
-        """Every DWF layer that exists now (FusedSGD finds the layers of its parameters here)."""
-        return iter(list(cls._live))
+    dense_cls: type[nn.Module]  # the torch.nn layer this class stands for
+    dense_args: tuple[str, ...]  # its constructor arguments (bias, device and dtype aside), as attributes of both
 
     def _setup_factors(self, weight_shape: torch.Size, depth: int, bias: bool, device, dtype) -> None:
         check_depth(depth)
@@ -67,8 +86,89 @@ class DWFLayer(nn.Module):
         out_features = weight_shape[0]
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
         self.last_sumsq = None
-        DWFLayer._live.add(self)
-        self.reset_parameters()
+        self.reset_parameters()  # nothing to draw on the meta device (from_dense builds there)
+
+    def register_parameter(self, name: str, param: nn.Parameter | None) -> None:
+        # Every factors Parameter a layer holds (assigned in any way) carries the FusedSGD link.
+        super().register_parameter(name, param)
+        if name == "factors" and param is not None:
+            _fusion.attach(param)
+
+    @classmethod
+    def from_dense(
+        cls,
+        module: nn.Module,
+        depth: int,
+        init: str = "dwf",
+        *,
+        eps: float = dwf_init.DEFAULT_EPS,
+        upper: float = dwf_init.DEFAULT_UPPER,
+        factors: nn.Parameter | None = None,
+    ) -> DWFLayer:
+        """The DWF layer of the torch.nn layer `module` (of exactly `cls.dense_cls`), on its device and dtype.
+
+        init="dwf": the paper's DWF init (product std = torch.nn's default init std; eps and upper
+        as in dwf_kernels.init.dwf_init_). init="dense": exact balanced factors of `module.weight`
+        (|f_d| = |w|^(1/D), the sign on the first factor): the layer computes what `module` does.
+        The bias is `module.bias` itself (the same Parameter); train/eval mode is kept.
+        `factors`: an existing factors Parameter to hold instead (layers tying one weight share it).
+
+        Built on the meta device and then filled: nothing is initialized twice. With init="dwf" it
+        draws from the global generator what earlier releases drew (they initialized each layer
+        before drawing its factors), so a seeded conversion gives the same factors as they did.
+        """
+        if type(module) is not cls.dense_cls:
+            raise TypeError(
+                f"{cls.__name__}.from_dense converts a torch.nn.{cls.dense_cls.__name__} (that class exactly); "
+                f"got {type(module).__name__}"
+            )
+        check_depth(depth)
+        check_init(init)
+        weight = module.weight
+        layer = cls(
+            **{name: getattr(module, name) for name in cls.dense_args},
+            bias=False,
+            device="meta",
+            dtype=weight.dtype,
+            depth=depth,
+        )
+        if init == "dwf":
+            # The draws of the default init earlier releases ran first (factors, then bias), discarded.
+            if weight.numel():
+                dwf_init.uniform_draws((depth, *weight.shape))
+            if module.bias is not None:
+                torch.empty(module.bias.shape, device=weight.device, dtype=weight.dtype).uniform_()
+        if factors is None:
+            factors = nn.Parameter(torch.empty((depth, *weight.shape), device=weight.device, dtype=weight.dtype))
+            with torch.no_grad():
+                if init == "dense":
+                    factors.copy_(dwf_init.exact_factors(weight, depth))
+                else:
+                    dwf_init.dwf_init_(factors, dwf_init.default_target_std(weight.shape), eps=eps, upper=upper)
+        layer.factors = factors
+        layer.bias = module.bias
+        layer.train(module.training)
+        return layer
+
+    def to_dense(self, threshold: float = DEFAULT_THRESHOLD, *, weight: nn.Parameter | None = None) -> nn.Module:
+        """The torch.nn layer (`dense_cls`) holding the product of the factors, with |w| < threshold
+        set to exactly 0; its bias is this layer's (the same Parameter), and so is train/eval mode.
+        `weight`: an existing weight Parameter to hold instead (layers sharing factors share it)."""
+        check_threshold(threshold)
+        dense = self.dense_cls(
+            **{name: getattr(self, name) for name in self.dense_args},
+            bias=False,
+            device="meta",
+            dtype=self.factors.dtype,
+        )
+        if weight is None:
+            with torch.no_grad():
+                w = dwf_product(self.factors)
+                weight = nn.Parameter(torch.where(w.abs() < threshold, torch.zeros_like(w), w).contiguous())
+        dense.weight = weight
+        dense.bias = self.bias
+        dense.train(self.training)
+        return dense
 
     @property
     def last_sumsq(self) -> torch.Tensor | None:
@@ -99,10 +199,11 @@ class DWFLayer(nn.Module):
 
     def dwf_weight(self) -> torch.Tensor:
         """The weight for this forward, and records the factors' sum of squares for the penalty."""
+        factors = self.factors
         out_dtype = None
-        device_type = self.factors.device.type
+        device_type = factors.device.type
         if (
-            self.factors.dtype == torch.float32
+            factors.dtype == torch.float32
             and (torch.compiler.is_compiling() or _autocast_available(device_type))
             and torch.is_autocast_enabled(device_type)
         ):
@@ -111,15 +212,14 @@ class DWFLayer(nn.Module):
                 out_dtype = autocast_dtype
         if (
             not torch.compiler.is_compiling()
-            and self.fused_by
             and torch.is_grad_enabled()
-            and self.factors.requires_grad
-            and isinstance(self.factors, nn.Parameter)  # not tensors swapped in by torch.func.functional_call
+            and factors.requires_grad
+            and _fusion.is_fused(factors)  # never tensors swapped in by torch.func.functional_call
         ):
             # Fused mode: the factors' gradient is lazy; FusedSGD.step() applies it without forming it.
-            w, sumsq = fused_dwf_product(self.factors, out_dtype)
+            w, sumsq = fused_dwf_product(factors, out_dtype)
         else:
-            w, sumsq = dwf_product(self.factors, return_sumsq=True, out_dtype=out_dtype)
+            w, sumsq = dwf_product(factors, return_sumsq=True, out_dtype=out_dtype)
         self.last_sumsq = sumsq
         return w
 
@@ -130,6 +230,7 @@ class DWFLayer(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):
         factors = self.factors
+        link = _fusion.link_of(factors)
         factors.grad, unreadable_like = convertible(factors.grad)  # a lazy gradient: see _lazy_grad
 
         def keep_factor_layout(t: torch.Tensor) -> torch.Tensor:
@@ -141,6 +242,9 @@ class DWFLayer(nn.Module):
             return fn(t)
 
         module = super()._apply(keep_factor_layout, recurse)
+        # Conversions that swap the parameter's contents or replace it (torch.__future__ switches)
+        # leave it without the link: the layer stays in the mode it was in.
+        _fusion.attach(self.factors, link)
         if unreadable_like is not None:
             self.factors.grad = unreadable_like(self.factors)
         return module
@@ -148,19 +252,22 @@ class DWFLayer(nn.Module):
     def __getstate__(self) -> dict:
         # The recorded sum of squares belongs to one forward's autograd graph: a non-leaf tensor,
         # which deepcopy refuses and pickling must not carry. A copy starts without one.
-        # A copy is not updated by this layer's FusedSGD either: it starts outside fused mode.
         state = self.__dict__.copy()
         state["_last_sumsq"] = None
-        state.pop("fused_by", None)
         return state
 
     def __setstate__(self, state: dict) -> None:
+        # A deep copy of a Parameter drops its attributes: the copied factors get a new, empty link
+        # (a copy is not updated by this layer's FusedSGD, only by an optimizer copied with it).
         super().__setstate__(state)
-        DWFLayer._live.add(self)
+        _fusion.attach(self.factors)
 
 
 class DWFLinear(DWFLayer):
     """torch.nn.Linear with its weight held as `depth` factors."""
+
+    dense_cls = nn.Linear
+    dense_args = ("in_features", "out_features")
 
     def __init__(
         self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *, depth: int
@@ -180,23 +287,15 @@ class DWFLinear(DWFLayer):
         )
 
 
-_CONV_ATTRIBUTES = (
-    "in_channels",
-    "out_channels",
-    "kernel_size",
-    "stride",
-    "padding",
-    "dilation",
-    "groups",
-    "padding_mode",
-    "output_padding",
-    "transposed",
-    "_reversed_padding_repeated_twice",
-)
+# A torch.nn conv's constructor arguments (bias, device and dtype aside), then the other
+# attributes it shows; a DWF conv shows them too, read from its torch.nn twin (below).
+_CONV_ARGS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode")
+_CONV_ATTRIBUTES = (*_CONV_ARGS, "output_padding", "transposed")
 
 
 class _DWFConvNd(DWFLayer):
-    _conv_cls: type[nn.modules.conv._ConvNd]
+    dense_cls: type[nn.modules.conv._ConvNd]
+    dense_args = _CONV_ARGS
 
     def __init__(
         self,
@@ -216,8 +315,10 @@ class _DWFConvNd(DWFLayer):
     ) -> None:
         super().__init__()
         # torch.nn validates and normalizes the arguments (padding="same", tuples, padding modes)
-        # on a weightless meta-device twin; its forward then serves as ours.
-        twin = self._conv_cls(
+        # on a weightless meta-device twin, which then holds the configuration and runs the
+        # convolution with our weight: no torch.nn attribute is copied. It is no submodule (no
+        # parameters, state_dict entries or conversions).
+        twin = self.dense_cls(
             in_channels,
             out_channels,
             kernel_size,
@@ -225,17 +326,18 @@ class _DWFConvNd(DWFLayer):
             padding,
             dilation,
             groups,
-            bias,
+            False,
             padding_mode,
             device="meta",
             dtype=dtype,
         )
-        for name in _CONV_ATTRIBUTES:
-            setattr(self, name, getattr(twin, name))
-        self._setup_factors(twin.weight.shape, depth, bias, device, dtype)
+        weight_shape = twin.weight.shape
+        twin.weight = None
+        self.__dict__["_conv"] = twin
+        self._setup_factors(weight_shape, depth, bias, device, dtype)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return self._conv_cls._conv_forward(self, input, self.dwf_weight(), self.bias)
+        return self._conv._conv_forward(input, self.dwf_weight(), self.bias)
 
     def extra_repr(self) -> str:
         s = (
@@ -246,23 +348,36 @@ class _DWFConvNd(DWFLayer):
         return s + f", depth={self.depth}"
 
 
+for _name in _CONV_ATTRIBUTES:
+    setattr(_DWFConvNd, _name, property(lambda self, name=_name: getattr(self._conv, name)))
+del _name
+
+
 class DWFConv1d(_DWFConvNd):
     """torch.nn.Conv1d with its weight held as `depth` factors."""
 
-    _conv_cls = nn.Conv1d
+    dense_cls = nn.Conv1d
 
 
 class DWFConv2d(_DWFConvNd):
     """torch.nn.Conv2d with its weight held as `depth` factors."""
 
-    _conv_cls = nn.Conv2d
+    dense_cls = nn.Conv2d
 
 
 class DWFConv3d(_DWFConvNd):
     """torch.nn.Conv3d with its weight held as `depth` factors."""
 
-    _conv_cls = nn.Conv3d
+    dense_cls = nn.Conv3d
 
 
-DWF_CLASS_FOR = {nn.Linear: DWFLinear, nn.Conv1d: DWFConv1d, nn.Conv2d: DWFConv2d, nn.Conv3d: DWFConv3d}
-DENSE_CLASS_FOR = {dwf: dense for dense, dwf in DWF_CLASS_FOR.items()}
+DWF_CLASS_FOR: dict[type[nn.Module], type[DWFLayer]] = {
+    cls.dense_cls: cls for cls in (DWFLinear, DWFConv1d, DWFConv2d, DWFConv3d)
+}  # the one dense -> DWF class mapping; the other way is each class's dense_cls
+FACTORIZABLE = tuple(DWF_CLASS_FOR)  # the torch.nn layers that have a DWF class
+
+
+def converter_for(module: nn.Module) -> type[DWFLayer] | None:
+    """The DWF class whose from_dense converts `module` (its exact class: a subclass may change
+    what the weight means), or None. factorize converts what this names."""
+    return DWF_CLASS_FOR.get(type(module))

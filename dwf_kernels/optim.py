@@ -36,15 +36,14 @@ updated by torch.optim.SGD's own code.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 
 import torch
 from torch.optim.sgd import sgd as _torch_sgd
 
+from . import _fusion
 from ._lazy_grad import LazyFactorGrad, dense_of, take_for_fused_step
 from .backends import BACKENDS
-from .nn import DWFLayer
 from .ops import dwf_sgd_step
 
 __all__ = ["FusedSGD", "LazyFactorGrad"]
@@ -91,28 +90,20 @@ class FusedSGD(torch.optim.SGD):
         return state
 
     def __setstate__(self, state: dict) -> None:
-        # A copy (deepcopy, pickling) puts the DWF layers that own its parameters in fused mode:
+        # A copy (deepcopy, pickling) puts the DWF layers that hold its parameters in fused mode:
         # with a model copied alongside, that model's layers.
         super().__setstate__(state)
         self.__dict__.setdefault("_backend", None)
-        self._bind_layers()
+        for group in self.param_groups:
+            _fusion.bind(self, group["params"])
 
     def add_param_group(self, param_group: dict) -> None:
+        """torch.optim.SGD's; the DWF layers holding the group's factors enter fused mode, through
+        the link on each factors Parameter (dwf_kernels._fusion). A layer stays in fused mode while
+        any FusedSGD that updates it lives: its factor gradient is then lazy, which every consumer
+        reads correctly; only FusedSGD.step() saves the work."""
         super().add_param_group(param_group)
-        self._bind_layers()
-
-    def _bind_layers(self) -> None:
-        """Puts every live DWF layer whose factors this optimizer updates into fused mode.
-
-        A layer stays in fused mode while any FusedSGD that updates it lives. Its factor gradient
-        is then lazy, which every consumer reads correctly; only FusedSGD.step() saves the work.
-        """
-        owned = {id(p) for group in self.param_groups for p in group["params"]}
-        for layer in DWFLayer.live_layers():
-            if id(layer.factors) in owned:
-                if layer.fused_by is None:
-                    layer.fused_by = weakref.WeakSet()
-                layer.fused_by.add(self)
+        _fusion.bind(self, self.param_groups[-1]["params"])
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):

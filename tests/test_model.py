@@ -167,7 +167,7 @@ def test_sparsity_report_counts():
     assert "total" in text and "9.7x" in text and "87.50%" in text
     dwf = factorize(nn.Sequential(nn.Linear(10, 4, bias=False)), depth=2, init="dense")
     with torch.no_grad():
-        dwf[0].factors.copy_(dwf_kernels.model._dense_to_factors(dense[0].weight, 2))
+        dwf[0].factors.copy_(dwf_kernels.init.exact_factors(dense[0].weight, 2))
     assert sparsity_report(dwf).total.nonzeros == 5
     assert sparsity_report(collapse(dwf)).total.nonzeros == 5
     assert report.as_dict()["layers"][-1]["compression"] == pytest.approx(58 / 6)

@@ -176,3 +176,102 @@ def test_meta_device_layers_run_like_torch_nn():
 def test_depth_must_be_an_int(depth):
     with pytest.raises(TypeError, match=r"depth must be an int in \[1, 16\]"):
         dwf_nn.DWFLinear(3, 4, depth=depth)
+
+
+# --- conversion: from_dense / to_dense -------------------------------------------------------------
+
+DENSE_LAYERS = [
+    pytest.param(lambda: nn.Linear(7, 5), (3, 7), id="linear"),
+    pytest.param(lambda: nn.Linear(7, 5, bias=False).double(), (3, 7), id="linear-fp64-nobias"),
+    pytest.param(
+        lambda: nn.Conv1d(4, 6, 4, padding="same", dilation=2, padding_mode="circular"), (2, 4, 9), id="conv1d"
+    ),
+    pytest.param(
+        lambda: nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=(1, 2), groups=2, padding_mode="reflect"),
+        (2, 4, 7, 6),
+        id="conv2d",
+    ),
+    pytest.param(lambda: nn.Conv3d(2, 3, 3, padding=1, bias=False), (1, 2, 4, 5, 4), id="conv3d"),
+]
+
+
+@pytest.mark.parametrize("make,input_shape", DENSE_LAYERS)
+def test_from_dense_exact_factors_compute_the_dense_layer(make, input_shape):
+    torch.manual_seed(0)
+    dense = make().eval()
+    rng = torch.get_rng_state()
+    layer = dwf_nn.converter_for(dense).from_dense(dense, 3, init="dense")
+    assert torch.equal(torch.get_rng_state(), rng), "no initialization is run and thrown away"
+    assert type(layer) is dwf_nn.DWF_CLASS_FOR[type(dense)] and layer.dense_cls is type(dense)
+    assert layer.bias is dense.bias and not layer.training and layer.factors.dtype == dense.weight.dtype
+    assert [name for name, _ in layer.named_parameters()] == ["factors", "bias"][: len(list(dense.parameters()))]
+    x = torch.randn(input_shape, dtype=dense.weight.dtype)
+    torch.testing.assert_close(layer(x), dense(x))
+
+    rng = torch.get_rng_state()
+    back = layer.to_dense(threshold=0.0)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert type(back) is type(dense) and back.bias is dense.bias and not back.training
+    assert repr(back) == repr(dense) and back.weight.is_contiguous() and back.weight.requires_grad
+    torch.testing.assert_close(back.weight, dense.weight)
+    assert torch.equal(back.weight, layer.weight)
+
+
+@pytest.mark.parametrize("make,input_shape", DENSE_LAYERS)
+def test_from_dense_dwf_init_draws_what_the_two_pass_conversion_drew(make, input_shape):
+    """A seeded conversion gives the factors that constructing the layer (with its own init) and
+    then drawing the DWF init gave, and leaves the generator where that left it."""
+    from dwf_kernels import init as dwf_init
+
+    dense = make()
+    cls = dwf_nn.converter_for(dense)
+    args = {name: getattr(dense, name) for name in cls.dense_args}
+    torch.manual_seed(5)
+    old = cls(**args, bias=dense.bias is not None, dtype=dense.weight.dtype, depth=4)
+    dwf_init.dwf_init_(old.factors, dwf_init.default_target_std(dense.weight.shape))
+    old_after = torch.rand(3)
+    torch.manual_seed(5)
+    new = cls.from_dense(dense, 4)
+    assert torch.equal(new.factors, old.factors) and torch.equal(torch.rand(3), old_after)
+    assert new.weight.std().item() == pytest.approx(dwf_init.default_target_std(dense.weight.shape), rel=1e-3)
+
+
+def test_to_dense_threshold_and_shared_weight():
+    layer = dwf_nn.DWFLinear(6, 4, depth=2)
+    with torch.no_grad():
+        layer.factors[0, 0, :3] = 1e-5
+    dense = layer.to_dense(1e-4)
+    assert (dense.weight[0, :3] == 0).all() and (dense.weight[0, 3:] != 0).all()
+    assert layer.to_dense(weight=dense.weight).weight is dense.weight
+
+
+def test_conversion_refuses_what_it_cannot_convert():
+    class MyLinear(nn.Linear):
+        pass
+
+    with pytest.raises(TypeError, match=r"DWFLinear.from_dense converts a torch.nn.Linear .*got MyLinear"):
+        dwf_nn.DWFLinear.from_dense(MyLinear(3, 3), 2)
+    with pytest.raises(TypeError, match=r"DWFConv2d.from_dense converts a torch.nn.Conv2d .*got Conv1d"):
+        dwf_nn.DWFConv2d.from_dense(nn.Conv1d(3, 3, 1), 2)
+    assert dwf_nn.converter_for(MyLinear(3, 3)) is None and dwf_nn.converter_for(nn.ReLU()) is None
+    with pytest.raises(ValueError, match="init must be 'dwf' or 'dense'; got 'zeros'"):
+        dwf_nn.DWFLinear.from_dense(nn.Linear(3, 3), 2, init="zeros")
+    with pytest.raises(ValueError, match=r"depth must be an int in \[1, 16\]; got 17"):
+        dwf_nn.DWFLinear.from_dense(nn.Linear(3, 3), 17)
+    with pytest.raises(ValueError, match="threshold must be a finite number >= 0"):
+        dwf_nn.DWFLinear(3, 3, depth=2).to_dense(-1.0)
+
+
+def test_conv_shows_and_uses_torch_nn_configuration():
+    conv = dwf_nn.DWFConv2d(4, 6, 3, padding="same", padding_mode="reflect", depth=2)
+    dense = nn.Conv2d(4, 6, 3, padding="same", padding_mode="reflect")
+    for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups"):
+        assert getattr(conv, name) == getattr(dense, name), name
+    assert (conv.padding_mode, conv.transposed, conv.output_padding) == ("reflect", False, (0, 0))
+    assert [name for name, _ in conv.named_modules()] == [""] and list(conv.state_dict()) == ["factors", "bias"]
+
+
+def test_meta_device_layers_draw_no_random_numbers():
+    rng = torch.get_rng_state()
+    dwf_nn.DWFConv2d(3, 4, 3, depth=2, device="meta")
+    assert torch.equal(torch.get_rng_state(), rng)

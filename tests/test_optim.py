@@ -10,6 +10,7 @@ from helpers import KERNEL_BACKENDS, TORCH_CPU_FMA
 from torch import nn
 
 import dwf_kernels
+from dwf_kernels import _fusion
 from dwf_kernels.optim import FusedSGD, LazyFactorGrad
 
 CPU_FMA = TORCH_CPU_FMA  # the CPU kernels' SGD step rounds as torch.optim.SGD's (helpers.py)
@@ -211,7 +212,7 @@ def test_copying_model_and_optimizer_together_keeps_training_fused():
     _train(models[1], optimizers[1], "cpu", steps=2)
     model_copy, optimizer_copy = copy.deepcopy((models[0], optimizers[0]))
     layers = [layer for layer in model_copy if isinstance(layer, dwf_kernels.nn.DWFLayer)]
-    assert all(set(layer.fused_by) == {optimizer_copy} for layer in layers)
+    assert all(_fusion.fused_by(layer.factors) == [optimizer_copy] for layer in layers)
     _train(model_copy, optimizer_copy, "cpu", steps=2)
     _train(models[1], optimizers[1], "cpu", steps=2)
     assert all(layer.factors.grad.status == "consumed" for layer in layers), "the copy trains fused"
@@ -645,4 +646,85 @@ def test_functional_call_with_tensors_gives_ordinary_gradients():
         grads.append([p.grad for p in params.values()])
     for g, e in zip(*grads, strict=True):
         assert type(g) is torch.Tensor and torch.equal(g, e)
+    del optimizer
+
+
+# The link between layers and optimizers is on the factors Parameter (dwf_kernels._fusion).
+
+
+def test_a_layer_shared_by_two_models_and_tied_layers_are_fused():
+    shared = dwf_kernels.nn.DWFLinear(6, 6, depth=3)
+    tied = dwf_kernels.nn.DWFLinear(6, 6, depth=3)
+    tied.factors = shared.factors  # tied weights: one factor parameter, two layers
+    first, second = nn.Sequential(shared, nn.ReLU()), nn.Sequential(nn.Tanh(), shared, tied)
+    optimizer = FusedSGD(first.parameters(), lr=0.1)
+    assert _fusion.fused_by(shared.factors) == [optimizer]
+    x = torch.randn(4, 6)
+    for layer in (shared, tied):
+        layer(x)
+        assert "FusedDWFProduct" in type(layer.last_sumsq.grad_fn).__name__, "fused forward"
+    first(x).sum().backward()
+    grad = shared.factors.grad
+    assert isinstance(grad, LazyFactorGrad) and grad.status == "lazy"
+    optimizer.step()
+    assert grad.status == "consumed"
+    del optimizer
+    shared.zero_grad()
+    out = second(x)
+    assert "FusedDWFProduct" not in type(tied.last_sumsq.grad_fn).__name__
+    out.sum().backward()
+    assert type(shared.factors.grad) is torch.Tensor, "without a live FusedSGD the gradient is ordinary"
+
+
+def test_a_factors_parameter_assigned_later_follows_its_optimizer():
+    layer = dwf_kernels.nn.DWFLinear(5, 4, depth=2)
+    layer.factors = nn.Parameter(layer.factors.detach().clone())
+    optimizer = FusedSGD(layer.parameters(), lr=0.1)
+    layer(torch.randn(3, 5)).sum().backward()
+    assert isinstance(layer.factors.grad, LazyFactorGrad)
+    layer.factors = nn.Parameter(layer.factors.detach().clone())  # not what the optimizer updates
+    layer(torch.randn(3, 5)).sum().backward()
+    assert type(layer.factors.grad) is torch.Tensor
+    del optimizer
+
+
+def test_pickling_model_and_optimizer_together_keeps_training_fused(tmp_path):
+    models, optimizers = _twins()
+    _train(models[0], optimizers[0], "cpu", steps=2)
+    _train(models[1], optimizers[1], "cpu", steps=2)
+    torch.save((optimizers[0], models[0]), tmp_path / "both.pt")  # the optimizer first
+    optimizer_copy, model_copy = torch.load(tmp_path / "both.pt", weights_only=False)
+    alone = torch.load(tmp_path / "both.pt", weights_only=False)[1]
+    layers = [layer for layer in model_copy if isinstance(layer, dwf_kernels.nn.DWFLayer)]
+    assert all(_fusion.fused_by(layer.factors) == [optimizer_copy] for layer in layers)
+    assert all(_fusion.fused_by(layer.factors) == [] for layer in alone if isinstance(layer, dwf_kernels.nn.DWFLayer))
+    _train(model_copy, optimizer_copy, "cpu", steps=2)
+    _train(models[1], optimizers[1], "cpu", steps=2)
+    assert all(layer.factors.grad.status == "consumed" for layer in layers)
+    _assert_same_parameters(model_copy, models[1], exact=CPU_FMA)
+
+
+def test_saved_factor_parameters_load_with_weights_only(tmp_path):
+    model = _model("cpu")
+    optimizer = FusedSGD(model.parameters(), lr=0.1)
+    torch.save(list(model.parameters()), tmp_path / "params.pt")
+    loaded = torch.load(tmp_path / "params.pt", weights_only=True)
+    for p, q in zip(model.parameters(), loaded, strict=True):
+        assert torch.equal(p, q)
+    assert _fusion.fused_by(loaded[0]) == [] and _fusion.fused_by(model[0].factors) == [optimizer]
+
+
+@pytest.mark.parametrize("switch", ["swap", "overwrite"])
+def test_conversions_that_replace_parameters_keep_fused_mode(switch):
+    set_switch = getattr(torch.__future__, f"set_{switch}_module_params_on_conversion")
+    model = _model("cpu")
+    optimizer = FusedSGD(model.parameters(), lr=0.1)
+    set_switch(True)
+    try:
+        model.double()
+    finally:
+        set_switch(False)
+    x, y = _batch("cpu")
+    _loss(model, x.double(), y).backward()
+    assert isinstance(model[0].factors.grad, LazyFactorGrad)
     del optimizer

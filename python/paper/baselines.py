@@ -18,7 +18,9 @@ import copy
 import torch
 from torch import nn
 
-PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+from dwf_kernels.nn import FACTORIZABLE
+
+PRUNABLE = FACTORIZABLE  # the torch.nn layers dwf_kernels factorizes
 METHODS = ("magnitude", "random", "snip", "synflow")
 
 
