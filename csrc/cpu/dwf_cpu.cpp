@@ -129,7 +129,7 @@ void dwf_sgd_step_cpu(const at::Tensor& factors, const std::optional<at::Tensor>
     using acc_t = acc_type<T>;
     const bool has_penalty = grad_sumsq.has_value();
     const acc_t two_s = has_penalty ? acc_t(2) * grad_sumsq->item<acc_t>() : acc_t(0);
-    const SgdArgs args{lr, momentum, dampening, weight_decay, nesterov, maximize, init_buffer};
+    const SgdOptions args{lr, momentum, dampening, weight_decay, nesterov, maximize, init_buffer};
     T* B = momentum != 0 ? momentum_buffer->mutable_data_ptr<T>() : nullptr;
     with_kernels([&](auto kernels) {
       kernels.template sgd_step<T, G>(factors.mutable_data_ptr<T>(), B, grad_w.const_data_ptr<G>(), n,

@@ -285,10 +285,8 @@ void Kernels<Isa::DWF_CPU_ISA>::backward(const T* F, const G* GW, T* GF, int64_t
 template <>
 template <typename T, typename G>
 void Kernels<Isa::DWF_CPU_ISA>::sgd_step(T* F, T* B, const G* GW, int64_t n, int depth, bool has_penalty,
-                                         acc_type<T> two_s, const SgdArgs& args) {
-  const SgdStep<acc_type<T>> step = make_sgd_step<acc_type<T>>(args.lr, args.momentum, args.dampening,
-                                                               args.weight_decay, args.nesterov, args.maximize,
-                                                               args.init_buffer);
+                                         acc_type<T> two_s, const SgdOptions& args) {
+  const SgdStep<acc_type<T>> step = make_sgd_step<acc_type<T>>(args);
   dispatch_depth(depth, [&](auto kd) {
     sgd_step_kernel<decltype(kd)::value, T, G>(F, B, GW, n, depth, has_penalty, two_s, step);
   });
@@ -300,7 +298,7 @@ void Kernels<Isa::DWF_CPU_ISA>::sgd_step(T* F, T* B, const G* GW, int64_t n, int
   template void Kernels<Isa::DWF_CPU_ISA>::backward<T, IO>(const T*, const IO*, T*, int64_t, int, bool,          \
                                                            acc_type<T>);                                         \
   template void Kernels<Isa::DWF_CPU_ISA>::sgd_step<T, IO>(T*, T*, const IO*, int64_t, int, bool, acc_type<T>,   \
-                                                           const SgdArgs&);
+                                                           const SgdOptions&);
 DWF_INSTANTIATE(float, float)
 DWF_INSTANTIATE(float, c10::BFloat16)
 DWF_INSTANTIATE(float, c10::Half)

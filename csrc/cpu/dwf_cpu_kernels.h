@@ -14,6 +14,10 @@
 
 #include <cstdint>
 
+namespace dwf {
+struct SgdOptions;  // torch.optim.SGD's hyper-parameters as the op receives them (dwf_dispatch.h)
+}  // namespace dwf
+
 namespace dwf::cpu {
 
 // The variants, in ATen's order (at::native::CPUCapability on x86-64).
@@ -31,16 +35,6 @@ struct AccType<double> {
 template <typename T>
 using acc_type = typename AccType<T>::type;
 
-// torch.optim.SGD's hyper-parameters as the op receives them.
-struct SgdArgs {
-  double lr;
-  double momentum;
-  double dampening;
-  double weight_decay;
-  bool nesterov;
-  bool maximize;
-  bool init_buffer;
-};
 
 // The kernels of one variant. T: the factors' element type; O: w's (forward); G: grad_w's.
 template <Isa kIsa>
@@ -55,7 +49,7 @@ struct Kernels {
   // backward's gradients applied at once by an SGD step to F and the momentum buffer B, in place.
   template <typename T, typename G>
   static void sgd_step(T* F, T* B, const G* GW, int64_t n, int depth, bool has_penalty, acc_type<T> two_s,
-                       const SgdArgs& args);
+                       const SgdOptions& args);
 };
 
 // The unit of parallel work and of the sumsq partial sums (fixed, so results do not depend on the
