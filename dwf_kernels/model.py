@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import io
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -11,8 +12,11 @@ import torch
 from torch import nn
 
 from . import init as dwf_init
+from ._validate import check_flag
+from .compressed import compressed_bytes
 from .nn import DEFAULT_THRESHOLD, FACTORIZABLE, DWFLayer, check_depth, check_init, check_threshold, converter_for
 from .ops import dwf_product
+from .sparse import sparsify
 
 
 def _matches(name: str, module: nn.Module, selectors: Iterable[str | type]) -> bool:
@@ -170,6 +174,10 @@ class LayerSparsity:
     weights: int
     nonzeros: int  # |w| >= threshold, NaN and Inf included
     nonfinite: int = 0  # NaN or Inf: a diverged model
+    # With sparsity_report(latency_input=...), Linear layers only: median seconds per call of the
+    # collapsed layer dense and as SparseLinear, on the layer's own input.
+    dense_seconds: float | None = None
+    sparse_seconds: float | None = None
 
     @property
     def sparsity(self) -> float:
@@ -186,6 +194,10 @@ class SparsityReport:
 
     layers: list[LayerSparsity]
     threshold: float
+    # With sparsity_report(file_size=True): bytes of the collapsed model's compressed file
+    # (save_compressed) and of torch.save of its state_dict.
+    file_bytes: int | None = None
+    torch_save_bytes: int | None = None
 
     @property
     def total(self) -> LayerSparsity:
@@ -210,9 +222,13 @@ class SparsityReport:
                     nonfinite=r.nonfinite,
                     sparsity=r.sparsity,
                     compression=r.compression,
+                    dense_seconds=r.dense_seconds,
+                    sparse_seconds=r.sparse_seconds,
                 )
                 for r in rows
             ],
+            "file_bytes": self.file_bytes,
+            "torch_save_bytes": self.torch_save_bytes,
         }
 
     def __str__(self) -> str:
@@ -221,12 +237,23 @@ class SparsityReport:
         lines = [
             f"{'layer':<{width}}  {'type':<10} {'weights':>10} {'nonzeros':>10} {'sparsity':>9} {'compression':>12}"
         ]
+        timed = any(r.dense_seconds is not None for r in self.layers)
+        if timed:
+            lines[0] += f" {'dense us':>9} {'sparse us':>9}"
         for r in rows:
-            lines.append(
+            line = (
                 f"{r.name:<{width}}  {r.kind:<10} {r.weights:>10} {r.nonzeros:>10} {100 * r.sparsity:>8.2f}% "
                 f"{r.compression:>11.1f}x"
             )
+            if timed and r.dense_seconds is not None:
+                line += f" {1e6 * r.dense_seconds:>9.1f} {1e6 * r.sparse_seconds:>9.1f}"
+            lines.append(line)
         text = "\n".join(lines) + f"\n(|w| < {self.threshold:g} counts as zero)"
+        if self.file_bytes is not None:
+            text += (
+                f"\ncompressed file: {self.file_bytes:,} bytes; torch.save of the collapsed state_dict: "
+                f"{self.torch_save_bytes:,} bytes ({self.torch_save_bytes / self.file_bytes:.1f}x larger)"
+            )
         nonfinite = self.total.nonfinite
         if nonfinite:
             text += f"\n{nonfinite} weights are NaN or Inf (counted as nonzeros): the model has diverged"
@@ -234,11 +261,53 @@ class SparsityReport:
 
 
 @torch.no_grad()
-def sparsity_report(model: nn.Module, threshold: float = DEFAULT_THRESHOLD) -> SparsityReport:
+def sparsity_report(
+    model: nn.Module,
+    threshold: float = DEFAULT_THRESHOLD,
+    *,
+    file_size: bool = False,
+    latency_input=None,
+) -> SparsityReport:
     """Weights, nonzeros (|w| >= threshold), sparsity and compression ratio per Linear/Conv layer
     (DWF or ordinary) and in total. NaN and Inf weights count as nonzeros, never as zeros, and
-    are counted in `nonfinite` (a diverged model). A weight shared by several layers counts once."""
+    are counted in `nonfinite` (a diverged model). A weight shared by several layers counts once.
+
+    file_size: also the size of the model collapsed at `threshold` as a compressed file
+        (`save_compressed`) and as torch.save of its state_dict (file_bytes, torch_save_bytes).
+    latency_input: what the model is called with (a tensor or a tuple of arguments); also measures
+        each Linear of the collapsed model dense and as SparseLinear on its own input (interleaved,
+        median), as `sparsify` decides (dense_seconds, sparse_seconds).
+    """
     check_threshold(threshold)
+    check_flag("file_size", file_size)
+    report = SparsityReport(_sparsity_rows(model, threshold), threshold)
+    if file_size or latency_input is not None:
+        plain = _thresholded(collapse(model, threshold), threshold)
+        if file_size:
+            buffer = io.BytesIO()
+            torch.save(plain.state_dict(), buffer)
+            report.file_bytes = len(compressed_bytes(plain))
+            report.torch_save_bytes = buffer.tell()
+        if latency_input is not None:
+            decisions = []
+            sparsify(plain, latency_input, report=decisions)
+            by_name = {d.name: d for d in decisions}
+            for row in report.layers:
+                if row.name in by_name:
+                    row.dense_seconds = by_name[row.name].dense_seconds
+                    row.sparse_seconds = by_name[row.name].sparse_seconds
+    return report
+
+
+def _thresholded(model: nn.Module, threshold: float) -> nn.Module:
+    """The plain Linear/Conv weights of `model` (a collapsed copy) with |w| < threshold set to 0."""
+    for module in model.modules():
+        if isinstance(module, FACTORIZABLE):
+            module.weight.masked_fill_(module.weight.abs() < threshold, 0.0)
+    return model
+
+
+def _sparsity_rows(model: nn.Module, threshold: float) -> list[LayerSparsity]:
     rows = []
     seen: set[int] = set()  # a weight shared by several layers (tied) is stored, and counted, once
     for name, module in model.named_modules():
@@ -257,4 +326,4 @@ def sparsity_report(model: nn.Module, threshold: float = DEFAULT_THRESHOLD) -> S
         zeros = int((w.abs() < threshold).sum())
         nonfinite = w.numel() - int(torch.isfinite(w).sum())
         rows.append(LayerSparsity(name or "(model)", type(module).__name__, w.numel(), w.numel() - zeros, nonfinite))
-    return SparsityReport(rows, threshold)
+    return rows

@@ -123,3 +123,23 @@ def test_sparsify_refuses_bad_arguments():
         sparsify(nn.Linear(2, 2), torch.zeros(1, 2), min_speedup=0)
     with pytest.raises(ValueError, match="rounds"):
         sparsify(nn.Linear(2, 2), torch.zeros(1, 2), rounds=0)
+
+
+def test_sparsity_report_gives_file_size_and_measured_latency():
+    torch.manual_seed(0)
+    model = dwf_kernels.factorize(nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(36, 5)), depth=3)
+    x = torch.randn(4, 1, 20)
+    report = dwf_kernels.sparsity_report(model, 0.05, file_size=True, latency_input=x)
+    collapsed = dwf_kernels.collapse(model, 0.05)
+    assert report.file_bytes == len(dwf_kernels.compressed.compressed_bytes(collapsed))
+    assert report.torch_save_bytes > report.file_bytes
+    conv, linear = report.layers
+    assert conv.dense_seconds is None and conv.sparse_seconds is None  # convolutions stay dense
+    assert linear.dense_seconds > 0 and linear.sparse_seconds > 0
+    text = str(report)
+    assert "compressed file:" in text and "sparse us" in text
+    assert report.as_dict()["file_bytes"] == report.file_bytes
+    plain = dwf_kernels.sparsity_report(model, 0.05)
+    assert plain.file_bytes is None and "compressed file" not in str(plain)
+    with pytest.raises(TypeError, match="file_size"):
+        dwf_kernels.sparsity_report(model, 0.05, file_size="yes")
