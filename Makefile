@@ -42,9 +42,12 @@ test: $(BUILD_STAMP)
 # The CPU kernel tests again with torch and dwf_kernels lowered to their baseline SIMD code
 # (ATEN_CPU_CAPABILITY=default), as on a CPU without AVX2: the same build's portable variant, which
 # the tests check is the one running (CI runs it after `make test`).
+# torch.compile's on-disk cache does not key on ATEN_CPU_CAPABILITY: the AVX-512 kernels and
+# precompiled header `make test` left there would be reused and fail to compile, so a cache of its own.
 test-cpu-baseline: $(BUILD_STAMP)
-	ATEN_CPU_CAPABILITY=default $(PY) -m pytest -q tests/test_cpu_variants.py tests/test_ops.py \
-		tests/test_sgd_step.py tests/test_optim.py tests/test_cuda_emulated.py
+	cache=$$(mktemp -d) && ATEN_CPU_CAPABILITY=default TORCHINDUCTOR_CACHE_DIR=$$cache $(PY) -m pytest -q \
+		tests/test_cpu_variants.py tests/test_ops.py tests/test_sgd_step.py tests/test_optim.py \
+		tests/test_cuda_emulated.py; status=$$?; rm -rf $$cache; exit $$status
 
 # The tests again against the GPU machines' Python 3.12 / torch 2.11.0 / triton 3.6.0, in
 # .venv-gpu-versions and a copy of the tree under build/ (CI runs it after `make test`); that build
