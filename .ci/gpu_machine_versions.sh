@@ -121,7 +121,8 @@ import torch
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     import dwf_kernels
-from dwf_kernels import _build_info, _extension, _source_hash, reference
+from dwf_kernels import _build_info, _extension, _source_hash
+from dwf_kernels.backends import reference
 
 root = os.getcwd()
 assert dwf_kernels.__file__.startswith(root), dwf_kernels.__file__
