@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
-import statistics
 import sys
 import time
 
@@ -28,6 +27,7 @@ from torch import nn
 
 import dwf_kernels
 from dwf_kernels.sparse import SparseLinear
+from dwf_kernels.sparse import interleaved_medians as interleaved
 
 try:
     from paper.models import build_model
@@ -70,20 +70,6 @@ def magnitude_pruned(model: nn.Module, compression: float) -> nn.Module:
                 threshold = w.abs().reshape(-1).kthvalue(w.numel() - keep + 1).values
                 w.copy_(torch.where(w.abs() >= threshold, w, torch.zeros(())))
     return model
-
-
-def interleaved(fns: dict, rounds: int) -> dict[str, float]:
-    """Median seconds per call of each function, taking turns call by call."""
-    times = {name: [] for name in fns}
-    for _ in range(5):
-        for fn in fns.values():
-            fn()
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def measure(label: str, model: nn.Module, in_shape, rounds: int) -> list[str]:

@@ -169,9 +169,10 @@ def sparsify(
                 continue  # not run by this input
             x = inputs[name]
             sparse = SparseLinear.from_dense(linear)
-            dense_s, sparse_s = _interleaved_medians(
-                lambda linear=linear, x=x: linear(x), lambda sparse=sparse, x=x: sparse(x), rounds
+            t = interleaved_medians(
+                {"dense": lambda linear=linear, x=x: linear(x), "sparse": lambda sparse=sparse, x=x: sparse(x)}, rounds
             )
+            dense_s, sparse_s = t["dense"], t["sparse"]
             decision = SparsifyDecision(name, sparse.nnz, linear.weight.numel(), dense_s, sparse_s, False)
             decision.replaced = dense_s >= min_speedup * sparse_s
             if decision.replaced:
@@ -184,18 +185,20 @@ def sparsify(
     return model
 
 
-def _interleaved_medians(a: Callable, b: Callable, rounds: int) -> tuple[float, float]:
-    """Median seconds per call of a and b, alternating call by call after a warm-up (device time
-    on CUDA through a synchronize per call: these are single layers, not the GPU timing method)."""
+def interleaved_medians(calls: dict[str, Callable], rounds: int) -> dict[str, float]:
+    """Median seconds per call of each of `calls`, taking turns call by call after a warm-up
+    (device time on CUDA through a synchronize per call: these are single layers, not the GPU
+    timing method)."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    times: tuple[list[float], list[float]] = ([], [])
+    times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(3):
-        a(), b()
+        for fn in calls.values():
+            fn()
     for _ in range(rounds):
-        for fn, out in ((a, times[0]), (b, times[1])):
+        for name, fn in calls.items():
             sync()
             start = time.perf_counter()
             fn()
             sync()
-            out.append(time.perf_counter() - start)
-    return tuple(sorted(t)[len(t) // 2] for t in times)
+            times[name].append(time.perf_counter() - start)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
