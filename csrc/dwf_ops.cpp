@@ -51,4 +51,10 @@ TORCH_LIBRARY(dwf_kernels, m) {
   // col and values); input is a contiguous (batch, in) matrix.
   m.def("sparse_linear(Tensor input, Tensor row_ptr, Tensor col, Tensor values, Tensor? bias) -> Tensor",
         {at::Tag::pt2_compliant_tag});
+  // The 2-d convolution of torch.nn.Conv2d (zero padding) with its weight (out, in / groups, kh, kw)
+  // in CSR: one row per output channel, columns the flattened (in / groups, kh, kw) index.
+  m.def(
+      "sparse_conv2d(Tensor input, Tensor row_ptr, Tensor col, Tensor values, Tensor? bias, int[2] kernel_size, "
+      "int[2] stride, int[2] padding, int[2] dilation, int groups) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
 }

@@ -25,11 +25,13 @@ from .backends import BACKENDS, available_backends, current_backend, use_backend
 from .compressed import CompressedFileError, load_compressed, load_compressed_into, save_compressed
 from .model import DEFAULT_THRESHOLD, collapse, factorize, penalty, sparsity_report
 from .ops import dwf_product, dwf_product_backward, dwf_sgd_step
-from .sparse import SparseLinear, sparsify
+from .sparse import SparseConv1d, SparseConv2d, SparseLinear, sparsify
 
 __all__ = [
     "BACKENDS",
     "CompressedFileError",
+    "SparseConv1d",
+    "SparseConv2d",
     "SparseLinear",
     "DEFAULT_THRESHOLD",
     "available_backends",

@@ -174,8 +174,8 @@ class LayerSparsity:
     weights: int
     nonzeros: int  # |w| >= threshold, NaN and Inf included
     nonfinite: int = 0  # NaN or Inf: a diverged model
-    # With sparsity_report(latency_input=...), Linear layers only: median seconds per call of the
-    # collapsed layer dense and as SparseLinear, on the layer's own input.
+    # With sparsity_report(latency_input=...), the layers sparsify times (Linear, Conv1d, Conv2d):
+    # median seconds per call of the collapsed layer dense and as its sparse module, on its own input.
     dense_seconds: float | None = None
     sparse_seconds: float | None = None
 
@@ -275,8 +275,9 @@ def sparsity_report(
     file_size: also the size of the model collapsed at `threshold` as a compressed file
         (`save_compressed`) and as torch.save of its state_dict (file_bytes, torch_save_bytes).
     latency_input: what the model is called with (a tensor or a tuple of arguments); also measures
-        each Linear of the collapsed model dense and as SparseLinear on its own input (interleaved,
-        median), as `sparsify` decides (dense_seconds, sparse_seconds).
+        each Linear, Conv1d and Conv2d of the collapsed model dense and as its sparse module
+        (SparseLinear, SparseConv1d, SparseConv2d) on its own input (interleaved, median), as
+        `sparsify` decides (dense_seconds, sparse_seconds).
     """
     check_threshold(threshold)
     check_flag("file_size", file_size)

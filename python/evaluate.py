@@ -4,8 +4,8 @@
     python python/evaluate.py model.dwfz --model lenet300 --dataset mnist5k --sparse
 
 Loads the file into the plain torch.nn model of the architecture (names, shapes and dtypes checked),
-prints the test accuracy, and with --sparse converts the Linear layers that are measured faster
-sparse (dwf_kernels.sparsify at the evaluation batch size), prints each layer's decision and the
+prints the test accuracy, and with --sparse converts the Linear and Conv layers that are measured
+faster sparse (dwf_kernels.sparsify at the evaluation batch size), prints each layer's decision and the
 accuracy again. Exit status 1 with one line on stderr for a missing, corrupt or mismatched file.
 """
 
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dataset", choices=DATASETS, default=None, help="default: from results.json beside the file")
     p.add_argument("--data-root", default="data")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--sparse", action="store_true", help="also run it with sparse Linear layers where faster")
+    p.add_argument("--sparse", action="store_true", help="also run it with sparse Linear/Conv layers where faster")
     a = p.parse_args(argv)
     if a.batch_size < 1:
         p.error(f"--batch-size must be a positive int; got {a.batch_size}")
@@ -59,10 +59,9 @@ def main(argv: list[str] | None = None) -> int:
             decisions: list = []
             sparsify(model, x, report=decisions)
             for d in decisions:
-                print(
-                    f"  {d.name}: {d.nnz} of {d.numel} weights, dense {1e6 * d.dense_seconds:.1f} us, "
-                    f"sparse {1e6 * d.sparse_seconds:.1f} us -> {'sparse' if d.replaced else 'dense'}"
-                )
+                timed = "" if d.speedup is None else f", dense {1e6 * d.dense_seconds:.1f} us, sparse {1e6 * d.sparse_seconds:.1f} us"
+                why = "" if d.replaced else f" ({d.reason})"
+                print(f"  {d.name} ({d.kind}): {d.nnz} of {d.numel} weights{timed} -> {'sparse' if d.replaced else 'dense'}{why}")
             print(f"test accuracy {evaluate(model, data):.2f}% (sparse where faster)")
     return 0
 
