@@ -141,6 +141,7 @@ class _SparseConvNd(nn.Module):
         self.in_channels, self.out_channels, self.groups = conv.in_channels, conv.out_channels, conv.groups
         self.kernel_size, self.stride, self.dilation = conv.kernel_size, conv.stride, conv.dilation
         self.padding = conv.padding  # as given to the torch.nn layer ("same" and "valid" included)
+        self._kernel_args = self._geometry()  # computed once: the call's overhead counts at batch 1
         self.register_buffer("row_ptr", row_ptr)
         self.register_buffer("col", col)
         self.register_buffer("values", values)
@@ -195,8 +196,8 @@ class _SparseConvNd(nn.Module):
     def nnz(self) -> int:
         return self.values.numel()
 
-    def _geometry(self) -> tuple[list[int], list[int], list[int], list[int]]:
-        """kernel_size, stride, padding, dilation as the 2-d kernel takes them."""
+    def _geometry(self) -> tuple[list[int], list[int], list[int], list[int], int]:
+        """kernel_size, stride, padding, dilation and groups as the 2-d kernel takes them."""
         if self.padding == "valid":
             padding = [0] * len(self.kernel_size)
         elif self.padding == "same":
@@ -209,6 +210,7 @@ class _SparseConvNd(nn.Module):
             lead + list(self.stride),
             [0] * len(lead) + padding,
             lead + list(self.dilation),
+            self.groups,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -225,7 +227,7 @@ class _SparseConvNd(nn.Module):
         images = x.unsqueeze(0) if unbatched else x
         if dims == 1:
             images = images.unsqueeze(2)
-        y = _SPARSE_CONV2D(images.contiguous(), self.row_ptr, self.col, self.values, self.bias, *self._geometry(), self.groups)
+        y = _SPARSE_CONV2D(images.contiguous(), self.row_ptr, self.col, self.values, self.bias, *self._kernel_args)
         if dims == 1:
             y = y.squeeze(2)
         return y.squeeze(0) if unbatched else y

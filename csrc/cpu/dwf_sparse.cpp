@@ -9,7 +9,6 @@
 // in the order of the row's nonzeros.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/ops/aminmax.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -56,6 +55,16 @@ void sparse_linear_rows(const T* x, int64_t rows, int64_t in, const int64_t* row
   }
 }
 
+// Calls body(col_ptr) with col's data as int32_t* or int64_t*.
+template <typename F>
+void with_col(const at::Tensor& col, const F& body) {
+  if (col.scalar_type() == at::kInt) {
+    body(col.const_data_ptr<int32_t>());
+  } else {
+    body(col.const_data_ptr<int64_t>());
+  }
+}
+
 // The CSR weight's checks, shared by the ops: structure, dtypes, devices, and every access in
 // bounds (offsets from 0 to nnz, never decreasing; columns in [0, columns)). One pass over the
 // structure, cheaper than the product it guards. Returns the number of rows (outputs).
@@ -85,22 +94,12 @@ int64_t check_csr(const char* op, const at::Tensor& input, const at::Tensor& row
   for (int64_t o = 0; o < out; ++o) {
     TORCH_CHECK(rp[o] <= rp[o + 1], op, ": row_ptr must not decrease (at row ", o, ")");
   }
-  if (col.numel() > 0) {
-    const auto [lo, hi] = at::aminmax(col);
-    TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < columns, op, ": col must lie in [0, ", columns,
-                ") for this input");
-  }
+  bool inside = true;  // a plain loop: at these sizes cheaper than an ATen reduction's dispatch
+  with_col(col, [&](auto* c) {
+    for (int64_t j = 0, n = col.numel(); j < n; ++j) inside &= c[j] >= 0 && c[j] < columns;
+  });
+  TORCH_CHECK(inside, op, ": col must lie in [0, ", columns, ") for this input");
   return out;
-}
-
-// Calls body(col_ptr) with col's data as int32_t* or int64_t*.
-template <typename F>
-void with_col(const at::Tensor& col, const F& body) {
-  if (col.scalar_type() == at::kInt) {
-    body(col.const_data_ptr<int32_t>());
-  } else {
-    body(col.const_data_ptr<int64_t>());
-  }
 }
 
 at::Tensor sparse_linear_cpu(const at::Tensor& input, const at::Tensor& row_ptr, const at::Tensor& col,
