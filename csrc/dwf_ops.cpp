@@ -47,6 +47,10 @@ TORCH_LIBRARY(dwf_kernels, m) {
       "float lr, float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, "
       "bool init_buffer) -> ()",
       {at::Tag::pt2_compliant_tag});
+  // The squared L2 norm of dwf_backward's result, read-only (the gradient is not stored): for
+  // clipping by the global gradient norm. A 0-dim tensor in sumsq's dtype (fp32; fp64 for fp64).
+  m.def("dwf_grad_sumsq(Tensor factors, Tensor grad_w, Tensor? grad_sumsq) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
   // Sparse inference: input @ W^T + bias with W (out, in) in CSR (row_ptr: out + 1 offsets into
   // col and values); input is a contiguous (batch, in) matrix.
   m.def("sparse_linear(Tensor input, Tensor row_ptr, Tensor col, Tensor values, Tensor? bias) -> Tensor",

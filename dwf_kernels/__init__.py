@@ -24,7 +24,7 @@ from . import (
 from .backends import BACKENDS, available_backends, current_backend, use_backend
 from .compressed import CompressedFileError, load_compressed, load_compressed_into, save_compressed
 from .model import DEFAULT_THRESHOLD, collapse, factorize, penalty, sparsity_report
-from .ops import dwf_product, dwf_product_backward, dwf_sgd_step
+from .ops import dwf_grad_sumsq, dwf_product, dwf_product_backward, dwf_sgd_step
 from .sparse import SparseConv1d, SparseConv2d, SparseLinear, sparsify
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "available_backends",
     "collapse",
     "current_backend",
+    "dwf_grad_sumsq",
     "dwf_product",
     "dwf_product_backward",
     "dwf_sgd_step",

@@ -66,6 +66,25 @@ def dwf_product_backward(
     return chosen.backward(factors, grad_w, grad_sumsq)
 
 
+def dwf_grad_sumsq(
+    factors: torch.Tensor,
+    grad_w: torch.Tensor,
+    grad_sumsq: torch.Tensor | None = None,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """The squared L2 norm of `dwf_product_backward(factors, grad_w, grad_sumsq)`, read-only: one
+    pass over the factors and grad_w that forms each factor gradient in registers and adds its
+    square, storing nothing. For clipping by the global gradient norm without forming the gradient.
+
+    Returns a 0-d tensor, fp32 (fp64 for fp64 factors), on the factors' device. Not differentiable.
+    """
+    check_backward(factors, grad_w, grad_sumsq)
+    chosen = select(factors.device.type, backend)
+    with torch.no_grad():
+        return chosen.grad_sumsq(factors, grad_w, grad_sumsq)
+
+
 def dwf_sgd_step(
     factors: torch.Tensor,
     grad_w: torch.Tensor,

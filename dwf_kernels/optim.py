@@ -20,9 +20,10 @@ factor gradients in registers and updates factors and momentum buffer in place
 `factors.grad` is an ordinary gradient otherwise: zero_grad (the optimizer's or the model's),
 accumulation over backward passes, `backward(inputs=...)`, `torch.autograd.grad`, other optimizers,
 gradient clipping, torch.amp.GradScaler and DistributedDataParallel all work as with
-torch.optim.SGD. Anything but step() that reads it forms the dense gradient first (the fused
-backward, once), and then step() applies that dense gradient with torch's own SGD: correct, only
-the fusion's saving is lost for that step.
+torch.optim.SGD. clip_grad_norm_ (2-norm) and GradScaler keep the step fused: they scale dL/dw,
+and the norm comes from a read-only fused pass (`dwf_kernels.dwf_grad_sumsq`). Anything else that
+reads it forms the dense gradient first (the fused backward, once), and then step() applies that
+dense gradient with torch's own SGD: correct, only the fusion's saving is lost for that step.
 
 Refused, with an error saying why: reading or accumulating into a factor gradient after the
 factors changed in place (it was computed from the old factors: clear gradients after each step),

@@ -1,8 +1,8 @@
 """The CPU kernels' SIMD variants (csrc/cpu/dwf_cpu_kernels.h): one binary, picked at run time.
 
 - each variant this CPU runs (ATEN_CPU_CAPABILITY=default / avx2 / avx512, in fresh processes) is
-  the one in use there and gives bitwise the same forward (w and sumsq), backward and SGD step
-  (NaNs: in the same places);
+  the one in use there and gives bitwise the same forward (w and sumsq), backward, SGD step and
+  gradient norm (NaNs: in the same places);
 - only the AVX2 and AVX-512 variants' own functions hold AVX instructions, so the baseline
   variant and all the code around it run on any x86-64 CPU.
 """
@@ -60,6 +60,8 @@ for dtype, io in pairs:
             results[key + "-forward"] = ops.dwf_forward(factors, io, True)
             results[key + "-backward"] = ops.dwf_backward(factors, grad_w, s)
             results[key + "-backward-nopenalty"] = ops.dwf_backward(factors, grad_w, None)
+            finite = torch.nan_to_num(factors, nan=0.25, posinf=1.25)
+            results[key + "-grad-sumsq"] = (ops.dwf_grad_sumsq(finite, grad_w, s), ops.dwf_grad_sumsq(factors, grad_w, None))
             for name, (lr, momentum, dampening, wd, nesterov, maximize) in {
                 "plain": (0.1, 0.0, 0.0, 0.0, False, False),
                 "nesterov-wd": (0.05, 0.9, 0.0, 1e-3, True, False),

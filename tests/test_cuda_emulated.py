@@ -8,7 +8,8 @@ CUDA's threads, barriers and warp shuffles. These tests run that build on CPU te
   dwf_math.h's per-element templates in the same order with the same roundings (the SGD step's
   a*b + c fused, in every CPU SIMD variant too), so any difference is a fault of the CUDA kernels'
   indexing, packing, tails or grid-stride loops;
-- sumsq matches the reference to summation rounding and is bitwise deterministic;
+- sumsq, and the gradient norm, match the reference to summation rounding and are bitwise
+  deterministic;
 - the final partial-sum reduction equals, bit for bit, a numpy replay of its fixed order;
 - a misaligned vector access, which faults on a GPU, fails the launch (x86 would tolerate it);
 - the launches themselves (recorded by the emulation: grid, block size, widest memory access):
@@ -104,6 +105,24 @@ def test_grid_sizes_change_nothing_but_sumsq_rounding(emulated, multiprocessors)
     torch.testing.assert_close(sumsq, sumsq1, rtol=1e-6, atol=0)
     again = emulated.forward(factors, None, True, multiprocessors)[1]
     assert torch.equal(sumsq, again), "sumsq must be bitwise deterministic for a fixed grid"
+
+
+@pytest.mark.parametrize("multiprocessors", [1, 3, 64])
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("depth", [1, 4, 9])
+def test_grad_sumsq_matches_the_reference_and_is_deterministic(emulated, depth, dtype, n, multiprocessors):
+    """The gradient norm's kernel: one partial per block (one block writes the result itself), the
+    partials summed in a fixed order; equal to the reference to summation rounding."""
+    factors = make_factors(depth, (n,), dtype, "cpu", seed=n + depth)
+    grad_w = make_factors(1, (n,), dtype, "cpu", seed=8)[0]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    for grad_sumsq in (torch.tensor(0.375, dtype=acc), None):
+        result = emulated.grad_sumsq(factors, grad_w, grad_sumsq, multiprocessors)
+        expected = reference.dwf_grad_sumsq_reference(factors, grad_w, grad_sumsq)
+        assert result.dtype == expected.dtype == acc and result.shape == ()
+        torch.testing.assert_close(result, expected, rtol=SUMSQ_RTOL[dtype], atol=0)
+        assert torch.equal(emulated.grad_sumsq(factors, grad_w, grad_sumsq, multiprocessors), result)
 
 
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16], ids=str)

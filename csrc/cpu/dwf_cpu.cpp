@@ -114,6 +114,33 @@ at::Tensor dwf_backward_cpu(const at::Tensor& factors_arg, const at::Tensor& gra
   return grad_factors;
 }
 
+at::Tensor dwf_grad_sumsq_cpu(const at::Tensor& factors_arg, const at::Tensor& grad_w_arg,
+                              const std::optional<at::Tensor>& grad_sumsq) {
+  check_backward_args(factors_arg, grad_w_arg, grad_sumsq);
+  const at::Tensor factors = factors_arg.contiguous();
+  const at::Tensor grad_w = grad_w_arg.contiguous();
+  const int64_t depth = factors.size(0);
+  const int64_t n = factors.numel() / depth;
+  at::Tensor result = at::empty({}, factors.options().dtype(sumsq_dtype(factors.scalar_type())));
+
+  dispatch_io_types(factors.scalar_type(), grad_w.scalar_type(), [&](auto* t_tag, auto* g_tag) {
+    using T = std::remove_pointer_t<decltype(t_tag)>;
+    using G = std::remove_pointer_t<decltype(g_tag)>;
+    using acc_t = acc_type<T>;
+    const bool has_penalty = grad_sumsq.has_value();
+    const acc_t two_s = has_penalty ? acc_t(2) * grad_sumsq->item<acc_t>() : acc_t(0);
+    std::vector<acc_t> partials(num_chunks(n));
+    with_kernels([&](auto kernels) {
+      kernels.template grad_sumsq<T, G>(factors.const_data_ptr<T>(), grad_w.const_data_ptr<G>(), n,
+                                        static_cast<int>(depth), has_penalty, two_s, partials.data());
+    });
+    double total = 0;  // fixed-order final reduction, as the forward's sumsq
+    for (acc_t p : partials) total += static_cast<double>(p);
+    *result.mutable_data_ptr<acc_t>() = static_cast<acc_t>(total);
+  });
+  return result;
+}
+
 void dwf_sgd_step_cpu(const at::Tensor& factors, const std::optional<at::Tensor>& momentum_buffer,
                       const at::Tensor& grad_w_arg, const std::optional<at::Tensor>& grad_sumsq, double lr,
                       double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
@@ -149,6 +176,7 @@ TORCH_LIBRARY_IMPL(dwf_kernels, CPU, m) {
   m.impl("dwf_forward", &dwf_forward_cpu);
   m.impl("dwf_backward", &dwf_backward_cpu);
   m.impl("dwf_sgd_step", &dwf_sgd_step_cpu);
+  m.impl("dwf_grad_sumsq", &dwf_grad_sumsq_cpu);
 }
 
 }  // namespace dwf::cpu

@@ -32,6 +32,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "dwf_cpu_kernels.h"
 
@@ -169,42 +170,107 @@ void forward_kernel(const T* F, O* W, int64_t n, int depth, bool with_sumsq, acc
 // The fused backward's pass over all n elements: loads the D factors and grad_w, forms the D
 // factor gradients GW[i] * prod_{k != d} F[k, i] (+ two_s * F[d, i] when has_penalty) in registers,
 // and hands them on: on_vec(i, fa, fb, ga, gb) for the two registers' worth of elements at i,
-// on_scalar(i, f, g) for each tail element. What is done with them is the caller's.
-template <int kD, typename T, typename G, typename OnVec, typename OnScalar>
+// on_scalar(i, f, g) for each tail element, on_chunk(c) after chunk c's last element. What is done
+// with them is the caller's. Registers cover whole groups of kLaneBytes of elements (a multiple of
+// every variant's step), the rest of a chunk goes through the scalar tail: so every variant hands
+// the same elements to on_scalar, and a reduction over lanes of i % group adds alike in all of them.
+constexpr int64_t kLaneBytes = 128;
+
+template <int kD, typename T, typename G, typename OnVec, typename OnScalar, typename OnChunk>
 void for_each_gradient(const T* F, const G* GW, int64_t n, int depth, bool has_penalty, acc_type<T> two_s,
-                       OnVec&& on_vec, OnScalar&& on_scalar) {
+                       OnVec&& on_vec, OnScalar&& on_scalar, OnChunk&& on_chunk) {
   using IO = VecIO<T>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
   constexpr int kSlots = DepthSlots<kD>::value;
+  constexpr int64_t kGroup = kLaneBytes / sizeof(acc_t);
+  static_assert(kGroup % IO::kStep == 0, "a lane group must tile the SIMD steps");
   const int D = resolve_depth<kD>(depth);
   const Vec two_s_vec(two_s);
 
   at::parallel_for(0, num_chunks(n), 1, [&](int64_t c0, int64_t c1) {
-    const int64_t begin = c0 * kChunk;
-    const int64_t end = std::min(n, c1 * kChunk);
     Vec fa[kSlots], fb[kSlots], ga[kSlots], gb[kSlots];
-    int64_t i = begin;
-    for (; i + IO::kStep <= end; i += IO::kStep) {
-      for (int d = 0; d < D; ++d) IO::load(F + d * n + i, fa[d], fb[d]);
-      Vec gwa, gwb;
-      VecIO<G>::load(GW + i, gwa, gwb);
-      factor_grads<kD>(fa, depth, gwa, ga);
-      factor_grads<kD>(fb, depth, gwb, gb);
-      if (has_penalty) {
-        add_penalty_grads<kD>(fa, depth, two_s_vec, ga);
-        add_penalty_grads<kD>(fb, depth, two_s_vec, gb);
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t begin = c * kChunk;
+      const int64_t end = std::min(n, begin + kChunk);
+      const int64_t vec_end = begin + (end - begin) / kGroup * kGroup;
+      int64_t i = begin;
+      for (; i < vec_end; i += IO::kStep) {
+        for (int d = 0; d < D; ++d) IO::load(F + d * n + i, fa[d], fb[d]);
+        Vec gwa, gwb;
+        VecIO<G>::load(GW + i, gwa, gwb);
+        factor_grads<kD>(fa, depth, gwa, ga);
+        factor_grads<kD>(fb, depth, gwb, gb);
+        if (has_penalty) {
+          add_penalty_grads<kD>(fa, depth, two_s_vec, ga);
+          add_penalty_grads<kD>(fb, depth, two_s_vec, gb);
+        }
+        on_vec(i, fa, fb, ga, gb);
       }
-      on_vec(i, fa, fb, ga, gb);
-    }
-    for (; i < end; ++i) {
-      acc_t f[kSlots], g[kSlots];
-      for (int d = 0; d < D; ++d) f[d] = static_cast<acc_t>(F[d * n + i]);
-      factor_grads<kD>(f, depth, static_cast<acc_t>(GW[i]), g);
-      if (has_penalty) add_penalty_grads<kD>(f, depth, two_s, g);
-      on_scalar(i, f, g);
+      for (; i < end; ++i) {
+        acc_t f[kSlots], g[kSlots];
+        for (int d = 0; d < D; ++d) f[d] = static_cast<acc_t>(F[d * n + i]);
+        factor_grads<kD>(f, depth, static_cast<acc_t>(GW[i]), g);
+        if (has_penalty) add_penalty_grads<kD>(f, depth, two_s, g);
+        on_scalar(i, f, g);
+      }
+      on_chunk(c);
     }
   });
+}
+
+constexpr auto kNoChunkWork = [](int64_t) {};
+
+// partials[c] = the sum of squares of the factor gradients of chunk c, read-only: nothing is stored
+// but the partials. Element i adds its D squares (in order of d) into lane i % kGroup of its
+// chunk's block sums, which add into the chunk's lane totals every kSumBlock elements (as the
+// forward's sumsq); the lanes reduce as sum_k (lane[k] + lane[k + kGroup / 2]), then the tail
+// elements add in order. Every variant adds the same numbers in the same order.
+template <int kD, typename T, typename G>
+void grad_sumsq_kernel(const T* F, const G* GW, int64_t n, int depth, bool has_penalty, acc_type<T> two_s,
+                       acc_type<T>* partials) {
+  using IO = VecIO<T>;
+  using acc_t = typename IO::acc_t;
+  using Vec = typename IO::Vec;
+  constexpr int64_t kGroup = kLaneBytes / sizeof(acc_t);
+  static_assert(kSumBlock % kGroup == 0, "blocks must hold whole lane groups");
+  const int D = resolve_depth<kD>(depth);
+  const int64_t chunks = num_chunks(n);
+  // Per chunk: kGroup block lanes, then kGroup total lanes.
+  std::vector<acc_t> lanes(chunks * 2 * kGroup, acc_t(0)), tails(chunks, acc_t(0));
+  auto flush_block = [&](acc_t* block) {
+    for (int64_t k = 0; k < kGroup; ++k) {
+      block[kGroup + k] += block[k];
+      block[k] = 0;
+    }
+  };
+  for_each_gradient<kD>(
+      F, GW, n, depth, has_penalty, two_s,
+      [&](int64_t i, const Vec*, const Vec*, const Vec* ga, const Vec* gb) {
+        const int64_t offset = (i - i / kChunk * kChunk);
+        acc_t* block = lanes.data() + (i / kChunk) * 2 * kGroup;
+        acc_t* lane = block + offset % kGroup;
+        Vec sa = Vec::loadu(lane), sb = Vec::loadu(lane + Vec::size());
+        for (int d = 0; d < D; ++d) {
+          sa = sa + ga[d] * ga[d];
+          sb = sb + gb[d] * gb[d];
+        }
+        sa.store(lane);
+        sb.store(lane + Vec::size());
+        if ((offset + IO::kStep) % kSumBlock == 0) flush_block(block);
+      },
+      [&](int64_t i, const acc_t*, const acc_t* g) {
+        acc_t& tail = tails[i / kChunk];
+        for (int d = 0; d < D; ++d) tail = tail + g[d] * g[d];
+      },
+      [&](int64_t c) {
+        acc_t* block = lanes.data() + c * 2 * kGroup;
+        flush_block(block);
+        const acc_t* total_lanes = block + kGroup;
+        acc_t total = 0;
+        for (int64_t k = 0; k < kGroup / 2; ++k) total += total_lanes[k] + total_lanes[k + kGroup / 2];
+        partials[c] = total + tails[c];
+      });
 }
 
 // GF[d, i] = the gradients of for_each_gradient, written out.
@@ -221,7 +287,8 @@ void backward_kernel(const T* F, const G* GW, T* GF, int64_t n, int depth, bool 
       },
       [&](int64_t i, const acc_t*, const acc_t* g) {
         for (int d = 0; d < D; ++d) GF[d * n + i] = static_cast<T>(g[d]);
-      });
+      },
+      kNoChunkWork);
 }
 
 // The fused backward + SGD step: the gradients of for_each_gradient, applied at once by
@@ -258,7 +325,8 @@ void sgd_step_kernel(T* F, T* B, const G* GW, int64_t n, int depth, bool has_pen
           F[d * n + i] = static_cast<T>(f[d]);
           if (step.has_momentum) B[d * n + i] = static_cast<T>(b);
         }
-      });
+      },
+      kNoChunkWork);
 }
 
 }  // namespace
@@ -284,6 +352,15 @@ void Kernels<Isa::DWF_CPU_ISA>::backward(const T* F, const G* GW, T* GF, int64_t
 
 template <>
 template <typename T, typename G>
+void Kernels<Isa::DWF_CPU_ISA>::grad_sumsq(const T* F, const G* GW, int64_t n, int depth, bool has_penalty,
+                                           acc_type<T> two_s, acc_type<T>* partials) {
+  dispatch_depth(depth, [&](auto kd) {
+    grad_sumsq_kernel<decltype(kd)::value, T, G>(F, GW, n, depth, has_penalty, two_s, partials);
+  });
+}
+
+template <>
+template <typename T, typename G>
 void Kernels<Isa::DWF_CPU_ISA>::sgd_step(T* F, T* B, const G* GW, int64_t n, int depth, bool has_penalty,
                                          acc_type<T> two_s, const SgdOptions& args) {
   const SgdStep<acc_type<T>> step = make_sgd_step<acc_type<T>>(args);
@@ -298,7 +375,9 @@ void Kernels<Isa::DWF_CPU_ISA>::sgd_step(T* F, T* B, const G* GW, int64_t n, int
   template void Kernels<Isa::DWF_CPU_ISA>::backward<T, IO>(const T*, const IO*, T*, int64_t, int, bool,          \
                                                            acc_type<T>);                                         \
   template void Kernels<Isa::DWF_CPU_ISA>::sgd_step<T, IO>(T*, T*, const IO*, int64_t, int, bool, acc_type<T>,   \
-                                                           const SgdOptions&);
+                                                           const SgdOptions&);                                   \
+  template void Kernels<Isa::DWF_CPU_ISA>::grad_sumsq<T, IO>(const T*, const IO*, int64_t, int, bool, acc_type<T>, \
+                                                             acc_type<T>*);
 DWF_INSTANTIATE(float, float)
 DWF_INSTANTIATE(float, c10::BFloat16)
 DWF_INSTANTIATE(float, c10::Half)

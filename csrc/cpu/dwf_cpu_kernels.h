@@ -46,6 +46,10 @@ struct Kernels {
   // GF[d, i] = GW[i] * prod_{k != d} F[k, i] (+ two_s * F[d, i] when has_penalty).
   template <typename T, typename G>
   static void backward(const T* F, const G* GW, T* GF, int64_t n, int depth, bool has_penalty, acc_type<T> two_s);
+  // partials[c] = the sum over chunk c of the squares of backward's gradients, which are not stored.
+  template <typename T, typename G>
+  static void grad_sumsq(const T* F, const G* GW, int64_t n, int depth, bool has_penalty, acc_type<T> two_s,
+                         acc_type<T>* partials);
   // backward's gradients applied at once by an SGD step to F and the momentum buffer B, in place.
   template <typename T, typename G>
   static void sgd_step(T* F, T* B, const G* GW, int64_t n, int depth, bool has_penalty, acc_type<T> two_s,

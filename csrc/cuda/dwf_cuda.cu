@@ -61,6 +61,13 @@ at::Tensor dwf_backward_cuda(const at::Tensor& factors, const at::Tensor& grad_w
   return run_backward(factors, grad_w, grad_sumsq, CudaLauncher(factors));
 }
 
+at::Tensor dwf_grad_sumsq_cuda(const at::Tensor& factors, const at::Tensor& grad_w,
+                               const std::optional<at::Tensor>& grad_sumsq) {
+  check_backward_args(factors, grad_w, grad_sumsq);
+  const c10::cuda::CUDAGuard guard(factors.device());
+  return run_grad_sumsq(factors, grad_w, grad_sumsq, CudaLauncher(factors));
+}
+
 void dwf_sgd_step_cuda(const at::Tensor& factors, const std::optional<at::Tensor>& momentum_buffer,
                        const at::Tensor& grad_w, const std::optional<at::Tensor>& grad_sumsq, double lr,
                        double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
@@ -77,6 +84,7 @@ TORCH_LIBRARY_IMPL(dwf_kernels, CUDA, m) {
   m.impl("dwf_forward", &dwf_forward_cuda);
   m.impl("dwf_backward", &dwf_backward_cuda);
   m.impl("dwf_sgd_step", &dwf_sgd_step_cuda);
+  m.impl("dwf_grad_sumsq", &dwf_grad_sumsq_cuda);
 }
 
 }  // namespace dwf

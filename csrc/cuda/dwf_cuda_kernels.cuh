@@ -1,4 +1,4 @@
-// The CUDA kernels of the fused DWF forward, backward and backward + SGD step, and the host code
+// The CUDA kernels of the fused DWF forward, backward, backward + SGD step and gradient norm, and the host code
 // that plans and launches them (docs/design.md, CUDA kernels).
 //
 // Grid-stride loops over packs of V elements with 64-bit indices: V = pack_elements<factor>()
@@ -11,7 +11,7 @@
 // slot, then one block sums the partials in a fixed order: deterministic, no floating-point atomics
 // (a one-block grid writes sumsq directly; without sumsq nothing is reduced).
 //
-// The host functions run_forward / run_backward / run_sgd_step take a Launcher, so the same code
+// The host functions run_forward / run_backward / run_sgd_step / run_grad_sumsq take a Launcher, so the same code
 // serves two builds:
 //   dwf_cuda.cu      nvcc; launches on the current CUDA stream (CudaLauncher)
 //   tests/cuda_emulation/  g++; runs every block's threads as host threads on CPU tensors, so the
@@ -223,6 +223,35 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// The squared norm of dwf_backward_kernel's gradients, read-only: each block writes the sum of its
+// elements' squares to partials[blockIdx.x] (the result itself when the grid is one block).
+template <int kD, typename T, typename G, int V>
+__global__ void __launch_bounds__(kThreads)
+    dwf_grad_sumsq_kernel(const T* __restrict__ F, const G* __restrict__ GW,
+                          const acc_type_t<T>* __restrict__ grad_sumsq, acc_type_t<T>* __restrict__ partials,
+                          int64_t n, int depth) {
+  using acc_t = acc_type_t<T>;
+  constexpr int kSlots = DepthSlots<kD>::value;
+  const int D = resolve_depth<kD>(depth);
+  const bool has_penalty = grad_sumsq != nullptr;
+  const acc_t two_s = has_penalty ? acc_t(2) * *grad_sumsq : acc_t(0);
+  const int64_t packs = n / V;
+  acc_t sq = 0;
+  for (int64_t p = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; p < packs;
+       p += int64_t(gridDim.x) * blockDim.x) {
+    Pack<T, V> f[kSlots];
+#pragma unroll
+    for (int d = 0; d < kSlots; ++d) {
+      if (d < D) f[d] = load_pack<V>(F + d * n, p);
+    }
+    const Pack<G, V> g = load_pack<V>(GW, p);
+    for_each_gradient<kD>(f, g, depth, has_penalty, two_s,
+                          [&](int, const acc_t*, const acc_t* grad) { sq = accumulate_squares<kD>(grad, depth, sq); });
+  }
+  const acc_t total = block_sum(sq);
+  if (threadIdx.x == 0) partials[blockIdx.x] = total;
+}
+
 // The fused backward + SGD step: the factor gradients of dwf_backward_kernel, formed per element
 // in registers and applied at once by sgd_update to the factors and momentum buffer, in place.
 template <int kD, typename T, typename G, int V>
@@ -347,6 +376,48 @@ at::Tensor run_backward(const at::Tensor& factors_arg, const at::Tensor& grad_w_
     });
   });
   return grad_factors;
+}
+
+// The squared norm of run_backward's result, without storing it: one partial per block, summed in
+// a fixed order (as the forward's sumsq).
+template <typename Launcher>
+at::Tensor run_grad_sumsq(const at::Tensor& factors_arg, const at::Tensor& grad_w_arg,
+                          const std::optional<at::Tensor>& grad_sumsq, const Launcher& launcher) {
+  const at::Tensor factors = factors_arg.contiguous();
+  const at::Tensor grad_w = grad_w_arg.contiguous();
+  const int64_t depth = factors.size(0);
+  const int64_t n = factors.numel() / depth;
+  at::Tensor result = at::empty({}, factors.options().dtype(sumsq_dtype(factors.scalar_type())));
+  const at::Tensor s = penalty_scale(factors, grad_sumsq);
+
+  dispatch_io(factors.scalar_type(), grad_w.scalar_type(), [&](auto types) {
+    using T = typename decltype(types)::factor;
+    using G = typename decltype(types)::io;
+    using acc_t = acc_type_t<T>;
+    acc_t* R = result.mutable_data_ptr<acc_t>();
+    if (n == 0) {  // the empty sum
+      const acc_t* none = nullptr;
+      launcher.launch(sum_partials_kernel<acc_t>, 1, kReduceThreads, none, int64_t(0), R);
+      return;
+    }
+    const T* F = factors.const_data_ptr<T>();
+    const G* GW = grad_w.const_data_ptr<G>();
+    const acc_t* S = s.defined() ? s.const_data_ptr<acc_t>() : nullptr;
+    dispatch_depth_and_pack<T>(depth, fits_packs<T>(n, F, GW), [&](auto kd, auto kv) {
+      constexpr int kV = decltype(kv)::value;
+      const auto kernel = dwf_grad_sumsq_kernel<decltype(kd)::value, T, G, kV>;
+      const int64_t grid = grid_for(launcher, kernel, n / kV);
+      if (grid > 1) {
+        at::Tensor partials = at::empty({grid}, result.options());
+        acc_t* P = partials.mutable_data_ptr<acc_t>();
+        launcher.launch(kernel, grid, kThreads, F, GW, S, P, n, int(depth));
+        launcher.launch(sum_partials_kernel<acc_t>, 1, kReduceThreads, static_cast<const acc_t*>(P), grid, R);
+      } else {
+        launcher.launch(kernel, grid, kThreads, F, GW, S, R, n, int(depth));
+      }
+    });
+  });
+  return result;
 }
 
 template <typename Launcher>

@@ -188,6 +188,29 @@ def _dwf_backward_kernel(
 
 
 @triton.jit
+def _dwf_grad_sumsq_kernel(
+    F,
+    GW,
+    grad_sumsq,
+    partials,
+    n_units,
+    ROW_ALIGN: tl.constexpr,
+    D: tl.constexpr,
+    HAS_PENALTY: tl.constexpr,
+    IS_FP64: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # The backward kernel's gradients, squared and summed; nothing stored but one partial per
+    # program, in a fixed slot (masked lanes loaded 0: their gradients are 0 and add nothing).
+    n = _extent(n_units, ROW_ALIGN)
+    offs, mask, fs, grads = _block_gradients(F, GW, grad_sumsq, n, D, HAS_PENALTY, IS_FP64, BLOCK)
+    sq = grads[0] * grads[0]
+    for k in tl.static_range(1, D):
+        sq = sq + grads[k] * grads[k]
+    tl.store(partials + tl.program_id(0), tl.sum(sq, axis=0))
+
+
+@triton.jit
 def _dwf_sgd_step_kernel(
     F,
     B,
@@ -334,6 +357,40 @@ def backward(factors: torch.Tensor, grad_w: torch.Tensor, grad_sumsq: torch.Tens
             **options,
         )
     return grad_factors
+
+
+def grad_sumsq(factors: torch.Tensor, grad_w: torch.Tensor, grad_sumsq: torch.Tensor | None) -> torch.Tensor:
+    """Launches the backward's squared norm: one partial per program, summed in a fixed order."""
+    factors = factors.contiguous()
+    grad_w = grad_w.contiguous()
+    depth = factors.shape[0]
+    n = factors.numel() // depth
+    acc = acc_dtype(factors.dtype)
+    if n == 0:
+        return torch.zeros((), dtype=acc, device=factors.device)
+    block, options = gradient_launch(depth, factors.element_size(), sgd=False)
+    programs = triton.cdiv(n, block)
+    result = torch.empty((), dtype=acc, device=factors.device)
+    partials = result if programs == 1 else torch.empty(programs, dtype=acc, device=factors.device)
+    align = row_align(n, factors.element_size(), grad_w.element_size())
+    has_penalty = grad_sumsq is not None
+    with _device_guard(factors):
+        _dwf_grad_sumsq_kernel[(programs,)](
+            factors,
+            grad_w,
+            grad_sumsq.reshape(()) if has_penalty else grad_w,  # any pointer when unused
+            partials,
+            n // align,
+            ROW_ALIGN=align,
+            D=depth,
+            HAS_PENALTY=has_penalty,
+            IS_FP64=factors.dtype == torch.float64,
+            BLOCK=block,
+            **options,
+        )
+        if programs > 1:
+            _sum_partials_kernel[(1,)](partials, result, programs, BLOCK=_REDUCE_BLOCK, num_warps=4)
+    return result
 
 
 def _f64_bits(x: float) -> int:

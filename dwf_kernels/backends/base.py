@@ -14,17 +14,18 @@ import torch
 
 class OpFamily(NamedTuple):
     """A backend's custom ops (torch.library), as torch.compile, fake tensors and opcheck see them:
-    torch.ops.<namespace>.dwf_forward / dwf_backward / dwf_sgd_step (OpOverloadPackets)."""
+    torch.ops.<namespace>.dwf_forward / dwf_backward / dwf_sgd_step / dwf_grad_sumsq (OpOverloadPackets)."""
 
     namespace: str
     forward: Any
     backward: Any
     sgd_step: Any
+    grad_sumsq: Any
 
     @classmethod
     def of(cls, namespace: str) -> OpFamily:
         ops = getattr(torch.ops, namespace)
-        return cls(namespace, ops.dwf_forward, ops.dwf_backward, ops.dwf_sgd_step)
+        return cls(namespace, ops.dwf_forward, ops.dwf_backward, ops.dwf_sgd_step, ops.dwf_grad_sumsq)
 
 
 class Backend:
@@ -38,6 +39,8 @@ class Backend:
     sgd_step(factors, momentum_buffer, grad_w, grad_sumsq, lr, momentum, dampening, weight_decay,
         nesterov, maximize, init_buffer) -> None: the fused step, in place, called under no_grad; it
         leaves the version counters of the tensors it wrote bumped, as any in-place op does.
+    grad_sumsq(factors, grad_w, grad_sumsq) -> the squared L2 norm of backward's result, a 0-d
+        tensor in sumsq's dtype, without storing that result (read-only; called under no_grad).
     serves(device_type) -> bool: whether it can run tensors of that device type in this process.
     why_not(device_type, instead) -> str: the error message when it cannot (`instead` names the
         backends that can), with what to do about it.
@@ -54,6 +57,7 @@ class Backend:
         forward: Callable,
         backward: Callable,
         sgd_step: Callable,
+        grad_sumsq: Callable,
         serves: Callable[[str], bool],
         why_not: Callable[[str, str], str],
         emulated: bool = False,
@@ -63,6 +67,7 @@ class Backend:
         self.forward = forward
         self.backward = backward
         self.sgd_step = sgd_step
+        self.grad_sumsq = grad_sumsq
         self.serves = serves
         self.why_not = why_not
         self.emulated = emulated

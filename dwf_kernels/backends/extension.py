@@ -1,5 +1,5 @@
 """The `cuda` and `cpu` backends: the C++ extension dwf_kernels._C, whose ops are
-torch.ops.dwf_kernels.{dwf_forward, dwf_backward, dwf_sgd_step}.
+torch.ops.dwf_kernels.{dwf_forward, dwf_backward, dwf_sgd_step, dwf_grad_sumsq}.
 
 Their schemas, CPU/CUDA kernels, argument checks and autograd formula live in C++ (csrc/); Python
 adds what only Python can: the fake implementations (registration.py), for torch.compile and
@@ -15,14 +15,15 @@ from . import registration
 from .base import Backend, OpFamily
 
 if _extension.LOADED:
-    registration.register_fakes("dwf_kernels::dwf_forward", "dwf_kernels::dwf_backward", "dwf_kernels::dwf_sgd_step")
+    registration.register_fakes("dwf_kernels")
     OPS: OpFamily | None = OpFamily.of("dwf_kernels")
     forward = OPS.forward
     backward = OPS.backward
+    grad_sumsq = OPS.grad_sumsq
     _sgd_step_op = OPS.sgd_step
 else:
     OPS = None
-    forward = backward = _sgd_step_op = None
+    forward = backward = grad_sumsq = _sgd_step_op = None
 
 
 def sgd_step(factors, momentum_buffer, *args) -> None:
@@ -57,7 +58,14 @@ def _backend(device_type: str) -> Backend:
 
     # forward and backward are the ops themselves: no Python between the front door and the dispatcher.
     return Backend(
-        device_type, forward=forward, backward=backward, sgd_step=sgd_step, serves=serves, why_not=why_not, ops=OPS
+        device_type,
+        forward=forward,
+        backward=backward,
+        sgd_step=sgd_step,
+        grad_sumsq=grad_sumsq,
+        serves=serves,
+        why_not=why_not,
+        ops=OPS,
     )
 
 

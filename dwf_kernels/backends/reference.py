@@ -117,6 +117,16 @@ def dwf_sgd_step_reference(
             momentum_buffer.copy_(buffers[0])
 
 
+def dwf_grad_sumsq_reference(
+    factors: torch.Tensor, grad_w: torch.Tensor, grad_sumsq: torch.Tensor | None
+) -> torch.Tensor:
+    """The squared L2 norm of dwf_backward_reference's result as computed, in the accumulation dtype
+    (for bf16/fp16 factors: before the gradient would be rounded to their dtype), as the kernels."""
+    acc = acc_dtype(factors.dtype)
+    grad = dwf_backward_reference(factors.to(acc), grad_w.to(acc), grad_sumsq)
+    return (grad * grad).sum()
+
+
 def _serves(device_type: str) -> bool:
     return True  # plain torch: any device
 
@@ -130,6 +140,7 @@ BACKEND = Backend(
     forward=dwf_forward_reference,
     backward=dwf_backward_reference,
     sgd_step=dwf_sgd_step_reference,
+    grad_sumsq=dwf_grad_sumsq_reference,
     serves=_serves,
     why_not=_why_not,
 )

@@ -10,6 +10,7 @@ Both op families have the same signatures:
   dwf_backward(factors, grad_w, grad_sumsq) -> grad_factors
   dwf_sgd_step(factors, momentum_buffer, grad_w, grad_sumsq, lr, momentum, dampening,
                weight_decay, nesterov, maximize, init_buffer) -> None      (in place)
+  dwf_grad_sumsq(factors, grad_w, grad_sumsq) -> ||grad_factors||^2    (0-d, sumsq's dtype)
 Nothing is saved for backward but the factors themselves (docs/design.md, Kernel contract).
 """
 
@@ -38,10 +39,16 @@ def fake_sgd_step(factors, momentum_buffer, grad_w, grad_sumsq, *hyper) -> None:
     return None  # updates its inputs in place; no outputs
 
 
-def register_fakes(forward_name: str, backward_name: str, sgd_step_name: str) -> None:
-    torch.library.register_fake(forward_name)(fake_forward)
-    torch.library.register_fake(backward_name)(fake_backward)
-    torch.library.register_fake(sgd_step_name)(fake_sgd_step)
+def fake_grad_sumsq(factors: torch.Tensor, grad_w: torch.Tensor, grad_sumsq: torch.Tensor | None) -> torch.Tensor:
+    return factors.new_empty((), dtype=acc_dtype(factors.dtype))
+
+
+def register_fakes(namespace: str) -> None:
+    """The fakes of the op family namespace::dwf_forward, dwf_backward, dwf_sgd_step, dwf_grad_sumsq."""
+    torch.library.register_fake(f"{namespace}::dwf_forward")(fake_forward)
+    torch.library.register_fake(f"{namespace}::dwf_backward")(fake_backward)
+    torch.library.register_fake(f"{namespace}::dwf_sgd_step")(fake_sgd_step)
+    torch.library.register_fake(f"{namespace}::dwf_grad_sumsq")(fake_grad_sumsq)
 
 
 def setup_context(ctx, inputs, output) -> None:
@@ -68,9 +75,9 @@ def backward_formula(backward_op: Callable[..., torch.Tensor]) -> Callable:
     return backward
 
 
-def register(
-    forward_name: str, backward_name: str, sgd_step_name: str, backward_op: Callable[..., torch.Tensor]
-) -> None:
-    """Registers the fakes of the three ops and the autograd formula of the forward op."""
-    register_fakes(forward_name, backward_name, sgd_step_name)
-    torch.library.register_autograd(forward_name, backward_formula(backward_op), setup_context=setup_context)
+def register(namespace: str, backward_op: Callable[..., torch.Tensor]) -> None:
+    """Registers the fakes of the family's ops and the autograd formula of its forward op."""
+    register_fakes(namespace)
+    torch.library.register_autograd(
+        f"{namespace}::dwf_forward", backward_formula(backward_op), setup_context=setup_context
+    )

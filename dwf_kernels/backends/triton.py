@@ -1,5 +1,5 @@
 """The `triton` backend: the Triton kernels (_triton_kernels.py), as custom ops
-dwf_triton::dwf_forward/backward/sgd_step and as direct launches.
+dwf_triton::dwf_forward/backward/sgd_step/grad_sumsq and as direct launches.
 
 Registered with torch.library.custom_op + register_fake, so torch.compile(fullgraph=True) sees one
 opaque node and opcheck passes, on a GPU and under TRITON_INTERPRET=1 alike (torch.library.triton_op,
@@ -38,7 +38,7 @@ except ImportError as exc:
     def _not_installed(*args, **kwargs):
         raise RuntimeError(f"backend 'triton' needs the triton package ({IMPORT_ERROR})")
 
-    forward = backward = sgd_step = _not_installed
+    forward = backward = sgd_step = grad_sumsq = _not_installed
 else:
     AVAILABLE = True
 
@@ -51,6 +51,10 @@ else:
     @torch.library.custom_op("dwf_triton::dwf_backward", mutates_args=())
     def _dwf_backward(factors: torch.Tensor, grad_w: torch.Tensor, grad_sumsq: torch.Tensor | None) -> torch.Tensor:
         return _triton_kernels.backward(factors, grad_w, grad_sumsq)
+
+    @torch.library.custom_op("dwf_triton::dwf_grad_sumsq", mutates_args=())
+    def _dwf_grad_sumsq(factors: torch.Tensor, grad_w: torch.Tensor, grad_sumsq: torch.Tensor | None) -> torch.Tensor:
+        return _triton_kernels.grad_sumsq(factors, grad_w, grad_sumsq)
 
     @torch.library.custom_op("dwf_triton::dwf_sgd_step", mutates_args=("factors", "momentum_buffer"))
     def _dwf_sgd_step(
@@ -84,14 +88,9 @@ else:
             init_buffer,
         )
 
-    registration.register(
-        "dwf_triton::dwf_forward",
-        "dwf_triton::dwf_backward",
-        "dwf_triton::dwf_sgd_step",
-        torch.ops.dwf_triton.dwf_backward,
-    )
+    registration.register("dwf_triton", torch.ops.dwf_triton.dwf_backward)
     OPS = OpFamily.of("dwf_triton")
-    _forward_op, _backward_op, _sgd_step_op = OPS.forward, OPS.backward, OPS.sgd_step
+    _forward_op, _backward_op, _sgd_step_op, _grad_sumsq_op = OPS.forward, OPS.backward, OPS.sgd_step, OPS.grad_sumsq
 
     # Direct calls. A custom op costs tens of microseconds of Python dispatch per call (its
     # autograd wrapper more), against a few for the launch itself, and a small layer's whole
@@ -117,6 +116,11 @@ else:
         if torch.is_grad_enabled() or not direct_call_ok(factors, grad_w, grad_sumsq):
             return _backward_op(factors, grad_w, grad_sumsq)
         return _triton_kernels.backward(factors, grad_w, grad_sumsq)
+
+    def grad_sumsq(factors: torch.Tensor, grad_w: torch.Tensor, grad_sumsq: torch.Tensor | None) -> torch.Tensor:
+        if not direct_call_ok(factors, grad_w, grad_sumsq):
+            return _grad_sumsq_op(factors, grad_w, grad_sumsq)
+        return _triton_kernels.grad_sumsq(factors, grad_w, grad_sumsq)
 
     class _Product(torch.autograd.Function):
         """dwf_forward with the op's autograd formula, launched without the custom-op dispatch.
@@ -164,6 +168,7 @@ BACKEND = Backend(
     forward=forward,
     backward=backward,
     sgd_step=sgd_step,
+    grad_sumsq=grad_sumsq,
     serves=_serves,
     why_not=_why_not,
     emulated=INTERPRETED,

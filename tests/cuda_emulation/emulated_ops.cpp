@@ -60,6 +60,13 @@ at::Tensor backward(const at::Tensor& factors, const at::Tensor& grad_w, const s
   return run_backward(factors, grad_w, grad_sumsq, launcher(multiprocessors));
 }
 
+at::Tensor grad_sumsq_op(const at::Tensor& factors, const at::Tensor& grad_w,
+                      const std::optional<at::Tensor>& grad_sumsq, int64_t multiprocessors) {
+  check_cpu(factors, "factors");
+  check_backward_args(factors, grad_w, grad_sumsq);
+  return run_grad_sumsq(factors, grad_w, grad_sumsq, launcher(multiprocessors));
+}
+
 void sgd_step(const at::Tensor& factors, const std::optional<at::Tensor>& momentum_buffer, const at::Tensor& grad_w,
               const std::optional<at::Tensor>& grad_sumsq, double lr, double momentum, double dampening,
               double weight_decay, bool nesterov, bool maximize, bool init_buffer, int64_t multiprocessors) {
@@ -107,6 +114,8 @@ TORCH_LIBRARY(dwf_cuda_emulated, m) {
       "float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, bool init_buffer, "
       "int multiprocessors) -> ()",
       &sgd_step);
+  m.def("grad_sumsq(Tensor factors, Tensor grad_w, Tensor? grad_sumsq, int multiprocessors) -> Tensor",
+        &grad_sumsq_op);
   m.def("sum_partials(Tensor partials) -> Tensor", &sum_partials);
   m.def("launches() -> int[]", &launches);
   m.def("occupancy_queries() -> int", &occupancy_queries);
