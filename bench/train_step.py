@@ -12,7 +12,9 @@ events (steps run back to back, one synchronization at the end); on CPU each ste
 host. Each (model, variant) runs in a fresh process so its peak memory is its own: CUDA
 max_memory_allocated on a GPU, the process's peak RSS on CPU. Reports median and p20/p80 step time
 and the DWF overhead over dense. With --jsonl every case's result (or error) is appended to that
-file as it finishes, and a failing case does not stop the others.
+file as it finishes, and a failing case does not stop the others. With --clip MAX_NORM every
+variant clips by the global gradient norm (torch.nn.utils.clip_grad_norm_) before its step, which
+FusedSGD answers from dL/dw without forming the factor gradient.
 """
 
 from __future__ import annotations
@@ -48,7 +50,9 @@ def _quantile(data, q):
     return data[lo] + (data[hi] - data[lo]) * (pos - lo)
 
 
-def run_case(model_name: str, variant: str, depth: int, batch: int, rounds: int, warmup: int, device: str) -> dict:
+def run_case(
+    model_name: str, variant: str, depth: int, batch: int, rounds: int, warmup: int, device: str, clip: float | None
+) -> dict:
     import torch
     from paper.models import build_model
 
@@ -78,6 +82,8 @@ def run_case(model_name: str, variant: str, depth: int, batch: int, rounds: int,
         if variant != "dense":
             loss = loss + dwf_kernels.penalty(model, lam)
         loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
 
     with dwf_kernels.use_backend(backend):
@@ -119,12 +125,15 @@ def run_case(model_name: str, variant: str, depth: int, batch: int, rounds: int,
         "peak_mb": peak_mb,
         "peak_kind": peak_kind,
         "weights": sum(p.numel() for p in model.parameters()),
+        "clip": clip,
     }
 
 
 def markdown(results: list[dict], meta: dict) -> str:
     lines = [
-        f"Training step (forward + backward + SGD momentum), batch {meta['batch']}, D={meta['depth']}; "
+        f"Training step (forward + backward + "
+        + (f"clip_grad_norm_({meta['clip']:g}) + " if meta.get("clip") is not None else "")
+        + f"SGD momentum), batch {meta['batch']}, D={meta['depth']}; "
         f"device {meta['device_name']}; torch {meta['torch']}; triton {meta['triton']}; {meta['date']}. "
         f"Peak memory: {results[0]['peak_kind']} of a fresh process per row.",
         "",
@@ -155,6 +164,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=0, help="timed steps (default: 50 for LeNets, 10 for CNNs on CPU)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="auto")
+    p.add_argument("--clip", type=float, default=None, metavar="MAX_NORM", help="clip_grad_norm_ before each step")
     p.add_argument("--json", help="write all results here")
     p.add_argument("--jsonl", help="append each case's result (or error) here as it finishes")
     p.add_argument("--markdown", help="write the table here")
@@ -167,7 +177,7 @@ def main(argv=None) -> int:
     if args.case:
         model, variant = args.case
         rounds = args.rounds or (50 if model.startswith("lenet") or device.startswith("cuda") else 10)
-        print(json.dumps(run_case(model, variant, args.depth, args.batch, rounds, args.warmup, device)))
+        print(json.dumps(run_case(model, variant, args.depth, args.batch, rounds, args.warmup, device, args.clip)))
         return 0
     results, failed = [], []
     for model in args.models.split(","):
@@ -188,6 +198,7 @@ def main(argv=None) -> int:
                 str(args.warmup),
                 "--device",
                 device,
+                *(["--clip", str(args.clip)] if args.clip is not None else []),
             ]
             env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [PYTHON_DIR, os.environ.get("PYTHONPATH")])))
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -218,6 +229,7 @@ def main(argv=None) -> int:
         "date": time.strftime("%Y-%m-%d"),
         "batch": args.batch,
         "depth": args.depth,
+        "clip": args.clip,
     }
     text = markdown(results, meta) if results else "No case finished.\n"
     for case in failed:
