@@ -207,7 +207,7 @@ def _dwf_grad_sumsq_kernel(
     sq = grads[0] * grads[0]
     for k in tl.static_range(1, D):
         sq = sq + grads[k] * grads[k]
-    tl.store(partials + tl.program_id(0), tl.sum(sq, axis=0))
+    tl.store(partials + tl.program_id(0).to(tl.int64), tl.sum(sq, axis=0))
 
 
 @triton.jit
