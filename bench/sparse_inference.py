@@ -114,7 +114,8 @@ def measure(label: str, model: nn.Module, in_shape, rounds: int) -> list[str]:
             rows.append(
                 f"| {label} | {batch} | {nnz} / {total} | {1e6 * t['dense']:.1f} | "
                 + " | ".join(f"{1e6 * t[k]:.1f} ({t['dense'] / t[k]:.2f}x)" for k in ("torch CSR", "sparse"))
-                + f" | {1e6 * t['sparsify']:.1f} ({t['dense'] / t['sparsify']:.2f}x, {chosen} of {len(layers)} sparse) |"
+                + f" | {1e6 * t['sparsify']:.1f} ({t['dense'] / t['sparsify']:.2f}x, "
+                + f"{chosen} of {len(layers)} sparse) |"
             )
             # Per layer: the layer alone on its own input.
             inputs = {}
@@ -130,7 +131,8 @@ def measure(label: str, model: nn.Module, in_shape, rounds: int) -> list[str]:
                 sparse = SPARSE_MAKERS[type(m)](m)
                 calls = {"dense": lambda m=m, xi=xi: m(xi), "sparse": lambda s=sparse, xi=xi: s(xi)}
                 if isinstance(m, nn.Linear):
-                    calls["csr"] = lambda c=CsrLinear(m), xi=xi: c(xi)
+                    csr_layer = CsrLinear(m)
+                    calls["csr"] = lambda c=csr_layer, xi=xi: c(xi)
                 t = interleaved(calls, rounds)
                 csr = f"{1e6 * t['csr']:.1f} ({t['dense'] / t['csr']:.2f}x)" if "csr" in t else "-"
                 rows.append(
@@ -168,7 +170,8 @@ def break_even(rounds: int) -> list[str]:
                     layer.weight.copy_(weight * (torch.rand(weight.shape) < density))
                     sparse = SPARSE_MAKERS[type(layer)](layer)
                     torch.testing.assert_close(sparse(x), layer(x), rtol=1e-4, atol=1e-5)
-                    t = interleaved({"dense": lambda: layer(x), "sparse": lambda s=sparse: s(x)}, rounds)
+                    calls = {"dense": lambda d=layer, x=x: d(x), "sparse": lambda s=sparse, x=x: s(x)}
+                    t = interleaved(calls, rounds)
                     speedups.append(t["dense"] / t["sparse"])
                 rows.append(
                     f"| {label} | {batch} | " + " | ".join(f"{s:.2f}" for s in speedups) + f" | {crossing(speedups)} |"

@@ -16,7 +16,9 @@ from ._validate import check_flag
 from .compressed import compressed_bytes
 from .nn import DEFAULT_THRESHOLD, FACTORIZABLE, DWFLayer, check_depth, check_init, check_threshold, converter_for
 from .ops import dwf_product
-from .sparse import sparsify
+from .sparse import SPARSE_CLASS_FOR, sparsify
+
+SPARSE_MODULES = tuple(SPARSE_CLASS_FOR.values())
 
 
 def _matches(name: str, module: nn.Module, selectors: Iterable[str | type]) -> bool:
@@ -269,8 +271,9 @@ def sparsity_report(
     latency_input=None,
 ) -> SparsityReport:
     """Weights, nonzeros (|w| >= threshold), sparsity and compression ratio per Linear/Conv layer
-    (DWF or ordinary) and in total. NaN and Inf weights count as nonzeros, never as zeros, and
-    are counted in `nonfinite` (a diverged model). A weight shared by several layers counts once.
+    (DWF, ordinary, or sparsify's sparse modules) and in total. NaN and Inf weights count as
+    nonzeros, never as zeros, and are counted in `nonfinite` (a diverged model). A weight shared by
+    several layers counts once.
 
     file_size: also the size of the model collapsed at `threshold` as a compressed file
         (`save_compressed`) and as torch.save of its state_dict (file_bytes, torch_save_bytes).
@@ -316,6 +319,8 @@ def _sparsity_rows(model: nn.Module, threshold: float) -> list[LayerSparsity]:
             key, w = id(module.factors), None
         elif isinstance(module, FACTORIZABLE):
             key, w = id(module.weight), module.weight
+        elif isinstance(module, SPARSE_MODULES):  # sparsify's: counted by their dense weight
+            key, w = id(module.values), module.weight()
         else:
             continue
         if key in seen:

@@ -16,8 +16,9 @@ require grad.
 
 from __future__ import annotations
 
-import time
 import math
+import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -50,25 +51,39 @@ if "cpu" in _extension.KERNEL_DEVICES:
 def _csr_buffers(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """row_ptr (int64), col (int32 where it fits) and values of a weight's CSR form, one row per
     output (the first dimension), columns the flattened other dimensions."""
-    csr = weight.detach().reshape(weight.shape[0], -1).to_sparse_csr()
+    with warnings.catch_warnings():  # torch's "sparse CSR support is in beta" notice, once per layer
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        csr = weight.detach().reshape(weight.shape[0], -1).to_sparse_csr()
     index = torch.int32 if weight[0].numel() < 2**31 else torch.int64
     return csr.crow_indices().to(torch.int64), csr.col_indices().to(index), csr.values().clone()
 
 
-def _check_inference_input(layer: nn.Module, x: torch.Tensor) -> None:
-    values = layer.values
+def _operands(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(input, values, bias) to compute with. Under torch.autocast the layer computes as nn.Linear
+    and nn.Conv do there: input, weight and bias in the autocast dtype (fp64 layers stay fp64)."""
+    values, bias = layer.values, layer.bias
     if x.requires_grad and torch.is_grad_enabled():
         raise RuntimeError(
             f"{type(layer).__name__} is for inference: run it under torch.no_grad() or on inputs without grad"
         )
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type) and values.dtype != torch.float64:
+        dtype = torch.get_autocast_dtype(device_type)
+        if x.dtype != torch.float64:
+            x = x.to(dtype)
+        if values.dtype != dtype:
+            values, bias = values.to(dtype), None if bias is None else bias.to(dtype)
     if x.dtype != values.dtype or x.device != values.device:
-        raise ValueError(
-            f"input must be {values.dtype} on {values.device} like the layer; got {x.dtype} on {x.device}"
-        )
+        raise ValueError(f"input must be {values.dtype} on {values.device} like the layer; got {x.dtype} on {x.device}")
+    return x, values, bias
 
 
 class SparseLinear(nn.Module):
-    """A Linear for inference whose weight is stored and used as its nonzeros (CSR)."""
+    """A Linear for inference whose weight is stored and used as its nonzeros (CSR).
+
+    Computing with the nonzeros only, it never multiplies by a zero weight: where a dense layer
+    gives NaN for an Inf or NaN input that meets a zero weight (0 * Inf), this gives a finite sum.
+    The same holds for SparseConv1d/2d."""
 
     def __init__(self, in_features: int, out_features: int, row_ptr, col, values, bias) -> None:
         super().__init__()
@@ -106,24 +121,25 @@ class SparseLinear(nn.Module):
         return self.values.numel()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        values = self.values
-        _check_inference_input(self, x)
-        if x.shape[-1] != self.in_features:
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(
                 f"input's last dimension must be in_features={self.in_features}; got shape {tuple(x.shape)}"
             )
+        x, values, bias = _operands(self, x)
         rows = x if x.dim() == 2 and x.is_contiguous() else x.reshape(-1, self.in_features).contiguous()
         if _SPARSE_LINEAR is not None and rows.device.type == "cpu":
-            y = _SPARSE_LINEAR(rows, self.row_ptr, self.col, values, self.bias)
+            y = _SPARSE_LINEAR(rows, self.row_ptr, self.col, values, bias)
             return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
-        y = (self._csr() @ rows.t()).t()
-        if self.bias is not None:
-            y = y + self.bias
+        y = (self._csr(values) @ rows.t()).t()
+        if bias is not None:
+            y = y + bias
         return y.reshape(*x.shape[:-1], self.out_features)
 
-    def _csr(self) -> torch.Tensor:
+    def _csr(self, values: torch.Tensor | None = None) -> torch.Tensor:
         shape = (self.out_features, self.in_features)
-        return torch.sparse_csr_tensor(self.row_ptr, self.col.to(torch.int64), self.values, shape)
+        values = self.values if values is None else values
+        col = self.col.to(torch.int64)
+        return torch.sparse_csr_tensor(self.row_ptr, col, values, shape, check_invariants=True)
 
     def extra_repr(self) -> str:
         total = self.in_features * self.out_features
@@ -158,7 +174,9 @@ class _SparseConvNd(nn.Module):
                 f"conv must pad with zeros (padding_mode='zeros'); got padding_mode={conv.padding_mode!r}, "
                 "which has no sparse kernel: keep the layer dense"
             )
-        if conv.padding == "same" and any(d * (k - 1) % 2 for k, d in zip(conv.kernel_size, conv.dilation)):
+        if conv.padding == "same" and any(
+            d * (k - 1) % 2 for k, d in zip(conv.kernel_size, conv.dilation, strict=True)
+        ):
             raise ValueError(
                 f"conv's padding='same' pads unevenly for kernel_size={conv.kernel_size}, "
                 f"dilation={conv.dilation}; the sparse kernel pads both sides alike: keep the layer dense"
@@ -189,7 +207,8 @@ class _SparseConvNd(nn.Module):
     def weight(self) -> torch.Tensor:
         """The dense kernel (out_channels, in_channels / groups, *kernel_size)."""
         shape = (self.out_channels, (self.in_channels // self.groups) * math.prod(self.kernel_size))
-        csr = torch.sparse_csr_tensor(self.row_ptr, self.col.to(torch.int64), self.values, shape)
+        col = self.col.to(torch.int64)
+        csr = torch.sparse_csr_tensor(self.row_ptr, col, self.values, shape, check_invariants=True)
         return csr.to_dense().reshape(self.out_channels, self.in_channels // self.groups, *self.kernel_size)
 
     @property
@@ -201,7 +220,7 @@ class _SparseConvNd(nn.Module):
         if self.padding == "valid":
             padding = [0] * len(self.kernel_size)
         elif self.padding == "same":
-            padding = [d * (k - 1) // 2 for k, d in zip(self.kernel_size, self.dilation)]
+            padding = [d * (k - 1) // 2 for k, d in zip(self.kernel_size, self.dilation, strict=True)]
         else:
             padding = list(self.padding)
         lead = [1] * (2 - len(self.kernel_size))  # a Conv1d runs as a 2-d convolution of height 1
@@ -214,22 +233,24 @@ class _SparseConvNd(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_inference_input(self, x)
         dims = len(self.kernel_size)
         if x.dim() not in (dims + 1, dims + 2) or x.shape[-dims - 1] != self.in_channels:
             raise ValueError(
                 f"input must be (batch, {self.in_channels}, {'length' if dims == 1 else 'height, width'}) "
                 f"or without the batch dimension; got shape {tuple(x.shape)}"
             )
+        x, values, bias = _operands(self, x)
         if _SPARSE_CONV2D is None or x.device.type != "cpu":
-            return self._conv_forward(x, self.weight(), self.bias)
+            return self._conv_forward(x, self.weight().to(values.dtype), bias)
         unbatched = x.dim() == dims + 1
         images = x.unsqueeze(0) if unbatched else x
         if dims == 1:
             images = images.unsqueeze(2)
-        y = _SPARSE_CONV2D(images.contiguous(), self.row_ptr, self.col, self.values, self.bias, *self._kernel_args)
+        y = _SPARSE_CONV2D(images.contiguous(), self.row_ptr, self.col, values, bias, *self._kernel_args)
         if dims == 1:
             y = y.squeeze(2)
+        elif not unbatched and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            y = y.contiguous(memory_format=torch.channels_last)  # the layout torch's convolution returns
         return y.squeeze(0) if unbatched else y
 
     def _conv_forward(self, x, weight, bias):
@@ -298,9 +319,12 @@ def sparsify(
     faster on the layer's input when `model(example_input)` runs.
 
     example_input: what the model is called with (a tensor, or a tuple of positional arguments),
-        at the batch size to optimize for: the break-even sparsity depends on it.
-    report: a list that receives one SparsifyDecision per such layer the input runs.
-    Returns the model. Run under torch.no_grad() (inference only).
+        at the batch size to optimize for: the break-even sparsity depends on it. The model runs
+        it once in eval mode (each module's mode is restored), then each layer is timed alone.
+    report: a list that receives one SparsifyDecision per Linear/Conv layer the input runs
+        (Conv3d included, kept dense: no sparse kernel).
+    A module used in several places is replaced in all of them. A model with DWF layers is refused:
+    collapse it first. Returns the model. Inference only.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
@@ -308,19 +332,36 @@ def sparsify(
         raise ValueError(f"min_speedup must be a positive number; got {min_speedup!r}")
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be a positive int; got {rounds!r}")
+    from .nn import DWFLayer  # (dwf_kernels.nn imports nothing of this module)
+
+    if any(isinstance(m, DWFLayer) for m in model.modules()):
+        raise ValueError(
+            "model holds DWF layers, whose weights are factors: collapse it first "
+            "(sparsify(dwf_kernels.collapse(model, threshold), example_input))"
+        )
     args = example_input if isinstance(example_input, tuple) else (example_input,)
     inputs: dict[str, torch.Tensor] = {}
-    layers = {name: m for name, m in model.named_modules() if type(m) in SPARSE_CLASS_FOR}
+    names: dict[int, list[str]] = {}  # every name of each module (a shared module is replaced everywhere)
+    for name, m in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(m), []).append(name)
+    candidates = (*SPARSE_CLASS_FOR, nn.Conv3d)
+    layers = {name: m for name, m in model.named_modules() if type(m) in candidates}
     hooks = [
         m.register_forward_pre_hook(lambda _m, a, name=name: inputs.setdefault(name, a[0].detach()))
         for name, m in layers.items()
     ]
+    # The capture runs as inference does: in eval mode (no batch-norm statistics updated, no
+    # dropout), each module's mode restored afterwards.
+    modes = [(m, m.training) for m in model.modules()]
     try:
+        model.eval()
         with torch.no_grad():
             model(*args)
     finally:
         for hook in hooks:
             hook.remove()
+        for m, training in modes:
+            m.training = training
     replacements = {}
     with torch.no_grad():
         for name, layer in layers.items():
@@ -331,6 +372,8 @@ def sparsify(
                 name, type(layer).__name__, int(layer.weight.count_nonzero()), layer.weight.numel(), None, None, False
             )
             try:
+                if type(layer) not in SPARSE_CLASS_FOR:
+                    raise ValueError(f"no sparse kernel for {type(layer).__name__}: kept dense")
                 sparse = SPARSE_CLASS_FOR[type(layer)].from_dense(layer)
             except ValueError as error:  # arguments the sparse kernel does not take (padding mode, ...)
                 decision.reason = str(error)
@@ -348,8 +391,9 @@ def sparsify(
             if report is not None:
                 report.append(decision)
     for name, sparse in replacements.items():
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, sparse)
+        for alias in names[id(layers[name])]:
+            parent_name, _, child = alias.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, sparse)
     return model
 
 

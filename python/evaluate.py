@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.batch_size < 1:
         p.error(f"--batch-size must be a positive int; got {a.batch_size}")
     model_name, dataset = a.model, a.dataset
+    if not os.path.isfile(a.file):
+        print(f"evaluate.py: error: no such file: {a.file}", file=sys.stderr)
+        return 1
     beside = os.path.join(os.path.dirname(os.path.abspath(a.file)), "results.json")
     if (model_name is None or dataset is None) and os.path.exists(beside):
         with open(beside) as f:
@@ -59,9 +62,14 @@ def main(argv: list[str] | None = None) -> int:
             decisions: list = []
             sparsify(model, x, report=decisions)
             for d in decisions:
-                timed = "" if d.speedup is None else f", dense {1e6 * d.dense_seconds:.1f} us, sparse {1e6 * d.sparse_seconds:.1f} us"
+                timed = (
+                    ""
+                    if d.speedup is None
+                    else f", dense {1e6 * d.dense_seconds:.1f} us, sparse {1e6 * d.sparse_seconds:.1f} us"
+                )
                 why = "" if d.replaced else f" ({d.reason})"
-                print(f"  {d.name} ({d.kind}): {d.nnz} of {d.numel} weights{timed} -> {'sparse' if d.replaced else 'dense'}{why}")
+                chosen = "sparse" if d.replaced else "dense"
+                print(f"  {d.name} ({d.kind}): {d.nnz} of {d.numel} weights{timed} -> {chosen}{why}")
             print(f"test accuracy {evaluate(model, data):.2f}% (sparse where faster)")
     return 0
 

@@ -185,7 +185,9 @@ def test_sparse_conv2d_equals_the_dense_layer(case, dtype, batch):
 
 
 @pytest.mark.parametrize(
-    "kwargs", [dict(kernel_size=3), dict(kernel_size=4, stride=2, padding=3, dilation=2, groups=2)], ids=["plain", "all"]
+    "kwargs",
+    [dict(kernel_size=3), dict(kernel_size=4, stride=2, padding=3, dilation=2, groups=2)],
+    ids=["plain", "all"],
 )
 def test_sparse_conv1d_equals_the_dense_layer(kwargs):
     conv = sparse_conv(nn.Conv1d, 4, 6, density=0.4, **kwargs)
@@ -318,3 +320,78 @@ def test_sparse_modules_without_the_kernel_compute_the_same(monkeypatch, padding
     with torch.no_grad():
         torch.testing.assert_close(sparse_conv2d(x), conv(x), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(sparse_lin(v), linear(v), rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_modules_follow_autocast_like_the_dense_layers():
+    conv = sparse_conv(nn.Conv2d, 3, 4, 3, 0.3, padding=1)
+    linear = sparse_linear(4 * 6 * 6, 5, 0.1)
+    dense = nn.Sequential(conv, nn.ReLU(), nn.Flatten(), linear).eval()
+    sparse = nn.Sequential(SparseConv2d.from_dense(conv), nn.ReLU(), nn.Flatten(), SparseLinear.from_dense(linear))
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, y = dense(x), sparse(x)
+    assert y.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), expected.float(), rtol=2e-2, atol=2e-2)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        report = []
+        sparsify(dense, x, min_speedup=1e-9, rounds=2, report=report)  # times the layers under autocast too
+    assert all(d.replaced for d in report)
+
+
+def test_sparsify_captures_in_eval_mode_and_restores_the_modes():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Dropout(0.5), nn.Flatten(), nn.Linear(288, 4))
+    model.train()
+    model[2].eval()  # a module's own mode, kept
+    stats = (model[1].running_mean.clone(), model[1].num_batches_tracked.clone())
+    sparsify(model, torch.randn(2, 3, 8, 8), min_speedup=1e-9, rounds=2)
+    assert torch.equal(model[1].running_mean, stats[0]) and torch.equal(model[1].num_batches_tracked, stats[1])
+    assert model.training and model[1].training and not model[2].training
+
+
+def test_sparsify_replaces_a_shared_layer_everywhere_and_reports_conv3d():
+    torch.manual_seed(0)
+    shared = sparse_linear(6, 6, 0.3)
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = shared, shared
+            self.c = nn.Conv3d(1, 1, 1)
+
+        def forward(self, x):
+            return self.b(self.a(x)) + self.c(x.reshape(-1, 1, 1, 2, 3)).reshape(x.shape)
+
+    model = Twice()
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        expected = model(x)
+    report = []
+    sparsify(model, x, min_speedup=1e-9, rounds=2, report=report)
+    assert type(model.a) is SparseLinear and model.a is model.b
+    assert [(d.name, d.replaced) for d in report] == [("a", True), ("c", False)]
+    assert "no sparse kernel for Conv3d" in report[1].reason
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_sparsify_refuses_an_uncollapsed_dwf_model_and_sparsity_report_counts_sparse_modules():
+    torch.manual_seed(0)
+    model = dwf_kernels.factorize(nn.Sequential(nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 3)), depth=2)
+    with pytest.raises(ValueError, match="collapse it first"):
+        sparsify(model, torch.randn(2, 10))
+    collapsed = dwf_kernels.collapse(model, 0.3)
+    before = dwf_kernels.sparsity_report(collapsed, 0.3)
+    sparsify(collapsed, torch.randn(2, 10), min_speedup=1e-9, rounds=2)
+    after = dwf_kernels.sparsity_report(collapsed, 0.3)
+    assert [r.kind for r in after.layers] == ["SparseLinear", "SparseLinear"]
+    assert [(r.weights, r.nonzeros) for r in after.layers] == [(r.weights, r.nonzeros) for r in before.layers]
+
+
+def test_sparse_conv_keeps_channels_last_and_linear_refuses_a_scalar():
+    conv = sparse_conv(nn.Conv2d, 3, 4, 3, 0.5, padding=1)
+    x = torch.randn(2, 3, 5, 5).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert SparseConv2d.from_dense(conv)(x).is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="in_features=10"):
+        SparseLinear.from_dense(sparse_linear(10, 4, 0.5))(torch.tensor(1.0))
