@@ -131,7 +131,7 @@ def run_case(
 
 def markdown(results: list[dict], meta: dict) -> str:
     lines = [
-        f"Training step (forward + backward + "
+        "Training step (forward + backward + "
         + (f"clip_grad_norm_({meta['clip']:g}) + " if meta.get("clip") is not None else "")
         + f"SGD momentum), batch {meta['batch']}, D={meta['depth']}; "
         f"device {meta['device_name']}; torch {meta['torch']}; triton {meta['triton']}; {meta['date']}. "

@@ -105,6 +105,16 @@ inline void check_sgd_step_args(const at::Tensor& factors, const std::optional<a
   }
 }
 
+// dwf_sgd_step_multi: one list entry per layer (momentum buffers only with momentum).
+inline void check_multi_step_lists(size_t factors, size_t momentum_buffers, size_t grad_w, size_t grad_sumsq,
+                                   double momentum) {
+  TORCH_CHECK(grad_w == factors && grad_sumsq == factors, "dwf_sgd_step_multi: grad_w (", grad_w,
+              ") and grad_sumsq (", grad_sumsq, ") must have one entry per factors tensor (", factors, ")");
+  TORCH_CHECK(momentum_buffers == (momentum != 0 ? factors : 0), "dwf_sgd_step_multi: momentum_buffers must have ",
+              momentum != 0 ? "one entry per factors tensor" : "no entries when momentum is 0", " (", factors,
+              " factors); got ", momentum_buffers);
+}
+
 // The hyper-parameters of one dwf_sgd_step as the op receives them (its float and bool
 // arguments), gathered once where the op is entered and passed down whole.
 struct SgdOptions {

@@ -47,6 +47,13 @@ TORCH_LIBRARY(dwf_kernels, m) {
       "float lr, float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, "
       "bool init_buffer) -> ()",
       {at::Tag::pt2_compliant_tag});
+  // dwf_sgd_step on a list of layers (same hyper-parameters, one entry per layer in each list;
+  // momentum_buffers empty when momentum is 0), in one call: one launch per group of layers on a GPU.
+  m.def(
+      "dwf_sgd_step_multi(Tensor(a!)[] factors, Tensor(b!)[] momentum_buffers, Tensor[] grad_w, Tensor?[] grad_sumsq, "
+      "float lr, float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, "
+      "bool init_buffer) -> ()",
+      {at::Tag::pt2_compliant_tag});
   // The squared L2 norm of dwf_backward's result, read-only (the gradient is not stored): for
   // clipping by the global gradient norm. A 0-dim tensor in sumsq's dtype (fp32; fp64 for fp64).
   m.def("dwf_grad_sumsq(Tensor factors, Tensor grad_w, Tensor? grad_sumsq) -> Tensor",

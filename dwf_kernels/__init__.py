@@ -24,7 +24,7 @@ from . import (
 from .backends import BACKENDS, available_backends, current_backend, use_backend
 from .compressed import CompressedFileError, load_compressed, load_compressed_into, save_compressed
 from .model import DEFAULT_THRESHOLD, collapse, factorize, penalty, sparsity_report
-from .ops import dwf_grad_sumsq, dwf_product, dwf_product_backward, dwf_sgd_step
+from .ops import dwf_grad_sumsq, dwf_product, dwf_product_backward, dwf_sgd_step, dwf_sgd_step_multi
 from .sparse import SparseConv1d, SparseConv2d, SparseLinear, sparsify
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "dwf_product",
     "dwf_product_backward",
     "dwf_sgd_step",
+    "dwf_sgd_step_multi",
     "factorize",
     "init",
     "load_compressed",

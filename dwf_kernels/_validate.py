@@ -111,6 +111,17 @@ def check_backward(factors: torch.Tensor, grad_w: torch.Tensor, grad_sumsq: torc
             raise TypeError(f"grad_sumsq must be floating; got {_dtype_name(grad_sumsq.dtype)}")
 
 
+def check_sgd_hyper(lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool) -> None:
+    """torch.optim.SGD's rules for the step's hyper-parameters."""
+    for name, value in (("lr", lr), ("momentum", momentum), ("dampening", dampening), ("weight_decay", weight_decay)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a Python float; got {type(value).__name__}")
+        if not value >= 0.0:
+            raise ValueError(f"{name} must be >= 0; got {value}")
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError("nesterov momentum requires momentum > 0 and zero dampening")
+
+
 def check_sgd_step(
     factors: torch.Tensor,
     grad_w: torch.Tensor,
@@ -126,13 +137,7 @@ def check_sgd_step(
     check_backward(factors, grad_w, grad_sumsq)
     if not factors.is_contiguous():
         raise ValueError("factors must be contiguous: the fused SGD step updates them in place")
-    for name, value in (("lr", lr), ("momentum", momentum), ("dampening", dampening), ("weight_decay", weight_decay)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{name} must be a Python float; got {type(value).__name__}")
-        if not value >= 0.0:
-            raise ValueError(f"{name} must be >= 0; got {value}")
-    if nesterov and (momentum <= 0 or dampening != 0):
-        raise ValueError("nesterov momentum requires momentum > 0 and zero dampening")
+    check_sgd_hyper(lr, momentum, dampening, weight_decay, nesterov)
     if momentum_buffer is not None:
         if not isinstance(momentum_buffer, torch.Tensor):
             raise TypeError(f"momentum_buffer must be a torch.Tensor or None; got {type(momentum_buffer).__name__}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ._validate import check_backward, check_flag, check_forward, check_sgd_step
+from ._validate import check_backward, check_flag, check_forward, check_sgd_hyper, check_sgd_step
 from .backends import reference, select
 
 
@@ -131,3 +131,67 @@ def dwf_sgd_step(
     with torch.no_grad():
         chosen.sgd_step(*args)
     return momentum_buffer if momentum != 0 else None
+
+
+def dwf_sgd_step_multi(
+    factors: list[torch.Tensor],
+    grad_w: list[torch.Tensor],
+    grad_sumsq: list[torch.Tensor | None],
+    momentum_buffers: list[torch.Tensor] | None = None,
+    *,
+    lr: float,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    maximize: bool = False,
+    backend: str | None = None,
+) -> list[torch.Tensor] | None:
+    """`dwf_sgd_step` on many layers with the same hyper-parameters, in one call.
+
+    factors, grad_w, grad_sumsq: one entry per layer (a grad_sumsq entry may be None), all on one
+    device. momentum_buffers: the layers' buffers, or None on the first step (new buffers are made,
+    as dwf_sgd_step makes one). Each layer is updated exactly as dwf_sgd_step would update it (on the
+    CPU bitwise). The C++ backends take the whole list in one op call and check each layer there;
+    other backends step the layers one by one, each checked first. Returns the buffers when
+    momentum != 0, else None.
+    """
+    lists = {"factors": factors, "grad_w": grad_w, "grad_sumsq": grad_sumsq}
+    if momentum_buffers is not None:
+        lists["momentum_buffers"] = momentum_buffers
+    for name, value in lists.items():
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"{name} must be a list of tensors (one per layer); got {type(value).__name__}")
+        if len(value) != len(factors):
+            raise ValueError(f"{name} must have one entry per factors tensor ({len(factors)}); got {len(value)}")
+    check_sgd_hyper(lr, momentum, dampening, weight_decay, nesterov)
+    if not factors:
+        return [] if momentum != 0 else None
+    if not all(isinstance(f, torch.Tensor) for f in factors):
+        raise TypeError("factors must be a list of torch.Tensor")
+    device = factors[0].device
+    if any(f.device != device for f in factors):
+        raise ValueError(f"factors must all be on one device; got {sorted({str(f.device) for f in factors})}")
+    chosen = select(device.type, backend)
+    if not chosen.multi_native:
+        for i, f in enumerate(factors):
+            buffer = None if momentum_buffers is None else momentum_buffers[i]
+            check_sgd_step(f, grad_w[i], grad_sumsq[i], buffer, lr, momentum, dampening, weight_decay, nesterov)
+    init_buffer = momentum != 0 and momentum_buffers is None
+    if init_buffer:
+        momentum_buffers = [torch.empty_like(f, memory_format=torch.contiguous_format) for f in factors]
+    with torch.no_grad():
+        chosen.sgd_step_multi(
+            list(factors),
+            list(momentum_buffers) if momentum != 0 else [],
+            list(grad_w),
+            list(grad_sumsq),
+            float(lr),
+            float(momentum),
+            float(dampening),
+            float(weight_decay),
+            bool(nesterov),
+            bool(maximize),
+            init_buffer,
+        )
+    return list(momentum_buffers) if momentum != 0 else None

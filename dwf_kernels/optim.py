@@ -12,10 +12,11 @@ either class) and, for fp32/fp64 factors, the same results: equal to torch.optim
 on CPU builds with FMA (AVX2/AVX-512). What changes is how the DWF layers' factor gradient is
 formed. While the optimizer lives, the layers it updates give their factors a lazy gradient: the
 backward pass stores dL/dw and dL/dsumsq in `factors.grad` (a `LazyFactorGrad`) instead of forming
-the D x N factor gradient. `step()` applies it with one fused kernel per layer that forms the D
-factor gradients in registers and updates factors and momentum buffer in place
-(`dwf_kernels.dwf_sgd_step`): the backward plus optimizer move 4D+1 elements per weight instead of
-7D+1 (10D+1 with torch's per-tensor SGD, its default on CPU), and no factor-gradient tensor exists.
+the D x N factor gradient. `step()` applies it with a fused kernel that forms the D factor gradients
+in registers and updates factors and momentum buffer in place (`dwf_kernels.dwf_sgd_step`), for all
+layers of a group in one op call (`dwf_kernels.dwf_sgd_step_multi`): the backward plus optimizer
+move 4D+1 elements per weight instead of 7D+1 (10D+1 with torch's per-tensor SGD, its default on
+CPU), and no factor-gradient tensor exists.
 
 `factors.grad` is an ordinary gradient otherwise: zero_grad (the optimizer's or the model's),
 accumulation over backward passes, `backward(inputs=...)`, `torch.autograd.grad`, other optimizers,
@@ -45,17 +46,20 @@ from torch.optim.sgd import sgd as _torch_sgd
 from . import _fusion
 from ._lazy_grad import LazyFactorGrad, dense_of, take_for_fused_step
 from .backends import BACKENDS
-from .ops import dwf_sgd_step
+from .ops import dwf_sgd_step, dwf_sgd_step_multi
 
 __all__ = ["FusedSGD", "LazyFactorGrad"]
 
 
 class FusedSGD(torch.optim.SGD):
-    """torch.optim.SGD with the DWF layers' backward and update fused into one kernel per layer.
+    """torch.optim.SGD with the DWF layers' backward and update fused into one kernel.
 
     Arguments are torch.optim.SGD's (`foreach` applies to the non-DWF parameters; `lr` may be a
-    one-element tensor, as there); `backend` picks the dwf_kernels backend of the fused step
-    (None: the fastest for the factors' device).
+    one-element tensor, as there; `differentiable=True` and `fused=True` are refused, saying why);
+    `backend` picks the dwf_kernels backend of the fused step (None: the fastest for the factors'
+    device). `multi_tensor` (default True) steps the layers of a param group that share device,
+    dtypes, depth and buffer state with one `dwf_sgd_step_multi` call; False steps them one
+    `dwf_sgd_step` call each (the same results, bitwise on CPU).
     """
 
     def __init__(
@@ -69,11 +73,27 @@ class FusedSGD(torch.optim.SGD):
         *,
         maximize: bool = False,
         foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
         backend: str | None = None,
+        multi_tensor: bool = True,
     ) -> None:
+        if differentiable:
+            raise ValueError(
+                "FusedSGD does not support differentiable=True: its step runs outside autograd; "
+                "use torch.optim.SGD(differentiable=True) for a differentiable update"
+            )
+        if fused:
+            raise ValueError(
+                "fused=True selects torch.optim.SGD's own fused kernel; FusedSGD fuses the DWF layers' step "
+                "itself (and applies torch's SGD to the other parameters): leave fused unset"
+            )
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"backend must be one of {list(BACKENDS)} or None (automatic); got {backend!r}")
+        if not isinstance(multi_tensor, bool):
+            raise TypeError(f"multi_tensor must be True or False; got {multi_tensor!r}")
         self._backend = backend
+        self._multi_tensor = multi_tensor
         super().__init__(
             params,
             lr=lr,
@@ -88,6 +108,7 @@ class FusedSGD(torch.optim.SGD):
     def __getstate__(self) -> dict:
         state = super().__getstate__()
         state["_backend"] = self._backend
+        state["_multi_tensor"] = self._multi_tensor
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -95,6 +116,7 @@ class FusedSGD(torch.optim.SGD):
         # with a model copied alongside, that model's layers.
         super().__setstate__(state)
         self.__dict__.setdefault("_backend", None)
+        self.__dict__.setdefault("_multi_tensor", True)
         for group in self.param_groups:
             _fusion.bind(self, group["params"])
 
@@ -125,30 +147,34 @@ class FusedSGD(torch.optim.SGD):
             "nesterov": group["nesterov"],
             "maximize": group["maximize"],
         }
-        fused_hyper = None
         params, grads = [], []
+        fused = []  # (factors, grad_w, grad_sumsq, lazy gradient state)
         for p in group["params"]:
             grad = p.grad
             if grad is None:
                 continue
             taken = take_for_fused_step(grad, p)
             if taken is None:
-                # A dense gradient, or a lazy one already formed (read by other code, e.g. clipping,
-                # GradScaler or DDP): torch's own update.
+                # A dense gradient, or a lazy one already formed (read by other code, e.g. an
+                # element-wise read or DDP): torch's own update.
                 params.append(p)
                 grads.append(dense_of(grad))
                 continue
-            grad_w, grad_sumsq, lazy = taken
-            if fused_hyper is None:
-                lr = hyper["lr"]
-                fused_hyper = dict(hyper, lr=lr.item() if isinstance(lr, torch.Tensor) else lr)
-            state = self.state[p]
-            buffer = dwf_sgd_step(
-                p, grad_w, grad_sumsq, state.get("momentum_buffer"), backend=self._backend, **fused_hyper
-            )
-            if buffer is not None:
-                state["momentum_buffer"] = buffer
-            lazy.consume()  # applied: releases dL/dw; reading it later is refused
+            fused.append((p, *taken))
+        if fused:
+            lr = hyper["lr"]
+            fused_hyper = dict(hyper, lr=lr.item() if isinstance(lr, torch.Tensor) else lr)
+            if self._multi_tensor:
+                self._step_fused_together(fused, fused_hyper)
+            else:
+                for p, grad_w, grad_sumsq, lazy in fused:
+                    state = self.state[p]
+                    buffer = dwf_sgd_step(
+                        p, grad_w, grad_sumsq, state.get("momentum_buffer"), backend=self._backend, **fused_hyper
+                    )
+                    if buffer is not None:
+                        state["momentum_buffer"] = buffer
+                    lazy.consume()  # applied: releases dL/dw; reading it later is refused
         if not params:
             return
         buffers = [self.state[p].get("momentum_buffer") for p in params]
@@ -156,3 +182,27 @@ class FusedSGD(torch.optim.SGD):
         if group["momentum"] != 0:
             for p, buffer in zip(params, buffers, strict=True):
                 self.state[p]["momentum_buffer"] = buffer
+
+    def _step_fused_together(self, fused: list, hyper: dict) -> None:
+        """One dwf_sgd_step_multi call per set of layers that one kernel launch can serve: same
+        device, factor dtype, dL/dw dtype, depth, and whether the momentum buffer exists yet."""
+        sets: dict[tuple, list] = {}
+        for item in fused:
+            p, grad_w = item[0], item[1]
+            key = (p.device, p.dtype, grad_w.dtype, p.shape[0], "momentum_buffer" in self.state[p])
+            sets.setdefault(key, []).append(item)
+        for key, items in sets.items():
+            params = [item[0] for item in items]
+            buffers = [self.state[p]["momentum_buffer"] for p in params] if key[-1] else None
+            buffers = dwf_sgd_step_multi(
+                params,
+                [item[1] for item in items],
+                [item[2] for item in items],
+                buffers,
+                backend=self._backend,
+                **hyper,
+            )
+            for i, p in enumerate(params):
+                if buffers is not None:
+                    self.state[p]["momentum_buffer"] = buffers[i]
+                items[i][3].consume()  # applied: releases dL/dw; reading it later is refused

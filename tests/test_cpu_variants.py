@@ -61,7 +61,10 @@ for dtype, io in pairs:
             results[key + "-backward"] = ops.dwf_backward(factors, grad_w, s)
             results[key + "-backward-nopenalty"] = ops.dwf_backward(factors, grad_w, None)
             finite = torch.nan_to_num(factors, nan=0.25, posinf=1.25)
-            results[key + "-grad-sumsq"] = (ops.dwf_grad_sumsq(finite, grad_w, s), ops.dwf_grad_sumsq(factors, grad_w, None))
+            results[key + "-grad-sumsq"] = (
+                ops.dwf_grad_sumsq(finite, grad_w, s),
+                ops.dwf_grad_sumsq(factors, grad_w, None),
+            )
             for name, (lr, momentum, dampening, wd, nesterov, maximize) in {
                 "plain": (0.1, 0.0, 0.0, 0.0, False, False),
                 "nesterov-wd": (0.05, 0.9, 0.0, 1e-3, True, False),

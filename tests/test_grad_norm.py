@@ -36,7 +36,9 @@ def test_grad_sumsq_matches_the_reference(device, backend, dtype, depth, shape, 
     grad_sumsq = torch.tensor(0.37, dtype=acc, device=device) if penalty else None
     result = dwf_grad_sumsq(factors, grad_w, grad_sumsq, backend=backend)
     assert result.shape == () and result.dtype == acc and result.device == factors.device
-    torch.testing.assert_close(result.cpu(), _expected(factors, grad_w, grad_sumsq).cpu(), rtol=SUMSQ_RTOL[dtype], atol=0)
+    torch.testing.assert_close(
+        result.cpu(), _expected(factors, grad_w, grad_sumsq).cpu(), rtol=SUMSQ_RTOL[dtype], atol=0
+    )
 
 
 @pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
@@ -79,7 +81,11 @@ def test_cpu_grad_sumsq_independent_of_thread_count():
 @pytest.mark.parametrize("ops,devices", OP_FAMILIES)
 def test_opcheck_grad_sumsq(ops, devices):
     for device in devices:
-        for dtype, io in [(torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.float64, torch.float64)]:
+        for dtype, io in [
+            (torch.float32, torch.float32),
+            (torch.float32, torch.bfloat16),
+            (torch.float64, torch.float64),
+        ]:
             factors = make_factors(3, (5, 7), dtype, device)
             grad_w = make_factors(1, (5, 7), io, device, seed=3)[0]
             acc = torch.float64 if dtype == torch.float64 else torch.float32

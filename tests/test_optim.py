@@ -729,3 +729,12 @@ def test_conversions_that_replace_parameters_keep_fused_mode(switch):
     _loss(model, x.double(), y).backward()
     assert isinstance(model[0].factors.grad, LazyFactorGrad)
     del optimizer
+
+
+def test_torch_sgd_arguments_fused_sgd_cannot_honour_are_refused():
+    params = list(_model("cpu").parameters())
+    FusedSGD(params, lr=0.1, fused=None, differentiable=False)  # torch.optim.SGD's defaults
+    with pytest.raises(ValueError, match="differentiable=True"):
+        FusedSGD(params, lr=0.1, differentiable=True)
+    with pytest.raises(ValueError, match="fused=True selects torch.optim.SGD's own fused kernel"):
+        FusedSGD(params, lr=0.1, fused=True)

@@ -316,4 +316,6 @@ def test_kernels_compile_to_cubin_with_vector_accesses_and_no_spills(arch):
         else:
             assert r["fma"] == 0, f"{what}: FMA contraction would change rounding against the reference"
         if case["kernel"] != "_sum_partials_kernel" and not case.get("narrow_ok"):
-            assert r["ld_16B"] > 0 and (case.get("reads_only") or r["st_16B"] > 0), f"{what}: no 16-byte vector loads/stores"
+            assert r["ld_16B"] > 0 and (case.get("reads_only") or r["st_16B"] > 0), (
+                f"{what}: no 16-byte vector loads/stores"
+            )

@@ -1,5 +1,6 @@
 // The CPU ops: argument checks, allocation and element-type dispatch, compiled with the baseline
 // flags, then the kernels of the SIMD variant that ATen itself runs (dwf_cpu_kernels.h).
+#include <ATen/Parallel.h>
 #include <ATen/Version.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
@@ -165,6 +166,36 @@ void dwf_sgd_step_cpu(const at::Tensor& factors, const std::optional<at::Tensor>
   });
 }
 
+// dwf_sgd_step on each of a list of layers, in one op call: the same kernel per layer, so the
+// results are bitwise the per-layer op's. Layers of at most one chunk (whose kernel runs on one
+// thread) are spread over the threads, each running whole layers; larger layers follow one after
+// another, each split between the threads as in the per-layer op.
+void dwf_sgd_step_multi_cpu(at::TensorList factors, at::TensorList momentum_buffers, at::TensorList grad_w,
+                            const c10::List<std::optional<at::Tensor>>& grad_sumsq, double lr, double momentum,
+                            double dampening, double weight_decay, bool nesterov, bool maximize, bool init_buffer) {
+  const size_t layers = factors.size();
+  check_multi_step_lists(layers, momentum_buffers.size(), grad_w.size(), grad_sumsq.size(), momentum);
+  std::vector<std::optional<at::Tensor>> sumsq(layers), buffers(layers);
+  for (size_t i = 0; i < layers; ++i) {
+    sumsq[i] = grad_sumsq.get(i);
+    if (momentum != 0) buffers[i] = momentum_buffers[i];
+    check_sgd_step_args(factors[i], buffers[i], grad_w[i], sumsq[i], momentum);
+  }
+  auto step = [&](size_t i) {
+    dwf_sgd_step_cpu(factors[i], buffers[i], grad_w[i], sumsq[i], lr, momentum, dampening, weight_decay, nesterov,
+                     maximize, init_buffer);
+  };
+  std::vector<size_t> small, large;
+  for (size_t i = 0; i < layers; ++i) {
+    (factors[i].numel() / std::max<int64_t>(factors[i].size(0), 1) <= kChunk ? small : large).push_back(i);
+  }
+  // A layer's own parallel_for runs inline inside this one (ATen does not nest parallel regions).
+  at::parallel_for(0, static_cast<int64_t>(small.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) step(small[k]);
+  });
+  for (size_t i : large) step(i);
+}
+
 }  // namespace
 
 const char* selected_variant() {
@@ -177,6 +208,7 @@ TORCH_LIBRARY_IMPL(dwf_kernels, CPU, m) {
   m.impl("dwf_backward", &dwf_backward_cpu);
   m.impl("dwf_sgd_step", &dwf_sgd_step_cpu);
   m.impl("dwf_grad_sumsq", &dwf_grad_sumsq_cpu);
+  m.impl("dwf_sgd_step_multi", &dwf_sgd_step_multi_cpu);
 }
 
 }  // namespace dwf::cpu

@@ -78,6 +78,23 @@ void dwf_sgd_step_cuda(const at::Tensor& factors, const std::optional<at::Tensor
   run_sgd_step(factors, momentum_buffer, grad_w, grad_sumsq, options, CudaLauncher(factors));
 }
 
+// dwf_sgd_step on each layer of the lists, in one op call (one launch per layer).
+void dwf_sgd_step_multi_cuda(at::TensorList factors, at::TensorList momentum_buffers, at::TensorList grad_w,
+                             const c10::List<std::optional<at::Tensor>>& grad_sumsq, double lr, double momentum,
+                             double dampening, double weight_decay, bool nesterov, bool maximize, bool init_buffer) {
+  const size_t layers = factors.size();
+  check_multi_step_lists(layers, momentum_buffers.size(), grad_w.size(), grad_sumsq.size(), momentum);
+  for (size_t i = 0; i < layers; ++i) {
+    const std::optional<at::Tensor> buffer = momentum != 0 ? std::optional<at::Tensor>(momentum_buffers[i]) : std::nullopt;
+    check_sgd_step_args(factors[i], buffer, grad_w[i], grad_sumsq.get(i), momentum);
+  }
+  for (size_t i = 0; i < layers; ++i) {
+    const std::optional<at::Tensor> buffer = momentum != 0 ? std::optional<at::Tensor>(momentum_buffers[i]) : std::nullopt;
+    dwf_sgd_step_cuda(factors[i], buffer, grad_w[i], grad_sumsq.get(i), lr, momentum, dampening, weight_decay, nesterov,
+                      maximize, init_buffer);
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dwf_kernels, CUDA, m) {
@@ -85,6 +102,7 @@ TORCH_LIBRARY_IMPL(dwf_kernels, CUDA, m) {
   m.impl("dwf_backward", &dwf_backward_cuda);
   m.impl("dwf_sgd_step", &dwf_sgd_step_cuda);
   m.impl("dwf_grad_sumsq", &dwf_grad_sumsq_cuda);
+  m.impl("dwf_sgd_step_multi", &dwf_sgd_step_multi_cuda);
 }
 
 }  // namespace dwf

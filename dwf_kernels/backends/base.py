@@ -41,6 +41,11 @@ class Backend:
         leaves the version counters of the tensors it wrote bumped, as any in-place op does.
     grad_sumsq(factors, grad_w, grad_sumsq) -> the squared L2 norm of backward's result, a 0-d
         tensor in sumsq's dtype, without storing that result (read-only; called under no_grad).
+    sgd_step_multi(factors, momentum_buffers, grad_w, grad_sumsq, lr, momentum, dampening,
+        weight_decay, nesterov, maximize, init_buffer) -> None: sgd_step on each layer of the lists
+        (momentum_buffers empty when momentum is 0), in one call. A backend without its own
+        (multi_native False) loops over sgd_step; the front door then checks every layer itself,
+        where a native one checks them in its op.
     serves(device_type) -> bool: whether it can run tensors of that device type in this process.
     why_not(device_type, instead) -> str: the error message when it cannot (`instead` names the
         backends that can), with what to do about it.
@@ -59,6 +64,7 @@ class Backend:
         sgd_step: Callable,
         grad_sumsq: Callable,
         serves: Callable[[str], bool],
+        sgd_step_multi: Callable | None = None,
         why_not: Callable[[str, str], str],
         emulated: bool = False,
         ops: OpFamily | None = None,
@@ -68,10 +74,16 @@ class Backend:
         self.backward = backward
         self.sgd_step = sgd_step
         self.grad_sumsq = grad_sumsq
+        self.multi_native = sgd_step_multi is not None
+        self.sgd_step_multi = sgd_step_multi or self._sgd_step_each
         self.serves = serves
         self.why_not = why_not
         self.emulated = emulated
         self.ops = ops
+
+    def _sgd_step_each(self, factors, momentum_buffers, grad_w, grad_sumsq, *hyper) -> None:
+        for i, f in enumerate(factors):
+            self.sgd_step(f, momentum_buffers[i] if momentum_buffers else None, grad_w[i], grad_sumsq[i], *hyper)
 
     def __repr__(self) -> str:
         return f"<dwf_kernels backend {self.name!r}>"

@@ -21,9 +21,10 @@ if _extension.LOADED:
     backward = OPS.backward
     grad_sumsq = OPS.grad_sumsq
     _sgd_step_op = OPS.sgd_step
+    _sgd_step_multi_op = torch.ops.dwf_kernels.dwf_sgd_step_multi
 else:
     OPS = None
-    forward = backward = grad_sumsq = _sgd_step_op = None
+    forward = backward = grad_sumsq = _sgd_step_op = _sgd_step_multi_op = None
 
 
 def sgd_step(factors, momentum_buffer, *args) -> None:
@@ -34,6 +35,12 @@ def sgd_step(factors, momentum_buffer, *args) -> None:
         torch.autograd.graph.increment_version(
             [t for t in (factors, momentum_buffer) if t is not None and not t.is_inference()]
         )
+
+
+def sgd_step_multi(factors, momentum_buffers, *args) -> None:
+    _sgd_step_multi_op(factors, momentum_buffers, *args)
+    if not torch.compiler.is_compiling():
+        torch.autograd.graph.increment_version([t for t in (*factors, *momentum_buffers) if not t.is_inference()])
 
 
 def _backend(device_type: str) -> Backend:
@@ -63,6 +70,7 @@ def _backend(device_type: str) -> Backend:
         backward=backward,
         sgd_step=sgd_step,
         grad_sumsq=grad_sumsq,
+        sgd_step_multi=sgd_step_multi if _extension.LOADED else None,
         serves=serves,
         why_not=why_not,
         ops=OPS,

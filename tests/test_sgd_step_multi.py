@@ -1,0 +1,179 @@
+"""dwf_sgd_step_multi, the fused step over many layers in one call, and FusedSGD's use of it: the
+same results as one dwf_sgd_step per layer (bitwise on every backend), one op call per set of
+layers, and its argument checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import KERNEL_BACKENDS, make_factors
+from torch import nn
+
+import dwf_kernels
+from dwf_kernels import _extension, backends, dwf_sgd_step, dwf_sgd_step_multi
+from dwf_kernels.optim import FusedSGD
+
+ALL_BACKENDS = KERNEL_BACKENDS + [pytest.param("cpu", "reference", id="cpu-reference")]
+OPTIONS = [
+    pytest.param({"lr": 0.1}, id="plain"),
+    pytest.param({"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-3}, id="nesterov-wd"),
+    pytest.param({"lr": 0.2, "momentum": 0.5, "dampening": 0.3, "maximize": True}, id="dampening-maximize"),
+]
+# Layers of one set: sizes below and above the CPU kernels' chunk of 16384 elements, and empty.
+SHAPES = [(64, 64), (7,), (300, 100), (0,), (129, 257), ()]
+
+
+def _layers(dtype, grad_dtype, depth, device, seed=0):
+    factors = [make_factors(depth, shape, dtype, device, seed=seed + i) for i, shape in enumerate(SHAPES)]
+    grad_w = [make_factors(1, shape, grad_dtype, device, seed=100 + seed + i)[0] for i, shape in enumerate(SHAPES)]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    grad_sumsq = [torch.tensor(0.01 * i, dtype=acc, device=device) if i % 2 else None for i in range(len(SHAPES))]
+    return factors, grad_w, grad_sumsq
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+@pytest.mark.parametrize(
+    "dtype,grad_dtype",
+    [
+        (torch.float32, torch.float32),
+        (torch.float64, torch.float64),
+        (torch.bfloat16, torch.bfloat16),
+        (torch.float32, torch.bfloat16),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("depth", [1, 4, 9])
+@pytest.mark.parametrize("options", OPTIONS)
+def test_multi_step_equals_one_step_per_layer_bitwise(device, backend, dtype, grad_dtype, depth, options):
+    factors, grad_w, grad_sumsq = _layers(dtype, grad_dtype, depth, device)
+    each = [f.clone() for f in factors]
+    together = [f.clone() for f in factors]
+    buffers_each = [None] * len(factors)
+    buffers_together = None
+    for _ in range(3):  # the first step makes the buffers, the next ones read them
+        for i, f in enumerate(each):
+            buffers_each[i] = dwf_sgd_step(f, grad_w[i], grad_sumsq[i], buffers_each[i], backend=backend, **options)
+        buffers_together = dwf_sgd_step_multi(
+            together, grad_w, grad_sumsq, buffers_together, backend=backend, **options
+        )
+    for i, (a, b) in enumerate(zip(each, together, strict=True)):
+        assert torch.equal(a, b), f"layer {i} differs"
+    if options.get("momentum", 0):
+        assert all(torch.equal(a, b) for a, b in zip(buffers_each, buffers_together, strict=True))
+    else:
+        assert buffers_together is None
+
+
+def test_multi_step_bumps_versions_and_refuses_bad_arguments():
+    factors, grad_w, grad_sumsq = _layers(torch.float32, torch.float32, 3, "cpu")
+    versions = [f._version for f in factors]
+    buffers = dwf_sgd_step_multi(factors, grad_w, grad_sumsq, lr=0.1, momentum=0.9)
+    assert all(f._version > v for f, v in zip(factors, versions, strict=True))
+    with pytest.raises(ValueError, match=r"grad_w must have one entry per factors tensor \(6\); got 5"):
+        dwf_sgd_step_multi(factors, grad_w[:5], grad_sumsq, buffers, lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="momentum_buffers must have one entry per factors tensor"):
+        dwf_sgd_step_multi(factors, grad_w, grad_sumsq, buffers[:2], lr=0.1, momentum=0.9)
+    with pytest.raises(TypeError, match="factors must be a list of tensors"):
+        dwf_sgd_step_multi(factors[0], grad_w, grad_sumsq, lr=0.1)
+    with pytest.raises(ValueError, match="lr must be >= 0"):
+        dwf_sgd_step_multi(factors, grad_w, grad_sumsq, lr=-1.0)
+    before = [f.clone() for f in factors]
+    bad_grad_w = list(grad_w)
+    bad_grad_w[3] = torch.ones(5)  # the empty layer's dL/dw with the wrong shape
+    for backend in ("cpu", "reference") if _extension.LOADED else ("reference",):
+        with pytest.raises((RuntimeError, ValueError), match="grad_w"):
+            dwf_sgd_step_multi(factors, bad_grad_w, grad_sumsq, lr=0.1, backend=backend)
+        assert all(torch.equal(a, b) for a, b in zip(factors, before, strict=True)), "no layer may be updated"
+    assert dwf_sgd_step_multi([], [], [], lr=0.1, momentum=0.9) == []
+
+
+@pytest.mark.skipif(not _extension.LOADED, reason="C++ extension not loaded")
+def test_opcheck_multi_step():
+    op = torch.ops.dwf_kernels.dwf_sgd_step_multi
+    factors, grad_w, grad_sumsq = _layers(torch.float32, torch.float32, 3, "cpu")
+    buffers = [torch.zeros_like(f) for f in factors]
+    torch.library.opcheck(op.default, (factors, buffers, grad_w, grad_sumsq, 0.1, 0.9, 0.0, 0.0, False, False, True))
+    torch.library.opcheck(op.default, (factors, [], grad_w, grad_sumsq, 0.1, 0.0, 0.0, 0.0, False, False, False))
+    with pytest.raises(RuntimeError, match="momentum_buffers must have no entries when momentum is 0"):
+        op(factors, buffers, grad_w, grad_sumsq, 0.1, 0.0, 0.0, 0.0, False, False, False)
+
+
+def _many_layers(seed=0):
+    torch.manual_seed(seed)
+    blocks = [m for _ in range(12) for m in (nn.Linear(32, 32), nn.ReLU())]
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 8 * 8, 32), *blocks, nn.Linear(32, 5)
+    )
+    return dwf_kernels.factorize(model, 4)
+
+
+def _train(model, optimizer, steps=4, autocast=None):
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 2, 8, 8, generator=gen), torch.randint(0, 5, (16,), generator=gen)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            loss = nn.functional.cross_entropy(model(x), y) + dwf_kernels.penalty(model, 1e-2)
+        loss.backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16], ids=["fp32", "autocast-bf16"])
+def test_fused_sgd_steps_all_layers_in_one_call_with_the_per_layer_results(monkeypatch, autocast):
+    backend = dwf_kernels.available_backends("cpu")[0]
+    calls = {"multi": 0, "single": 0}
+    chosen = backends.REGISTRY[backend]
+    multi, single = chosen.sgd_step_multi, chosen.sgd_step
+
+    def count_multi(*args):
+        calls["multi"] += 1
+        return multi(*args)
+
+    def count_single(*args):
+        calls["single"] += 1
+        return single(*args)
+
+    monkeypatch.setattr(chosen, "sgd_step_multi", count_multi)
+    monkeypatch.setattr(chosen, "sgd_step", count_single)
+    models = [_many_layers(), _many_layers()]
+    optimizers = [
+        FusedSGD(models[0].parameters(), lr=0.1, momentum=0.9, multi_tensor=True),
+        FusedSGD(models[1].parameters(), lr=0.1, momentum=0.9, multi_tensor=False),
+    ]
+    _train(models[0], optimizers[0], autocast=autocast)
+    layers = len(dwf_kernels.model.dwf_layers(models[0]))
+    assert layers == 15
+    # One call per step: all layers share device, dtypes and buffer state (depth 4 everywhere).
+    assert calls == {"multi": 4, "single": 0 if chosen.multi_native else 4 * layers}, calls
+    calls.update(multi=0, single=0)
+    _train(models[1], optimizers[1], autocast=autocast)
+    assert calls == {"multi": 0, "single": 4 * layers}, calls
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters(), strict=True):
+        assert torch.equal(a, b), name
+    assert optimizers[0].state_dict()["state"].keys() == optimizers[1].state_dict()["state"].keys()
+
+
+def test_layers_of_different_depths_and_dtypes_form_separate_sets(monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8))
+    model[0] = dwf_kernels.nn.DWFLinear.from_dense(model[0], 2)
+    model[1] = dwf_kernels.nn.DWFLinear.from_dense(model[1], 3)
+    model[2] = dwf_kernels.nn.DWFLinear.from_dense(model[2], 3).double()
+    sets = []
+    original = dwf_kernels.optim.dwf_sgd_step_multi
+
+    def record(factors, *args, **kwargs):
+        sets.append([(f.shape[0], str(f.dtype)) for f in factors])
+        return original(factors, *args, **kwargs)
+
+    monkeypatch.setattr(dwf_kernels.optim, "dwf_sgd_step_multi", record)
+    optimizer = FusedSGD(model.parameters(), lr=0.1)
+    x = torch.randn(4, 8)
+    model[2](model[1](model[0](x)).double()).sum().backward()
+    optimizer.step()
+    assert sorted(sets) == [[(2, "torch.float32")], [(3, "torch.float32")], [(3, "torch.float64")]]
+
+
+def test_multi_tensor_must_be_a_bool():
+    with pytest.raises(TypeError, match="multi_tensor must be True or False"):
+        FusedSGD(nn.Linear(2, 2).parameters(), lr=0.1, multi_tensor="yes")
