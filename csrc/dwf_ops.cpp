@@ -48,7 +48,7 @@ TORCH_LIBRARY(dwf_kernels, m) {
       "bool init_buffer) -> ()",
       {at::Tag::pt2_compliant_tag});
   // dwf_sgd_step on a list of layers (same hyper-parameters, one entry per layer in each list;
-  // momentum_buffers empty when momentum is 0), in one call: one launch per group of layers on a GPU.
+  // momentum_buffers empty when momentum is 0), in one call: on a GPU one launch per 48 layers.
   m.def(
       "dwf_sgd_step_multi(Tensor(a!)[] factors, Tensor(b!)[] momentum_buffers, Tensor[] grad_w, Tensor?[] grad_sumsq, "
       "float lr, float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, "

@@ -228,6 +228,44 @@ def test_sgd_step_equals_the_cpu_kernel(emulated, options, depth, dtype, grad_dt
                 assert_identical(buf_mine, buf_theirs, "momentum buffer")
 
 
+# Layers for the multi-layer step: 50 small ones (more than the 48 of one launch's table), one of
+# 300 chunks of 1024 elements (more than one launch's 256 blocks: it goes on in the next launch) and
+# an empty one. Odd sizes take the element-wise path (1024 elements per chunk), multiples of 16
+# the vector one.
+MULTI_LAYERS = {"element-wise": [7 + 2 * i for i in range(50)] + [300 * 1024 - 1, 0], "vector": [64] * 50 + [4096]}
+
+
+@pytest.mark.parametrize("path", list(MULTI_LAYERS))
+@pytest.mark.parametrize("options", SGD_OPTIONS[1:3], ids=["momentum", "dampening-wd-maximize"])
+def test_multi_layer_step_equals_the_cpu_kernel_per_layer(emulated, options, path):
+    """dwf_sgd_step_multi's CUDA kernel: every layer as the CPU kernel steps it alone, bitwise, in
+    few launches (layers and chunks of a launch as the table allows)."""
+    _require_cpu_backend()
+    sizes = MULTI_LAYERS[path]
+    factors = [make_factors(3, (n,), torch.float32, "cpu", seed=i) for i, n in enumerate(sizes)]
+    grad_w = [make_factors(1, (n,), torch.float32, "cpu", seed=100 + i)[0] for i, n in enumerate(sizes)]
+    grad_sumsq = [torch.tensor(0.125) if i % 3 else None for i in range(len(sizes))]
+    mine, theirs = [f.clone() for f in factors], [f.clone() for f in factors]
+    buf_mine, buf_theirs = [torch.zeros_like(f) for f in factors], [torch.zeros_like(f) for f in factors]
+    hyper = (0.05, options["momentum"], options["dampening"], options["weight_decay"], options["nesterov"])
+    _launches(emulated)
+    for init_buffer in (True, False):
+        emulated.sgd_step_multi(mine, buf_mine, grad_w, grad_sumsq, *hyper, options["maximize"], init_buffer, 1)
+        for i in range(len(sizes)):
+            CPU_OPS.dwf_sgd_step(
+                theirs[i], buf_theirs[i], grad_w[i], grad_sumsq[i], *hyper, options["maximize"], init_buffer
+            )
+    for i in range(len(sizes)):
+        assert_identical(mine[i], theirs[i], f"layer {i} (n={sizes[i]})")
+        assert_identical(buf_mine[i], buf_theirs[i], f"buffer {i}")
+    launches = _launches(emulated)
+    per_step = 3 if path == "element-wise" else 2  # (48 + 2 layers; 300 chunks past 256 blocks) vs (48 + 3 layers)
+    assert len(launches) == 2 * per_step, launches
+    assert all(threads == 256 for _, threads, _ in launches)
+    if path == "vector":
+        assert all(widest == 16 for _, _, widest in launches)
+
+
 def _replay_block_sum(values: np.ndarray) -> np.floating:
     """sum_partials_kernel's order: thread t adds partials t, t+1024, ... in turn; each warp sums its 32
     lanes by the shuffle-down tree (offsets 16, 8, 4, 2, 1); thread 0 adds the 32 warp sums in order."""

@@ -76,6 +76,25 @@ void sgd_step(const at::Tensor& factors, const std::optional<at::Tensor>& moment
   run_sgd_step(factors, momentum_buffer, grad_w, grad_sumsq, options, launcher(multiprocessors));
 }
 
+void sgd_step_multi(at::TensorList factors, at::TensorList momentum_buffers, at::TensorList grad_w,
+                    const c10::List<std::optional<at::Tensor>>& grad_sumsq, double lr, double momentum,
+                    double dampening, double weight_decay, bool nesterov, bool maximize, bool init_buffer,
+                    int64_t multiprocessors) {
+  const SgdOptions options{lr, momentum, dampening, weight_decay, nesterov, maximize, init_buffer};
+  check_multi_step_lists(factors.size(), momentum_buffers.size(), grad_w.size(), grad_sumsq.size(), momentum);
+  std::vector<std::optional<at::Tensor>> s;
+  for (size_t i = 0; i < factors.size(); ++i) {
+    check_cpu(factors[i], "factors");
+    s.push_back(grad_sumsq.get(i));
+    const std::optional<at::Tensor> buffer =
+        momentum != 0 ? std::optional<at::Tensor>(momentum_buffers[i]) : std::nullopt;
+    check_sgd_step_args(factors[i], buffer, grad_w[i], s[i], momentum);
+  }
+  run_sgd_step_multi(std::vector<at::Tensor>(factors.begin(), factors.end()),
+                     std::vector<at::Tensor>(momentum_buffers.begin(), momentum_buffers.end()),
+                     std::vector<at::Tensor>(grad_w.begin(), grad_w.end()), s, options, launcher(multiprocessors));
+}
+
 // sum_partials_kernel alone, over any number of partials (the forward makes one per resident block).
 at::Tensor sum_partials(const at::Tensor& partials) {
   check_cpu(partials, "partials");
@@ -116,6 +135,11 @@ TORCH_LIBRARY(dwf_cuda_emulated, m) {
       &sgd_step);
   m.def("grad_sumsq(Tensor factors, Tensor grad_w, Tensor? grad_sumsq, int multiprocessors) -> Tensor",
         &grad_sumsq_op);
+  m.def(
+      "sgd_step_multi(Tensor(a!)[] factors, Tensor(b!)[] momentum_buffers, Tensor[] grad_w, Tensor?[] grad_sumsq, "
+      "float lr, float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, bool init_buffer, "
+      "int multiprocessors) -> ()",
+      &sgd_step_multi);
   m.def("sum_partials(Tensor partials) -> Tensor", &sum_partials);
   m.def("launches() -> int[]", &launches);
   m.def("occupancy_queries() -> int", &occupancy_queries);
