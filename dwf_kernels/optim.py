@@ -178,7 +178,13 @@ class FusedSGD(torch.optim.SGD):
         if not params:
             return
         buffers = [self.state[p].get("momentum_buffer") for p in params]
-        _torch_sgd(params, grads, buffers, foreach=group["foreach"], **hyper)
+        # foreach=None (the default): torch's multi-tensor update, one C++ call for all these
+        # parameters where the per-tensor loop would make a few Python calls each. On the CPU it
+        # runs the per-tensor update's ops on each tensor: the same results.
+        foreach = group["foreach"]
+        if foreach is None:
+            foreach = all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in (*params, *grads))
+        _torch_sgd(params, grads, buffers, foreach=foreach, **hyper)
         if group["momentum"] != 0:
             for p, buffer in zip(params, buffers, strict=True):
                 self.state[p]["momentum_buffer"] = buffer
