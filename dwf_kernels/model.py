@@ -68,9 +68,10 @@ def factorize(
     not change and a pretrained model can be sparsified from where it is. Exactly-zero weights get
     all-zero factors and stay zero.
     include / exclude: module names or parameter names (fnmatch patterns, e.g. "classifier.*",
-    "*.in_proj_weight") or module types. With include, a weight is converted when its module
-    matches (then every weight of 2+ dimensions of that module, embeddings and weight-standardizing
-    convs included) or its own name does (any parameter); exclude wins.
+    "*.in_proj_weight") or module types. With include, a weight of 2+ dimensions is converted when
+    its module matches (embeddings and weight-standardizing convs included: include=["*"] converts
+    every one) or its own name does; a parameter of fewer dimensions (a bias) when include names it
+    exactly ("head.bias"); exclude wins.
     report: a list that receives one WeightCoverage per weight of 2+ dimensions (and per included
     parameter): converted or left dense, how, and why (dwf_kernels.coverage.coverage_summary
     tabulates it).
@@ -140,8 +141,7 @@ def _plan(
     entries = []
     for module in model.modules():
         mnames = names[id(module)]
-        held = [(pname, holder) for pname, holder in _dwf_holders(module)]
-        for pname, holder in held:
+        for pname, holder in _dwf_holders(module):
             if holder.depth != depth:
                 raise ValueError(
                     f"model already holds DWF layers of depth {holder.depth} ({named(mnames[0], pname or '')!r}); "
@@ -152,11 +152,20 @@ def _plan(
             continue
         exact = converter_for(module) is not None
         for pname, weight in module._parameters.items():
-            if weight is None or (exact and pname != "weight"):
+            if weight is None:
                 continue
             full = [named(n, pname) for n in mnames]
-            explicit = include is not None and param_match(full, include)
-            if weight.dim() < 2 and not explicit:
+            if weight.dim() < 2:  # a bias, a norm's scale: only when include names it exactly
+                if include is None or not any(f == s for f in full for s in include):
+                    continue
+                explicit = True
+            else:
+                explicit = include is not None and param_match(full, include)
+            cls = parametrize.type_before_parametrizations(module).__name__
+            if exact and pname != "weight":  # the DWF layer that replaces the module holds its bias as it is
+                note = f"a torch.nn.{cls}'s {pname} stays a plain parameter of its DWF layer"
+                coverage = WeightCoverage(full[0], cls, tuple(weight.shape), "other", False, "", note)
+                entries.append(_Entry(module, pname, weight, False, coverage))
                 continue
             kind = weight_kind(module, pname, weight)
             if include is None:
@@ -167,7 +176,6 @@ def _plan(
             note = "excluded" if selected and excluded else "" if selected else NOTES.get(kind, "not included")
             if kind == "standardized" and selected and not excluded:
                 note = "weight-standardizing: sparsity_report counts the effective weight"
-            cls = parametrize.type_before_parametrizations(module).__name__
             coverage = WeightCoverage(full[0], cls, tuple(weight.shape), kind, False, "", note)
             entries.append(_Entry(module, pname, weight, selected and not excluded, coverage))
     return entries
@@ -186,6 +194,8 @@ def _tie(entries: list[_Entry], names: dict[int, list[str]]) -> None:
         if embeddings:
             lead = embeddings[0]
             for e in group:
+                if e is not lead:
+                    e.coverage.kind = "embedding"  # the same parameter: it counts as the embedding it is
                 if e.selected != lead.selected:
                     e.selected = lead.selected
                     state = "factorized" if lead.selected else "left dense"
@@ -353,15 +363,16 @@ class SparsityReport:
     def __str__(self) -> str:
         rows = [*self.layers, self.total]
         width = max(len(r.name) for r in rows)
+        kinds = max(10, *(len(r.kind) for r in rows))
         lines = [
-            f"{'layer':<{width}}  {'type':<10} {'weights':>10} {'nonzeros':>10} {'sparsity':>9} {'compression':>12}"
+            f"{'layer':<{width}}  {'type':<{kinds}} {'weights':>10} {'nonzeros':>10} {'sparsity':>9} {'compression':>12}"
         ]
         timed = any(r.dense_seconds is not None for r in self.layers)
         if timed:
             lines[0] += f" {'dense us':>9} {'sparse us':>9}"
         for r in rows:
             line = (
-                f"{r.name:<{width}}  {r.kind:<10} {r.weights:>10} {r.nonzeros:>10} {100 * r.sparsity:>8.2f}% "
+                f"{r.name:<{width}}  {r.kind:<{kinds}} {r.weights:>10} {r.nonzeros:>10} {100 * r.sparsity:>8.2f}% "
                 f"{r.compression:>11.1f}x"
             )
             if timed and r.dense_seconds is not None:

@@ -496,6 +496,11 @@ class DWFWeight(FactorHolder, nn.Module):
                 w = dwf_product(factors)
                 w = torch.where(w.abs() < threshold, torch.zeros_like(w), w).contiguous()
             weight = nn.Parameter(w, requires_grad=factors.requires_grad)
+        # A deep copy of a parametrized module shares torch's parametrized class with the original,
+        # and removing a parametrization edits that class: the module gets a class of its own first.
+        cls = type(module)
+        body = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+        module.__class__ = type(cls.__name__, cls.__bases__, body)
         parametrize.remove_parametrizations(module, name, leave_parametrized=False)
         setattr(module, name, weight)
         return weight
