@@ -109,6 +109,7 @@ class WeightCoverage:
     converted: bool
     how: str = ""  # DWFLinear / DWFConv1d/2d/3d (the layer replaces the module) or DWFWeight (a parametrization)
     note: str = ""  # why it was left dense, or what else holds (tied, effective weight)
+    tied_to: str = ""  # the name this parameter has first in the model, when it is shared (tied weights)
 
     @property
     def numel(self) -> int:
@@ -123,10 +124,10 @@ class WeightCoverage:
 
 
 def coverage_summary(report: list[WeightCoverage]) -> str:
-    """A table of `factorize`'s report: factorized and dense weights (by count of entries) per kind."""
+    """A table of `factorize`'s report: factorized and dense elements per kind (a tied weight once)."""
     lines = [f"{'kind':<13} {'factorized':>14} {'dense':>14} {'factorized %':>13}"]
     for kind in ("matrix", "embedding", "standardized", "other"):
-        rows = [r for r in report if r.kind == kind]
+        rows = [r for r in report if r.kind == kind and not r.tied_to]
         if not rows:
             continue
         done = sum(r.numel for r in rows if r.converted)

@@ -188,6 +188,8 @@ def _tie(entries: list[_Entry], names: dict[int, list[str]]) -> None:
     for entry in entries:
         groups.setdefault(id(entry.weight), []).append(entry)
     for group in groups.values():
+        for e in group[1:]:
+            e.coverage.tied_to = group[0].coverage.name
         if len(group) < 2 or len({e.selected for e in group}) == 1:
             continue
         embeddings = [e for e in group if e.coverage.kind == "embedding"]
