@@ -50,6 +50,12 @@ def mlp1024(linear):
     ), (1024,)
 
 
+def tiny(linear):
+    """Eight 16x16 layers: the step is host time, so the mechanism's per-layer cost shows."""
+    layers = [m for _ in range(8) for m in (linear(16, 16), nn.Tanh())]
+    return nn.Sequential(*layers[:-1]), (16,)
+
+
 def cnn(linear, conv=None):
     conv = conv or nn.Conv2d
     return nn.Sequential(
@@ -58,7 +64,7 @@ def cnn(linear, conv=None):
     ), (3, 32, 32)  # fmt: skip
 
 
-MODELS = {"lenet300": lenet300, "mlp1024": mlp1024, "cnn": cnn}
+MODELS = {"tiny": tiny, "lenet300": lenet300, "mlp1024": mlp1024, "cnn": cnn}
 
 
 def build(name: str, general: bool, depth: int):
@@ -93,7 +99,7 @@ def measure(name: str, depth: int, batch: int, rounds: int, lam: float = 1e-4) -
                 optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
             gen = torch.Generator().manual_seed(2)
             x = torch.randn(batch, *shape, generator=gen)
-            y = torch.randint(0, 10, (batch,), generator=gen)
+            y = torch.randint(0, 10 if name != "tiny" else 16, (batch,), generator=gen)
             mechanism = "parametrization" if general else "DWF layers"
             calls[(opt_name, mechanism)] = step_fn(model, optimizer, x, y, lam)
     times = interleaved_medians(calls, rounds)

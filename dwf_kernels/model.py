@@ -173,6 +173,11 @@ def _plan(
             else:
                 selected = explicit or any(_matches(n, module, include) for n in mnames)
             excluded = any(_matches(n, module, exclude) for n in mnames) or param_match(full, exclude)
+            if selected and not excluded and kind == "embedding" and module.sparse:
+                raise ValueError(
+                    f"{full[0]!r}: an {cls} with sparse=True has sparse gradients, which the DWF product's "
+                    f"backward does not take; build it with sparse=False to factorize it, or exclude it"
+                )
             note = "excluded" if selected and excluded else "" if selected else NOTES.get(kind, "not included")
             if kind == "standardized" and selected and not excluded:
                 note = "weight-standardizing: sparsity_report counts the effective weight"
@@ -259,7 +264,13 @@ def penalty(model: nn.Module, lam: float) -> torch.Tensor:
     """
     by_depth: dict[int, list[torch.Tensor]] = {}  # one multiply per depth, not per layer
     seen: set[int] = set()  # factors shared by several layers (tied weights) are penalized once
-    for _, _, _, holder, factors in factor_holders(model):
+    for module in model.modules():
+        if isinstance(module, DWFLayer):
+            holder, factors = module, module.factors
+        elif isinstance(module, FactorsParametrizationList):  # a DWFWeight's, first in its list
+            holder, factors = module[0], module.original
+        else:
+            continue
         if id(factors) not in seen:
             seen.add(id(factors))
             sumsq = holder.last_sumsq

@@ -16,8 +16,10 @@ other purpose (zero_grad, accumulation, other optimizers, DDP).
 
 Conversion: `DWFLinear.from_dense(linear, depth, init=...)` (and the same on DWFConv1d/2d/3d)
 builds the DWF layer of a torch.nn layer, `layer.to_dense(threshold)` the torch.nn layer holding
-the product; `converter_for(module)` says which class converts a module. dwf_kernels.factorize and
-collapse are these, over a whole model.
+the product; `converter_for(module)` says which class converts a module. Any other weight (of a
+Linear/Conv subclass, attention, an embedding, any module) is held by the DWFWeight
+parametrization, whose forward runs the same fused product (`converter_for(module, name)`).
+dwf_kernels.factorize and collapse are these, over a whole model.
 """
 
 from __future__ import annotations
@@ -509,6 +511,15 @@ class DWFWeight(FactorHolder, nn.Module):
 class FactorsParametrizationList(parametrize.ParametrizationList):
     """torch's ParametrizationList holding a DWFWeight's factors (`original`): like a DWF layer, it
     keeps their FusedSGD link through conversions and gives a copy's factors a link of their own."""
+
+    def forward(self) -> torch.Tensor:
+        # torch's, with the DWFWeight's forward called directly (no module call, whose hooks it has
+        # none of) and no attribute probing for further parametrizations: this runs at every read.
+        modules = self._modules
+        x = modules["0"].product_of(self._parameters["original"])
+        for i in range(1, len(modules)):
+            x = modules[str(i)](x)
+        return x
 
     def _apply(self, fn, recurse: bool = True):
         return convert_holding_factors(self, "original", fn, recurse, super()._apply)

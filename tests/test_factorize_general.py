@@ -327,6 +327,8 @@ def test_include_any_named_parameter_and_exclude():
     assert model.fc.parametrizations.bias.original.shape == (2, 7) and isinstance(model.out, DWFLinear)
     assert not dwf_kernels.nn.dwf_parametrization(model.conv, "bias")
     torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"'0.weight': an Embedding with sparse=True has sparse gradients"):
+        factorize(nn.Sequential(nn.Embedding(4, 3, sparse=True)), 2, include=[nn.Embedding])
     with pytest.raises(ValueError, match=r"name must name a parameter of the Linear"):
         DWFWeight.from_dense(nn.Linear(2, 2), 2, name="scale")
 
