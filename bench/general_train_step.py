@@ -7,10 +7,11 @@ exact-class DWF layers, on the same model.
 Each model is built twice from one seed: with torch.nn.Linear/Conv2d, which factorize replaces by
 DWFLinear/DWFConv2d, and with trivial subclasses of them (no new behaviour), which it parametrizes
 instead (their own forward reads `self.weight`, the product). Both compute the same function with
-the same fused op and start from the same factors. One step = forward + penalty + backward +
-optimizer step (FusedSGD, or torch.optim.SGD: the unfused path), momentum 0.9. The variants take
-turns step by step in one process (dwf_kernels.sparse.interleaved_medians), so drift of the machine
-lands on all of them alike; the table gives the median step time and the parametrization's overhead.
+the same fused op from the same factors. One step = forward + penalty + backward +
+optimizer step (FusedSGD, or torch.optim.SGD: the unfused path), momentum 0.9. For each optimizer
+the two mechanisms take turns step by step in one process (dwf_kernels.sparse.interleaved_medians),
+half the rounds in each order, so drift of the machine lands on both alike; the table gives the
+mean of the two orders' median step times and the parametrization's overhead.
 """
 
 from __future__ import annotations
@@ -68,14 +69,23 @@ MODELS = {"tiny": tiny, "lenet300": lenet300, "mlp1024": mlp1024, "cnn": cnn}
 
 
 def build(name: str, general: bool, depth: int):
-    torch.manual_seed(0)
-    make = MODELS[name]
-    if name == "cnn":
-        model, shape = make(SubLinear if general else nn.Linear, SubConv2d if general else nn.Conv2d)
-    else:
-        model, shape = make(SubLinear if general else nn.Linear)
-    torch.manual_seed(1)  # the same factors for both mechanisms
-    return dwf_kernels.factorize(model, depth), shape
+    """The model factorized with DWF layers, or (general) with parametrizations holding the same factors."""
+    models = []
+    for sub in (False, True) if general else (False,):
+        torch.manual_seed(0)
+        make = MODELS[name]
+        if name == "cnn":
+            model, shape = make(SubLinear if sub else nn.Linear, SubConv2d if sub else nn.Conv2d)
+        else:
+            model, shape = make(SubLinear if sub else nn.Linear)
+        models.append(dwf_kernels.factorize(model, depth))
+    if general:  # the DWF layers' factors, so that both compute on the same numbers
+        layers = [p for n, p in models[0].named_parameters() if n.endswith(".factors")]
+        held = [p for n, p in models[1].named_parameters() if n.endswith(".original")]
+        with torch.no_grad():
+            for a, b in zip(layers, held, strict=True):
+                b.copy_(a)
+    return models[-1], shape
 
 
 def step_fn(model, optimizer, x, y, lam):
@@ -89,8 +99,11 @@ def step_fn(model, optimizer, x, y, lam):
 
 
 def measure(name: str, depth: int, batch: int, rounds: int, lam: float = 1e-4) -> list[dict]:
-    rows, calls = [], {}
+    """Per optimizer, the two mechanisms' steps interleaved: half the rounds in one order, half in the
+    other (the step that runs second in a round was seen to gain or lose up to 10% by its place)."""
+    rows = []
     for opt_name in ("FusedSGD", "torch.optim.SGD"):
+        calls = {}
         for general in (False, True):
             model, shape = build(name, general, depth)
             if opt_name == "FusedSGD":
@@ -100,11 +113,10 @@ def measure(name: str, depth: int, batch: int, rounds: int, lam: float = 1e-4) -
             gen = torch.Generator().manual_seed(2)
             x = torch.randn(batch, *shape, generator=gen)
             y = torch.randint(0, 10 if name != "tiny" else 16, (batch,), generator=gen)
-            mechanism = "parametrization" if general else "DWF layers"
-            calls[(opt_name, mechanism)] = step_fn(model, optimizer, x, y, lam)
-    times = interleaved_medians(calls, rounds)
-    for opt_name in ("FusedSGD", "torch.optim.SGD"):
-        layers, param = times[(opt_name, "DWF layers")], times[(opt_name, "parametrization")]
+            calls["parametrization" if general else "DWF layers"] = step_fn(model, optimizer, x, y, lam)
+        first = interleaved_medians(calls, rounds // 2)
+        second = interleaved_medians(dict(reversed(list(calls.items()))), rounds - rounds // 2)
+        layers, param = ((first[k] + second[k]) / 2 for k in ("DWF layers", "parametrization"))
         rows.append(
             dict(model=name, batch=batch, optimizer=opt_name, layers_ms=1e3 * layers, parametrization_ms=1e3 * param,
                  overhead=param / layers - 1.0)  # fmt: skip
@@ -122,8 +134,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r['model']} | {r['batch']} | {r['optimizer']} | {r['layers_ms']:.2f} | {r['parametrization_ms']:.2f} | "
-            f"{100 * r['overhead']:+.0f}% |"
+            f"| {r['model']} | {r['batch']} | {r['optimizer']} | {r['layers_ms']:.2f} | "
+            f"{r['parametrization_ms']:.2f} | {100 * r['overhead']:+.0f}% |"
         )
     return "\n".join(lines) + "\n"
 

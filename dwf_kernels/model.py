@@ -15,7 +15,6 @@ from torch.nn.utils import parametrize
 from . import init as dwf_init
 from ._validate import check_flag
 from .compressed import compressed_bytes
-
 from .coverage import NOTES, WeightCoverage, effective_weight, weight_kind
 from .nn import (
     DEFAULT_THRESHOLD,
@@ -378,7 +377,8 @@ class SparsityReport:
         width = max(len(r.name) for r in rows)
         kinds = max(10, *(len(r.kind) for r in rows))
         lines = [
-            f"{'layer':<{width}}  {'type':<{kinds}} {'weights':>10} {'nonzeros':>10} {'sparsity':>9} {'compression':>12}"
+            f"{'layer':<{width}}  {'type':<{kinds}} {'weights':>10} {'nonzeros':>10} {'sparsity':>9} "
+            f"{'compression':>12}"
         ]
         timed = any(r.dense_seconds is not None for r in self.layers)
         if timed:
