@@ -418,7 +418,8 @@ class DWFWeight(FactorHolder, nn.Module):
     Hugging Face's Conv1D, embeddings, any named parameter.
 
     Each access of `module.<name>` runs the product once; a module that reads its weight several
-    times per forward (MultiheadAttention's fast-path checks) runs it several times, unless under
+    times per forward runs it several times (MultiheadAttention reads in_proj_weight three times
+    per training forward, twice in its fast-path checks), unless under
     torch.nn.utils.parametrize.cached(). Parametrized modules are copied by deepcopy and saved
     through their state_dict (torch refuses to pickle them whole).
     """
