@@ -382,3 +382,29 @@ def test_parametrized_module_moves_across_dtypes_keeping_its_link():
     assert converter_for(model.fc) is None and converter_for(model.fc, "weight") is None  # already factors
     assert converter_for(nn.Linear(2, 2), "weight") is DWFLinear and converter_for(nn.Linear(2, 2), "bias") is DWFWeight
     assert converter_for(ScaledLinear(2, 2)) is None and converter_for(ScaledLinear(2, 2), "weight") is DWFWeight
+
+
+def test_cached_reads_compute_each_product_once_and_train_the_same(monkeypatch):
+    """MultiheadAttention reads in_proj_weight three times per training forward; under
+    parametrize.cached() the product runs once per weight, with the same result and the lazy gradient."""
+    reads = []
+    product_of = DWFWeight.product_of
+    monkeypatch.setattr(DWFWeight, "product_of", lambda self, f: reads.append(self) or product_of(self, f))
+    model, x = _build("transformer-encoder-lm")
+    factorize(model, DEPTH)
+    twin = copy.deepcopy(model)
+    optimizer = FusedSGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+    reference = torch.optim.SGD(twin.parameters(), lr=LR, momentum=MOMENTUM, foreach=False)
+    _loss(twin, x).backward()
+    assert len(reads) == 2 * 4  # two layers: in_proj_weight three times, out_proj once
+    reads.clear()
+    with torch.nn.utils.parametrize.cached():
+        loss = _loss(model, x)
+    assert len(reads) == 2 * 2
+    loss.backward()
+    in_proj = model.encoder.layers[0].self_attn.parametrizations.in_proj_weight.original
+    assert type(in_proj.grad) is LazyFactorGrad and in_proj.grad.status == "lazy"
+    optimizer.step()
+    reference.step()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
