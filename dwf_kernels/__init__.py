@@ -3,7 +3,7 @@
     import dwf_kernels
     w, sumsq = dwf_kernels.dwf_product(factors, return_sumsq=True)   # factors: (D, *weight_shape)
 
-    model = dwf_kernels.factorize(model, depth=4)                   # Linear/Conv -> DWF layers
+    model = dwf_kernels.factorize(model, depth=4)  # Linear/Conv -> DWF layers, other weights parametrized
     loss = criterion(model(x), y) + dwf_kernels.penalty(model, lam)
     optimizer = dwf_kernels.optim.FusedSGD(model.parameters(), lr, momentum=0.9)  # backward fused into step
     sparse = dwf_kernels.collapse(model)                             # plain torch.nn, exact zeros
@@ -16,6 +16,7 @@ See docs/design.md for the math and the kernel contract.
 
 from . import (
     _extension,  # noqa: F401  (loads dwf_kernels._C, or warns once)
+    coverage,
     init,
     nn,
     optim,
@@ -36,6 +37,7 @@ __all__ = [
     "DEFAULT_THRESHOLD",
     "available_backends",
     "collapse",
+    "coverage",
     "current_backend",
     "dwf_grad_sumsq",
     "dwf_product",

@@ -61,6 +61,12 @@ class _State:
     def set_dense(self, dense: torch.Tensor) -> None:
         self.kind, self.factors, self.grad_w, self.grad_sumsq, self.dense = _DENSE, None, None, None, dense
 
+    def copy(self) -> _State:
+        twin = _State(self.kind)
+        for slot in self.__slots__:
+            setattr(twin, slot, getattr(self, slot))
+        return twin
+
     def consume(self, kind: str = _CONSUMED) -> None:
         self.kind, self.factors, self.grad_w, self.grad_sumsq, self.dense = kind, None, None, None, None
 
@@ -128,6 +134,13 @@ class LazyFactorGrad(torch.Tensor):
             return _run_materialized(func, (rest,), kwargs) if rest else None
         if func is aten.add_.Tensor and kwargs.get("alpha", 1) == 1 and _add_lazily(*args):
             return args[0]
+        if func is aten.add.Tensor and kwargs.get("alpha", 1) == 1 and _disjoint(*args):
+            # autograd's out-of-place accumulation of two parts that need no arithmetic to join: a
+            # weight read twice in one forward, once for the output and once for the penalty (a
+            # module that reads its parametrized weight again, e.g. for its shape)
+            total = LazyFactorGrad(args[0]._state.copy(), args[0])
+            _add_lazily(total, args[1])
+            return total
         lazily = _LAZY_READERS.get(func)
         if lazily is not None:
             done, result = lazily(args, kwargs)
@@ -166,6 +179,18 @@ def _add_lazily(self, other) -> bool:
     return True
 
 
+def _disjoint(a, b) -> bool:
+    """Whether lazy gradients a and b of the same factors, at their current version, hold one part
+    each (dL/dw in one, dL/dsumsq in the other, or neither in one): their sum is exact without forming
+    it, as one backward would give. Other sums are formed densely, rounding as torch's."""
+    if not (isinstance(a, LazyFactorGrad) and isinstance(b, LazyFactorGrad)):
+        return False
+    x, y = a._state, b._state
+    if x.kind != _LAZY or y.kind != _LAZY or x.is_stale() or y.is_stale() or x.factors() is not y.factors():
+        return False
+    return x.version == y.version and (x.grad_w is None or y.grad_w is None) and (
+        x.grad_sumsq is None or y.grad_sumsq is None
+    )
 # Readers of gradients that need only dL/dw and dL/dsumsq, so a lazy gradient stays lazy (and
 # FusedSGD's step fused): GradScaler's unscale and inf check, and clip_grad_norm_'s norm and scaling.
 # The factor gradient is linear in (dL/dw, dL/dsumsq): scaling both by c scales it by c.

@@ -16,8 +16,10 @@ other purpose (zero_grad, accumulation, other optimizers, DDP).
 
 Conversion: `DWFLinear.from_dense(linear, depth, init=...)` (and the same on DWFConv1d/2d/3d)
 builds the DWF layer of a torch.nn layer, `layer.to_dense(threshold)` the torch.nn layer holding
-the product; `converter_for(module)` says which class converts a module. dwf_kernels.factorize and
-collapse are these, over a whole model.
+the product; `converter_for(module)` says which class converts a module. Any other weight (of a
+Linear/Conv subclass, attention, an embedding, any module) is held by the DWFWeight
+parametrization, whose forward runs the same fused product (`converter_for(module, name)`).
+dwf_kernels.factorize and collapse are these, over a whole model.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import numbers
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from . import _fusion
 from . import init as dwf_init
@@ -70,7 +73,90 @@ def _autocast_available(device_type: str) -> bool:
     return torch.amp.is_autocast_available(device_type)
 
 
-class DWFLayer(nn.Module):
+class FactorHolder:
+    """What every module holding DWF factors shares (DWF layers and the DWFWeight parametrization):
+    the fused product of this forward, and the sum of squares it recorded for `penalty`."""
+
+    depth: int
+
+    @property
+    def last_sumsq(self) -> torch.Tensor | None:
+        """The factors' sum of squares recorded by the last forward, for `dwf_kernels.penalty`; None
+        before the first forward and once a backward pass has run through that forward's graph
+        (which frees it: the penalty then takes a fresh sum)."""
+        record = self.__dict__.get("_last_sumsq")
+        return None if record is None or record[1][0] else record[0]
+
+    @last_sumsq.setter
+    def last_sumsq(self, sumsq: torch.Tensor | None) -> None:
+        used = [False]  # set by the backward; the hook holds only this flag, so no reference cycle
+        if sumsq is not None and not torch.compiler.is_compiling() and sumsq.grad_fn is not None:
+
+            def mark_used(grad_outputs, used=used):
+                used[0] = True
+
+            sumsq.grad_fn.register_prehook(mark_used)
+        self.__dict__["_last_sumsq"] = None if sumsq is None else (sumsq, used)
+
+    def product_of(self, factors: torch.Tensor) -> torch.Tensor:
+        """The weight for this forward from `factors` (this holder's), and records their sum of squares
+        for the penalty: one fused op, in fused mode when a live FusedSGD updates them."""
+        out_dtype = None
+        device_type = factors.device.type
+        if (
+            factors.dtype == torch.float32
+            and (torch.compiler.is_compiling() or _autocast_available(device_type))
+            and torch.is_autocast_enabled(device_type)
+        ):
+            autocast_dtype = torch.get_autocast_dtype(device_type)
+            if autocast_dtype in (torch.bfloat16, torch.float16):
+                out_dtype = autocast_dtype
+        if (
+            not torch.compiler.is_compiling()
+            and torch.is_grad_enabled()
+            and factors.requires_grad
+            and _fusion.is_fused(factors)  # never tensors swapped in by torch.func.functional_call
+        ):
+            # Fused mode: the factors' gradient is lazy; FusedSGD.step() applies it without forming it.
+            w, sumsq = fused_dwf_product(factors, out_dtype)
+        else:
+            w, sumsq = dwf_product(factors, return_sumsq=True, out_dtype=out_dtype)
+        self.last_sumsq = sumsq
+        return w
+
+    def __getstate__(self) -> dict:
+        # The recorded sum of squares belongs to one forward's autograd graph: a non-leaf tensor,
+        # which deepcopy refuses and pickling must not carry. A copy starts without one.
+        state = self.__dict__.copy()
+        state["_last_sumsq"] = None
+        return state
+
+
+def convert_holding_factors(module: nn.Module, name: str, fn, recurse: bool, apply):
+    """`module._apply(fn)` (through `apply`, the base class's) for a module holding DWF factors as its
+    parameter `name`: keeps the factors' layout and their FusedSGD link, and converts a lazy gradient."""
+    factors = getattr(module, name)
+    link = _fusion.link_of(factors)
+    factors.grad, unreadable_like = convertible(factors.grad)  # a lazy gradient: see _lazy_grad
+
+    def keep_factor_layout(t: torch.Tensor) -> torch.Tensor:
+        if t is factors or t is factors.grad:
+            # (D, *weight_shape) is not an image batch: memory-format conversions such as
+            # model.to(memory_format=torch.channels_last) must not touch it (a 2d conv's
+            # factors are 5-d and would be refused). Convert a flat 2-d view, which they skip.
+            return fn(t.view(t.shape[0], -1)).view(t.shape)
+        return fn(t)
+
+    module = apply(keep_factor_layout, recurse)
+    # Conversions that swap the parameter's contents or replace it (torch.__future__ switches)
+    # leave it without the link: the layer stays in the mode it was in.
+    _fusion.attach(getattr(module, name), link)
+    if unreadable_like is not None:
+        getattr(module, name).grad = unreadable_like(getattr(module, name))
+    return module
+
+
+class DWFLayer(FactorHolder, nn.Module):
     """Base of the DWF layers: the factor parameter, its initialization and the fused product."""
 
     factors: nn.Parameter
@@ -170,25 +256,6 @@ class DWFLayer(nn.Module):
         dense.train(self.training)
         return dense
 
-    @property
-    def last_sumsq(self) -> torch.Tensor | None:
-        """The factors' sum of squares recorded by the last forward, for `dwf_kernels.penalty`; None
-        before the first forward and once a backward pass has run through that forward's graph
-        (which frees it: the penalty then takes a fresh sum)."""
-        record = self.__dict__.get("_last_sumsq")
-        return None if record is None or record[1][0] else record[0]
-
-    @last_sumsq.setter
-    def last_sumsq(self, sumsq: torch.Tensor | None) -> None:
-        used = [False]  # set by the backward; the hook holds only this flag, so no reference cycle
-        if sumsq is not None and not torch.compiler.is_compiling() and sumsq.grad_fn is not None:
-
-            def mark_used(grad_outputs, used=used):
-                used[0] = True
-
-            sumsq.grad_fn.register_prehook(mark_used)
-        self.__dict__["_last_sumsq"] = None if sumsq is None else (sumsq, used)
-
     def reset_parameters(self) -> None:
         """DWF init of the factors (product std = torch.nn's default weight std); torch.nn's bias init."""
         dwf_init.dwf_init_(self.factors, dwf_init.default_target_std(self.weight_shape))
@@ -199,29 +266,7 @@ class DWFLayer(nn.Module):
 
     def dwf_weight(self) -> torch.Tensor:
         """The weight for this forward, and records the factors' sum of squares for the penalty."""
-        factors = self.factors
-        out_dtype = None
-        device_type = factors.device.type
-        if (
-            factors.dtype == torch.float32
-            and (torch.compiler.is_compiling() or _autocast_available(device_type))
-            and torch.is_autocast_enabled(device_type)
-        ):
-            autocast_dtype = torch.get_autocast_dtype(device_type)
-            if autocast_dtype in (torch.bfloat16, torch.float16):
-                out_dtype = autocast_dtype
-        if (
-            not torch.compiler.is_compiling()
-            and torch.is_grad_enabled()
-            and factors.requires_grad
-            and _fusion.is_fused(factors)  # never tensors swapped in by torch.func.functional_call
-        ):
-            # Fused mode: the factors' gradient is lazy; FusedSGD.step() applies it without forming it.
-            w, sumsq = fused_dwf_product(factors, out_dtype)
-        else:
-            w, sumsq = dwf_product(factors, return_sumsq=True, out_dtype=out_dtype)
-        self.last_sumsq = sumsq
-        return w
+        return self.product_of(self.factors)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -229,32 +274,7 @@ class DWFLayer(nn.Module):
         return dwf_product(self.factors)
 
     def _apply(self, fn, recurse: bool = True):
-        factors = self.factors
-        link = _fusion.link_of(factors)
-        factors.grad, unreadable_like = convertible(factors.grad)  # a lazy gradient: see _lazy_grad
-
-        def keep_factor_layout(t: torch.Tensor) -> torch.Tensor:
-            if t is factors or t is factors.grad:
-                # (D, *weight_shape) is not an image batch: memory-format conversions such as
-                # model.to(memory_format=torch.channels_last) must not touch it (a 2d conv's
-                # factors are 5-d and would be refused). Convert a flat 2-d view, which they skip.
-                return fn(t.view(t.shape[0], -1)).view(t.shape)
-            return fn(t)
-
-        module = super()._apply(keep_factor_layout, recurse)
-        # Conversions that swap the parameter's contents or replace it (torch.__future__ switches)
-        # leave it without the link: the layer stays in the mode it was in.
-        _fusion.attach(self.factors, link)
-        if unreadable_like is not None:
-            self.factors.grad = unreadable_like(self.factors)
-        return module
-
-    def __getstate__(self) -> dict:
-        # The recorded sum of squares belongs to one forward's autograd graph: a non-leaf tensor,
-        # which deepcopy refuses and pickling must not carry. A copy starts without one.
-        state = self.__dict__.copy()
-        state["_last_sumsq"] = None
-        return state
+        return convert_holding_factors(self, "factors", fn, recurse, super()._apply)
 
     def __setstate__(self, state: dict) -> None:
         # A deep copy of a Parameter drops its attributes: the copied factors get a new, empty link
@@ -377,7 +397,158 @@ DWF_CLASS_FOR: dict[type[nn.Module], type[DWFLayer]] = {
 FACTORIZABLE = tuple(DWF_CLASS_FOR)  # the torch.nn layers that have a DWF class
 
 
-def converter_for(module: nn.Module) -> type[DWFLayer] | None:
-    """The DWF class whose from_dense converts `module` (its exact class: a subclass may change
-    what the weight means), or None. factorize converts what this names."""
-    return DWF_CLASS_FOR.get(type(module))
+def dwf_target_std(module: nn.Module, name: str, weight: torch.Tensor) -> float:
+    """The product's std for init="dwf" of the DWFWeight of `module.<name>`: torch.nn's default
+    Linear/Conv init std for the weight of a Linear or Conv (subclasses included, as for the DWF
+    layers); for any other weight the std it has now (its model's own initialization: attention's
+    Xavier init, an embedding's N(0, 1), a Hugging Face model's N(0, 0.02), ...)."""
+    if name == "weight" and isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+        return dwf_init.default_target_std(weight.shape)
+    std = float(weight.detach().double().std()) if weight.numel() > 1 else math.nan
+    return std if math.isfinite(std) and std > 0 else dwf_init.default_target_std(weight.shape)
+
+
+class DWFWeight(FactorHolder, nn.Module):
+    """A parametrization (torch.nn.utils.parametrize) of one named weight of any module, held as
+    `depth` factors: `module.<name>` is the product of `module.parametrizations.<name>.original`
+    (shape (depth, *weight.shape)), computed by the same fused op as the DWF layers' (recording the
+    sum of squares for `penalty`, FusedSGD's lazy gradient in fused mode), so the module's own
+    forward runs on it. factorize uses it for every weight that is not the weight of an exact
+    torch.nn.Linear/Conv1d/2d/3d: Linear and Conv subclasses, MultiheadAttention's projections,
+    Hugging Face's Conv1D, embeddings, any named parameter.
+
+    Each access of `module.<name>` runs the product once; a module that reads its weight several
+    times per forward runs it several times (MultiheadAttention reads in_proj_weight three times
+    per training forward, twice in its fast-path checks), unless under
+    torch.nn.utils.parametrize.cached(). Parametrized modules are copied by deepcopy and saved
+    through their state_dict (torch refuses to pickle them whole).
+    """
+
+    def __init__(self, weight_shape: torch.Size, depth: int) -> None:
+        super().__init__()
+        check_depth(depth)
+        self.depth = depth
+        self.weight_shape = torch.Size(weight_shape)
+        self.last_sumsq = None
+
+    def forward(self, factors: torch.Tensor) -> torch.Tensor:
+        return self.product_of(factors)
+
+    def extra_repr(self) -> str:
+        return f"weight_shape={tuple(self.weight_shape)}, depth={self.depth}"
+
+    @classmethod
+    def from_dense(
+        cls,
+        module: nn.Module,
+        depth: int,
+        init: str = "dwf",
+        *,
+        name: str = "weight",
+        eps: float = dwf_init.DEFAULT_EPS,
+        upper: float = dwf_init.DEFAULT_UPPER,
+        factors: nn.Parameter | None = None,
+    ) -> nn.Module:
+        """Registers the DWF parametrization of the parameter `module.<name>`, in place; returns `module`.
+
+        init="dense": exact balanced factors of the weight (the module computes what it did);
+        init="dwf": the paper's DWF init with the std of `dwf_target_std`. `factors`: an existing
+        factors Parameter to hold instead (a weight tied with another converted one).
+        """
+        check_depth(depth)
+        check_init(init)
+        weight = module._parameters.get(name) if isinstance(name, str) else None
+        if weight is None:
+            raise ValueError(
+                f"name must name a parameter of the {type(module).__name__} (not a buffer, not a parametrized "
+                f"tensor); got {name!r}"
+            )
+        if factors is None:
+            factors = nn.Parameter(
+                torch.empty((depth, *weight.shape), device=weight.device, dtype=weight.dtype),
+                requires_grad=weight.requires_grad,
+            )
+            with torch.no_grad():
+                if init == "dense":
+                    factors.copy_(dwf_init.exact_factors(weight, depth))
+                else:
+                    target = dwf_target_std(module, name, weight)
+                    dwf_init.dwf_init_(factors, target, eps=eps, upper=upper)
+        elif factors.shape != (depth, *weight.shape):
+            raise ValueError(
+                f"factors must have shape {(depth, *weight.shape)} for {name!r}; got {tuple(factors.shape)}"
+            )
+        module._parameters[name] = factors  # registered as the parametrization's `original`, unchanged
+        parametrize.register_parametrization(module, name, cls(weight.shape, depth), unsafe=True)
+        holder = module.parametrizations[name]
+        holder.__class__ = FactorsParametrizationList
+        _fusion.attach(holder.original)
+        return module
+
+    @staticmethod
+    def to_dense(
+        module: nn.Module, name: str = "weight", threshold: float = DEFAULT_THRESHOLD, *, weight=None
+    ) -> nn.Parameter:
+        """Removes the DWF parametrization of `module.<name>`, in place, leaving as that parameter the
+        product of the factors with |w| < threshold set to exactly 0 (or the given shared `weight`);
+        when it was the module's last parametrization the module gets its own class back."""
+        check_threshold(threshold)
+        factors = module.parametrizations[name].original
+        if weight is None:
+            with torch.no_grad():
+                w = dwf_product(factors)
+                w = torch.where(w.abs() < threshold, torch.zeros_like(w), w).contiguous()
+            weight = nn.Parameter(w, requires_grad=factors.requires_grad)
+        # A deep copy of a parametrized module shares torch's parametrized class with the original,
+        # and removing a parametrization edits that class: the module gets a class of its own first.
+        cls = type(module)
+        body = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+        module.__class__ = type(cls.__name__, cls.__bases__, body)
+        parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+        setattr(module, name, weight)
+        return weight
+
+
+class FactorsParametrizationList(parametrize.ParametrizationList):
+    """torch's ParametrizationList holding a DWFWeight's factors (`original`): like a DWF layer, it
+    keeps their FusedSGD link through conversions and gives a copy's factors a link of their own."""
+
+    def forward(self) -> torch.Tensor:
+        # torch's, with the DWFWeight's forward called directly (no module call, whose hooks it has
+        # none of) and no attribute probing for further parametrizations: this runs at every read.
+        modules = self._modules
+        x = modules["0"].product_of(self._parameters["original"])
+        for i in range(1, len(modules)):
+            x = modules[str(i)](x)
+        return x
+
+    def _apply(self, fn, recurse: bool = True):
+        return convert_holding_factors(self, "original", fn, recurse, super()._apply)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        _fusion.attach(self.original)
+
+
+def dwf_parametrization(module: nn.Module, name: str) -> DWFWeight | None:
+    """The DWFWeight of `module.<name>`, or None when that tensor is not DWF-parametrized."""
+    if not parametrize.is_parametrized(module, name):
+        return None
+    first = module.parametrizations[name][0]
+    return first if isinstance(first, DWFWeight) else None
+
+
+def converter_for(module: nn.Module, name: str | None = None) -> type[DWFLayer] | type[DWFWeight] | None:
+    """What converts `module` (name=None) or its parameter `name`.
+
+    name=None: the DWF layer class whose from_dense replaces `module`, by its exact class (a
+    subclass may change what the weight means), or None. With a parameter name: that class when
+    `module` is of an exact class and name == "weight", else DWFWeight (its from_dense registers the
+    parametrization in place), or None when `module` has no parameter `name`.
+    factorize converts with what this names."""
+    layer_cls = DWF_CLASS_FOR.get(type(module))
+    if name is None:
+        return layer_cls
+    if module._parameters.get(name) is None:
+        return None
+    return layer_cls if layer_cls is not None and name == "weight" else DWFWeight

@@ -332,9 +332,9 @@ def sparsify(
         raise ValueError(f"min_speedup must be a positive number; got {min_speedup!r}")
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be a positive int; got {rounds!r}")
-    from .nn import DWFLayer  # (dwf_kernels.nn imports nothing of this module)
+    from .nn import FactorHolder  # DWF layers and DWF-parametrized weights (nn imports nothing of this module)
 
-    if any(isinstance(m, DWFLayer) for m in model.modules()):
+    if any(isinstance(m, FactorHolder) for m in model.modules()):
         raise ValueError(
             "model holds DWF layers, whose weights are factors: collapse it first "
             "(sparsify(dwf_kernels.collapse(model, threshold), example_input))"

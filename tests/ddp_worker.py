@@ -26,9 +26,31 @@ class WithSpareLayer(nn.Module):
         return self.body(x)
 
 
-def make_model_and_data(spare: bool = False) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+class SubclassedConv(nn.Conv2d):
+    """A Conv2d subclass (factorize gives it a DWFWeight parametrization, not a DWF layer)."""
+
+
+class Attending(nn.Module):
+    """MultiheadAttention over the rows of the conv's output: parametrized projection weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(6, 2, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.flatten(1, 2)  # (batch, channels * rows, columns)
+        return self.attention(rows, rows, rows, need_weights=False)[0]
+
+
+def make_model_and_data(spare: bool = False, general: bool = False) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """general: a model whose weights factorize holds in DWFWeight parametrizations (a Conv2d subclass,
+    attention) beside a DWF layer."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
+    if general:
+        body = [SubclassedConv(1, 4, 3), nn.ReLU(), Attending(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10)]
+        model = nn.Sequential(*body)
+    else:
+        model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
     factorize(model, depth=DEPTH)
     if spare:
         model = WithSpareLayer(model)
@@ -59,12 +81,14 @@ def run(rank: int, world: int, init_file: str, out_file: str) -> None:
         dist.destroy_process_group()
 
 
-def train(rank: int, world: int, init_file: str, out_file: str, fused_first: bool, find_unused: bool) -> None:
+def train(
+    rank: int, world: int, init_file: str, out_file: str, fused_first: bool, find_unused: bool, general: bool = False
+) -> None:
     """STEPS steps of FusedSGD on this rank's shard under DDP; saves the parameters to out_file.rank.
 
     fused_first: the optimizer exists before the process group does (and so before DDP).
     """
-    model, x, y = make_model_and_data(spare=find_unused)
+    model, x, y = make_model_and_data(spare=find_unused, general=general)
     body = model.body if find_unused else model
     if fused_first:
         optimizer = FusedSGD(model.parameters(), lr=LR, momentum=MOMENTUM)
@@ -84,9 +108,9 @@ def train(rank: int, world: int, init_file: str, out_file: str, fused_first: boo
         dist.destroy_process_group()
 
 
-def train_single_process(find_unused: bool) -> nn.Module:
+def train_single_process(find_unused: bool, general: bool = False) -> nn.Module:
     """The reference: torch.optim.SGD on the whole batch in one process."""
-    model, x, y = make_model_and_data(spare=find_unused)
+    model, x, y = make_model_and_data(spare=find_unused, general=general)
     body = model.body if find_unused else model
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
     for _ in range(STEPS):

@@ -334,11 +334,22 @@ def test_factorize_refuses_a_tie_it_cannot_keep():
     with pytest.raises(ValueError, match=r"weight of 'a' is also a parameter of 'b'.*exclude 'a'"):
         factorize(model, depth=2, exclude=["b"])
     assert isinstance(model.a, nn.Linear)  # refused before anything changed
+
+
+def test_a_tie_with_an_embedding_follows_the_embedding():
     emb = nn.Embedding(5, 5)
     head = nn.Linear(5, 5, bias=False)
     head.weight = emb.weight  # a language model's tied output layer
-    with pytest.raises(ValueError, match=r"also a parameter of '0' \(Embedding\)"):
-        factorize(nn.Sequential(emb, head), depth=2)
+    report = []
+    model = factorize(nn.Sequential(emb, head), depth=2, report=report)
+    assert type(model[1]) is nn.Linear and model[1].weight is model[0].weight  # embeddings are opt-in
+    assert [(r.name, r.converted) for r in report] == [("0.weight", False), ("1.weight", False)]
+    assert report[1].note == "tied to 0.weight, left dense (a tie follows the embedding)"
+    x = torch.tensor([[0, 3, 4]])
+    expected = model(x)
+    factorize(model, depth=2, init="dense", include=[nn.Embedding])
+    assert isinstance(model[1], DWFLinear) and model[1].factors is model[0].parametrizations.weight.original
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
 
 
 # --- argument checks ------------------------------------------------------------------------------

@@ -395,3 +395,11 @@ def test_sparse_conv_keeps_channels_last_and_linear_refuses_a_scalar():
         assert SparseConv2d.from_dense(conv)(x).is_contiguous(memory_format=torch.channels_last)
     with pytest.raises(ValueError, match="in_features=10"):
         SparseLinear.from_dense(sparse_linear(10, 4, 0.5))(torch.tensor(1.0))
+
+
+def test_sparsify_refuses_a_model_with_dwf_parametrized_weights():
+    torch.manual_seed(0)
+    attention = dwf_kernels.factorize(nn.MultiheadAttention(8, 2, batch_first=True), depth=2)
+    x = torch.randn(2, 3, 8)
+    with pytest.raises(ValueError, match="collapse it first"):
+        sparsify(attention, (x, x, x))
