@@ -7,6 +7,7 @@
 #pragma once
 
 #include <ATen/MemoryOverlap.h>
+#include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -14,6 +15,7 @@
 #include <cstdint>
 #include <optional>
 #include <type_traits>
+#include <vector>
 
 #include "dwf_math.h"
 
@@ -105,14 +107,44 @@ inline void check_sgd_step_args(const at::Tensor& factors, const std::optional<a
   }
 }
 
-// dwf_sgd_step_multi: one list entry per layer (momentum buffers only with momentum).
-inline void check_multi_step_lists(size_t factors, size_t momentum_buffers, size_t grad_w, size_t grad_sumsq,
-                                   double momentum) {
-  TORCH_CHECK(grad_w == factors && grad_sumsq == factors, "dwf_sgd_step_multi: grad_w (", grad_w,
-              ") and grad_sumsq (", grad_sumsq, ") must have one entry per factors tensor (", factors, ")");
-  TORCH_CHECK(momentum_buffers == (momentum != 0 ? factors : 0), "dwf_sgd_step_multi: momentum_buffers must have ",
-              momentum != 0 ? "one entry per factors tensor" : "no entries when momentum is 0", " (", factors,
-              " factors); got ", momentum_buffers);
+// dwf_sgd_step_multi's lists, taken apart after every layer is checked (before any is updated).
+struct MultiStepLayers {
+  std::vector<at::Tensor> factors, momentum_buffers, grad_w;  // momentum_buffers: empty without momentum
+  std::vector<std::optional<at::Tensor>> grad_sumsq;
+
+  std::optional<at::Tensor> buffer(size_t i) const {
+    return momentum_buffers.empty() ? std::nullopt : std::optional<at::Tensor>(momentum_buffers[i]);
+  }
+  // One device, factor dtype, grad_w dtype and depth: what one multi-layer launch serves.
+  bool uniform() const {
+    for (size_t i = 1; i < factors.size(); ++i) {
+      if (factors[i].device() != factors[0].device() || factors[i].scalar_type() != factors[0].scalar_type() ||
+          grad_w[i].scalar_type() != grad_w[0].scalar_type() || factors[i].size(0) != factors[0].size(0)) {
+        return false;
+      }
+    }
+    return true;
+  }
+};
+
+inline MultiStepLayers check_multi_step(at::TensorList factors, at::TensorList momentum_buffers,
+                                        at::TensorList grad_w, const c10::List<std::optional<at::Tensor>>& grad_sumsq,
+                                        double momentum) {
+  const size_t n = factors.size();
+  TORCH_CHECK(grad_w.size() == n && grad_sumsq.size() == n, "dwf_sgd_step_multi: grad_w (", grad_w.size(),
+              ") and grad_sumsq (", grad_sumsq.size(), ") must have one entry per factors tensor (", n, ")");
+  TORCH_CHECK(momentum_buffers.size() == (momentum != 0 ? n : 0), "dwf_sgd_step_multi: momentum_buffers must have ",
+              momentum != 0 ? "one entry per factors tensor" : "no entries when momentum is 0", " (", n,
+              " factors); got ", momentum_buffers.size());
+  MultiStepLayers layers{{factors.begin(), factors.end()},
+                         {momentum_buffers.begin(), momentum_buffers.end()},
+                         {grad_w.begin(), grad_w.end()},
+                         {}};
+  for (size_t i = 0; i < n; ++i) {
+    layers.grad_sumsq.push_back(grad_sumsq.get(i));
+    check_sgd_step_args(layers.factors[i], layers.buffer(i), layers.grad_w[i], layers.grad_sumsq[i], momentum);
+  }
+  return layers;
 }
 
 // The hyper-parameters of one dwf_sgd_step as the op receives them (its float and bool

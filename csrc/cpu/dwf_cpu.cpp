@@ -91,103 +91,104 @@ std::tuple<at::Tensor, at::Tensor> dwf_forward_cpu(const at::Tensor& factors_arg
   return {w, sumsq};
 }
 
-at::Tensor dwf_backward_cpu(const at::Tensor& factors_arg, const at::Tensor& grad_w_arg,
-                            const std::optional<at::Tensor>& grad_sumsq) {
-  check_backward_args(factors_arg, grad_w_arg, grad_sumsq);
-  const at::Tensor factors = factors_arg.contiguous();
+// The gradient ops' common part: the operands contiguous, and body(T*, G*, factors, grad_w, n, depth,
+// has_penalty, two_s) called with the element types' tags (the arguments are already checked).
+template <typename Body>
+void with_gradient_operands(const at::Tensor& factors_arg, const at::Tensor& grad_w_arg,
+                            const std::optional<at::Tensor>& grad_sumsq, Body&& body) {
+  const at::Tensor factors = factors_arg.contiguous();  // in-place callers pass contiguous factors
   const at::Tensor grad_w = grad_w_arg.contiguous();
   const int64_t depth = factors.size(0);
   const int64_t n = factors.numel() / depth;
-  at::Tensor grad_factors = at::empty(factors.sizes(), factors.options());
-
   dispatch_io_types(factors.scalar_type(), grad_w.scalar_type(), [&](auto* t_tag, auto* g_tag) {
-    using T = std::remove_pointer_t<decltype(t_tag)>;
-    using G = std::remove_pointer_t<decltype(g_tag)>;
-    using acc_t = acc_type<T>;
+    using acc_t = acc_type<std::remove_pointer_t<decltype(t_tag)>>;
     const bool has_penalty = grad_sumsq.has_value();
     const acc_t two_s = has_penalty ? acc_t(2) * grad_sumsq->item<acc_t>() : acc_t(0);
-    with_kernels([&](auto kernels) {
-      kernels.template backward<T, G>(factors.const_data_ptr<T>(), grad_w.const_data_ptr<G>(),
-                                      grad_factors.mutable_data_ptr<T>(), n, static_cast<int>(depth), has_penalty,
-                                      two_s);
-    });
+    body(t_tag, g_tag, factors, grad_w, n, static_cast<int>(depth), has_penalty, two_s);
   });
+}
+
+at::Tensor dwf_backward_cpu(const at::Tensor& factors, const at::Tensor& grad_w,
+                            const std::optional<at::Tensor>& grad_sumsq) {
+  check_backward_args(factors, grad_w, grad_sumsq);
+  at::Tensor grad_factors = at::empty(factors.sizes(), factors.options());
+  with_gradient_operands(factors, grad_w, grad_sumsq,
+                         [&](auto* t_tag, auto* g_tag, const at::Tensor& f, const at::Tensor& gw, int64_t n, int depth,
+                             bool has_penalty, auto two_s) {
+                           using T = std::remove_pointer_t<decltype(t_tag)>;
+                           using G = std::remove_pointer_t<decltype(g_tag)>;
+                           with_kernels([&](auto kernels) {
+                             kernels.template backward<T, G>(f.const_data_ptr<T>(), gw.const_data_ptr<G>(),
+                                                             grad_factors.mutable_data_ptr<T>(), n, depth, has_penalty,
+                                                             two_s);
+                           });
+                         });
   return grad_factors;
 }
 
-at::Tensor dwf_grad_sumsq_cpu(const at::Tensor& factors_arg, const at::Tensor& grad_w_arg,
+at::Tensor dwf_grad_sumsq_cpu(const at::Tensor& factors, const at::Tensor& grad_w,
                               const std::optional<at::Tensor>& grad_sumsq) {
-  check_backward_args(factors_arg, grad_w_arg, grad_sumsq);
-  const at::Tensor factors = factors_arg.contiguous();
-  const at::Tensor grad_w = grad_w_arg.contiguous();
-  const int64_t depth = factors.size(0);
-  const int64_t n = factors.numel() / depth;
+  check_backward_args(factors, grad_w, grad_sumsq);
   at::Tensor result = at::empty({}, factors.options().dtype(sumsq_dtype(factors.scalar_type())));
-
-  dispatch_io_types(factors.scalar_type(), grad_w.scalar_type(), [&](auto* t_tag, auto* g_tag) {
-    using T = std::remove_pointer_t<decltype(t_tag)>;
-    using G = std::remove_pointer_t<decltype(g_tag)>;
-    using acc_t = acc_type<T>;
-    const bool has_penalty = grad_sumsq.has_value();
-    const acc_t two_s = has_penalty ? acc_t(2) * grad_sumsq->item<acc_t>() : acc_t(0);
-    std::vector<acc_t> partials(num_chunks(n));
-    with_kernels([&](auto kernels) {
-      kernels.template grad_sumsq<T, G>(factors.const_data_ptr<T>(), grad_w.const_data_ptr<G>(), n,
-                                        static_cast<int>(depth), has_penalty, two_s, partials.data());
-    });
-    double total = 0;  // fixed-order final reduction, as the forward's sumsq
-    for (acc_t p : partials) total += static_cast<double>(p);
-    *result.mutable_data_ptr<acc_t>() = static_cast<acc_t>(total);
-  });
+  with_gradient_operands(factors, grad_w, grad_sumsq,
+                         [&](auto* t_tag, auto* g_tag, const at::Tensor& f, const at::Tensor& gw, int64_t n, int depth,
+                             bool has_penalty, auto two_s) {
+                           using T = std::remove_pointer_t<decltype(t_tag)>;
+                           using G = std::remove_pointer_t<decltype(g_tag)>;
+                           using acc_t = acc_type<T>;
+                           std::vector<acc_t> partials(num_chunks(n));
+                           with_kernels([&](auto kernels) {
+                             kernels.template grad_sumsq<T, G>(f.const_data_ptr<T>(), gw.const_data_ptr<G>(), n, depth,
+                                                               has_penalty, two_s, partials.data());
+                           });
+                           double total = 0;  // fixed-order final reduction, as the forward's sumsq
+                           for (acc_t p : partials) total += static_cast<double>(p);
+                           *result.mutable_data_ptr<acc_t>() = static_cast<acc_t>(total);
+                         });
   return result;
 }
 
-void dwf_sgd_step_cpu(const at::Tensor& factors, const std::optional<at::Tensor>& momentum_buffer,
-                      const at::Tensor& grad_w_arg, const std::optional<at::Tensor>& grad_sumsq, double lr,
-                      double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
-                      bool init_buffer) {
-  check_sgd_step_args(factors, momentum_buffer, grad_w_arg, grad_sumsq, momentum);
-  const at::Tensor grad_w = grad_w_arg.contiguous();
-  const int64_t depth = factors.size(0);
-  const int64_t n = factors.numel() / depth;
-
-  dispatch_io_types(factors.scalar_type(), grad_w.scalar_type(), [&](auto* t_tag, auto* g_tag) {
-    using T = std::remove_pointer_t<decltype(t_tag)>;
-    using G = std::remove_pointer_t<decltype(g_tag)>;
-    using acc_t = acc_type<T>;
-    const bool has_penalty = grad_sumsq.has_value();
-    const acc_t two_s = has_penalty ? acc_t(2) * grad_sumsq->item<acc_t>() : acc_t(0);
-    const SgdOptions args{lr, momentum, dampening, weight_decay, nesterov, maximize, init_buffer};
-    T* B = momentum != 0 ? momentum_buffer->mutable_data_ptr<T>() : nullptr;
-    with_kernels([&](auto kernels) {
-      kernels.template sgd_step<T, G>(factors.mutable_data_ptr<T>(), B, grad_w.const_data_ptr<G>(), n,
-                                      static_cast<int>(depth), has_penalty, two_s, args);
-    });
-  });
+// dwf_sgd_step on arguments already checked.
+void run_sgd_step(const at::Tensor& factors, const std::optional<at::Tensor>& momentum_buffer,
+                  const at::Tensor& grad_w, const std::optional<at::Tensor>& grad_sumsq, const SgdOptions& args) {
+  with_gradient_operands(factors, grad_w, grad_sumsq,
+                         [&](auto* t_tag, auto* g_tag, const at::Tensor&, const at::Tensor& gw, int64_t n, int depth,
+                             bool has_penalty, auto two_s) {
+                           using T = std::remove_pointer_t<decltype(t_tag)>;
+                           using G = std::remove_pointer_t<decltype(g_tag)>;
+                           T* B = args.momentum != 0 ? momentum_buffer->mutable_data_ptr<T>() : nullptr;
+                           with_kernels([&](auto kernels) {
+                             kernels.template sgd_step<T, G>(factors.mutable_data_ptr<T>(), B, gw.const_data_ptr<G>(), n,
+                                                             depth, has_penalty, two_s, args);
+                           });
+                         });
 }
 
-// dwf_sgd_step on each of a list of layers, in one op call: the same kernel per layer, so the
-// results are bitwise the per-layer op's. Layers of at most one chunk (whose kernel runs on one
-// thread) are spread over the threads, each running whole layers; larger layers follow one after
-// another, each split between the threads as in the per-layer op.
+void dwf_sgd_step_cpu(const at::Tensor& factors, const std::optional<at::Tensor>& momentum_buffer,
+                      const at::Tensor& grad_w, const std::optional<at::Tensor>& grad_sumsq, double lr,
+                      double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
+                      bool init_buffer) {
+  check_sgd_step_args(factors, momentum_buffer, grad_w, grad_sumsq, momentum);
+  run_sgd_step(factors, momentum_buffer, grad_w, grad_sumsq,
+               SgdOptions{lr, momentum, dampening, weight_decay, nesterov, maximize, init_buffer});
+}
+
+// dwf_sgd_step on each of a list of layers, in one op call: every layer checked first, then the
+// same kernel per layer, so the results are bitwise the per-layer op's. Layers of at most one chunk
+// (whose kernel runs on one thread) are spread over the threads, each running whole layers; larger
+// layers follow one after another, each split between the threads as in the per-layer op.
 void dwf_sgd_step_multi_cpu(at::TensorList factors, at::TensorList momentum_buffers, at::TensorList grad_w,
                             const c10::List<std::optional<at::Tensor>>& grad_sumsq, double lr, double momentum,
                             double dampening, double weight_decay, bool nesterov, bool maximize, bool init_buffer) {
-  const size_t layers = factors.size();
-  check_multi_step_lists(layers, momentum_buffers.size(), grad_w.size(), grad_sumsq.size(), momentum);
-  std::vector<std::optional<at::Tensor>> sumsq(layers), buffers(layers);
-  for (size_t i = 0; i < layers; ++i) {
-    sumsq[i] = grad_sumsq.get(i);
-    if (momentum != 0) buffers[i] = momentum_buffers[i];
-    check_sgd_step_args(factors[i], buffers[i], grad_w[i], sumsq[i], momentum);
-  }
+  const MultiStepLayers layers = check_multi_step(factors, momentum_buffers, grad_w, grad_sumsq, momentum);
+  const SgdOptions args{lr, momentum, dampening, weight_decay, nesterov, maximize, init_buffer};
   auto step = [&](size_t i) {
-    dwf_sgd_step_cpu(factors[i], buffers[i], grad_w[i], sumsq[i], lr, momentum, dampening, weight_decay, nesterov,
-                     maximize, init_buffer);
+    run_sgd_step(layers.factors[i], layers.buffer(i), layers.grad_w[i], layers.grad_sumsq[i], args);
   };
   std::vector<size_t> small, large;
-  for (size_t i = 0; i < layers; ++i) {
-    (factors[i].numel() / std::max<int64_t>(factors[i].size(0), 1) <= kChunk ? small : large).push_back(i);
+  for (size_t i = 0; i < layers.factors.size(); ++i) {
+    const at::Tensor& f = layers.factors[i];
+    (f.numel() / std::max<int64_t>(f.size(0), 1) <= kChunk ? small : large).push_back(i);
   }
   // A layer's own parallel_for runs inline inside this one (ATen does not nest parallel regions).
   at::parallel_for(0, static_cast<int64_t>(small.size()), 1, [&](int64_t begin, int64_t end) {

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "dwf_cuda_kernels.cuh"
+#include "dwf_cuda_multi_step.cuh"
 
 namespace dwf {
 namespace {
@@ -85,29 +86,17 @@ void dwf_sgd_step_multi_cuda(at::TensorList factors, at::TensorList momentum_buf
                              const c10::List<std::optional<at::Tensor>>& grad_sumsq, double lr, double momentum,
                              double dampening, double weight_decay, bool nesterov, bool maximize, bool init_buffer) {
   const SgdOptions options{lr, momentum, dampening, weight_decay, nesterov, maximize, init_buffer};
-  const size_t layers = factors.size();
-  check_multi_step_lists(layers, momentum_buffers.size(), grad_w.size(), grad_sumsq.size(), momentum);
-  std::vector<at::Tensor> f(factors.begin(), factors.end()), g(grad_w.begin(), grad_w.end());
-  std::vector<at::Tensor> b(momentum_buffers.begin(), momentum_buffers.end());
-  std::vector<std::optional<at::Tensor>> s(layers);
-  bool uniform = true;
-  for (size_t i = 0; i < layers; ++i) {
-    s[i] = grad_sumsq.get(i);
-    const std::optional<at::Tensor> buffer = momentum != 0 ? std::optional<at::Tensor>(b[i]) : std::nullopt;
-    check_sgd_step_args(f[i], buffer, g[i], s[i], momentum);
-    uniform = uniform && f[i].device() == f[0].device() && f[i].scalar_type() == f[0].scalar_type() &&
-              g[i].scalar_type() == g[0].scalar_type() && f[i].size(0) == f[0].size(0);
-  }
-  if (layers == 0) return;
-  const c10::cuda::CUDAGuard guard(f[0].device());
-  if (uniform) {
-    run_sgd_step_multi(f, b, g, s, options, CudaLauncher(f[0]));
+  const MultiStepLayers layers = check_multi_step(factors, momentum_buffers, grad_w, grad_sumsq, momentum);
+  if (layers.factors.empty()) return;
+  if (layers.uniform()) {
+    const c10::cuda::CUDAGuard guard(layers.factors[0].device());
+    run_sgd_step_multi(layers, options, CudaLauncher(layers.factors[0]));
     return;
   }
-  for (size_t i = 0; i < layers; ++i) {
-    const std::optional<at::Tensor> buffer = momentum != 0 ? std::optional<at::Tensor>(b[i]) : std::nullopt;
-    const c10::cuda::CUDAGuard layer_guard(f[i].device());
-    run_sgd_step(f[i], buffer, g[i], s[i], options, CudaLauncher(f[i]));
+  for (size_t i = 0; i < layers.factors.size(); ++i) {
+    const c10::cuda::CUDAGuard guard(layers.factors[i].device());
+    run_sgd_step(layers.factors[i], layers.buffer(i), layers.grad_w[i], layers.grad_sumsq[i], options,
+                 CudaLauncher(layers.factors[i]));
   }
 }
 

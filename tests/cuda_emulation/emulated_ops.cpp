@@ -11,6 +11,7 @@
 #include "cuda_on_host.h"
 // After the emulation, so the kernels see its __global__, threadIdx, __syncthreads, ...
 #include "cuda/dwf_cuda_kernels.cuh"
+#include "cuda/dwf_cuda_multi_step.cuh"
 
 namespace {
 
@@ -80,19 +81,10 @@ void sgd_step_multi(at::TensorList factors, at::TensorList momentum_buffers, at:
                     const c10::List<std::optional<at::Tensor>>& grad_sumsq, double lr, double momentum,
                     double dampening, double weight_decay, bool nesterov, bool maximize, bool init_buffer,
                     int64_t multiprocessors) {
+  for (const at::Tensor& f : factors) check_cpu(f, "factors");
+  const MultiStepLayers layers = check_multi_step(factors, momentum_buffers, grad_w, grad_sumsq, momentum);
   const SgdOptions options{lr, momentum, dampening, weight_decay, nesterov, maximize, init_buffer};
-  check_multi_step_lists(factors.size(), momentum_buffers.size(), grad_w.size(), grad_sumsq.size(), momentum);
-  std::vector<std::optional<at::Tensor>> s;
-  for (size_t i = 0; i < factors.size(); ++i) {
-    check_cpu(factors[i], "factors");
-    s.push_back(grad_sumsq.get(i));
-    const std::optional<at::Tensor> buffer =
-        momentum != 0 ? std::optional<at::Tensor>(momentum_buffers[i]) : std::nullopt;
-    check_sgd_step_args(factors[i], buffer, grad_w[i], s[i], momentum);
-  }
-  run_sgd_step_multi(std::vector<at::Tensor>(factors.begin(), factors.end()),
-                     std::vector<at::Tensor>(momentum_buffers.begin(), momentum_buffers.end()),
-                     std::vector<at::Tensor>(grad_w.begin(), grad_w.end()), s, options, launcher(multiprocessors));
+  run_sgd_step_multi(layers, options, launcher(multiprocessors));
 }
 
 // sum_partials_kernel alone, over any number of partials (the forward makes one per resident block).
