@@ -10,18 +10,22 @@
 #              each backend's fused backward followed by torch.optim.SGD(fused=True); every case is
 #              checked against the reference once, then timed on the device (CUDA events around
 #              back-to-back calls); one pytest run, with its own copy baseline, per mode
-#   launch     host time per call of the triton backend, and an empty Triton kernel's launch
-#   tests      the CUDA and the Triton tests, two pytest processes side by side (GPU-only file
-#              tests/test_gpu.py, and -k cuda / -k triton over the suite)
 #   step       training steps: dense + torch.optim.SGD(fused=True) against DWF D=4 + FusedSGD,
 #              LeNet-300-100, VGG-16, ResNet-18 (results written case by case)
+#   launch     host time per call of the triton backend, and an empty Triton kernel's launch
+#   tests      the CUDA and the Triton tests, two pytest processes side by side (-k cuda and
+#              -k triton over the suite, the GPU-only file tests/test_gpu.py included)
+#   fusedsgd   FusedSGD.step() alone, all layers in one op call against one per layer
+#              (bench/fused_sgd_step.py: 64 layers of 64x64, ResNet-18)
 #   more       more kernel benchmarks (D=2 and 8, N=2^20 and 2^24) while time is left
 #
 # A stage that fails or times out is recorded and the next one runs. After every stage the whole
 # working folder (logs, benchmark JSON, reports) is archived into OUTDIR/gpu-check.tgz, atomically,
 # so a call that is cut off still returns everything finished until then. OUTDIR holds at most
-# seven files: gpu-check.tgz, summary.md (stages, goals, test results), env.txt, gpu-goals.md,
-# gpu-kernels.md, gpu-train-step.md and gpu-kernels.png.
+# eight files: gpu-check.tgz, summary.md (stages, goals, test results), env.txt, gpu-goals.md,
+# gpu-kernels.md, gpu-train-step.md, gpu-kernels.png and kernel-resources.txt (registers, stack,
+# shared and local memory of every CUDA kernel in the extension and every Triton kernel compiled,
+# read by cuobjdump -res-usage).
 #
 # On a remote GPU machine without network: copy the repository (tracked files) and the prebuilt
 # extension folder prebuilt/gpu/ (made beforehand on any machine by `make gpu-prebuilt`, for the
@@ -62,7 +66,7 @@ left() { echo $((BUDGET - (SECONDS - T0))); }
 
 archive() {  # the working folder into OUTDIR, atomically; the summaries beside it
   summarize
-  for f in env.txt gpu-goals.md gpu-kernels.md gpu-train-step.md gpu-kernels.png; do
+  for f in env.txt gpu-goals.md gpu-kernels.md gpu-train-step.md gpu-kernels.png kernel-resources.txt; do
     [[ -f $WORK/$f ]] && cp "$WORK/$f" "$OUTDIR/$f.tmp" && mv "$OUTDIR/$f.tmp" "$OUTDIR/$f"
   done
   cp "$WORK/summary.md" "$OUTDIR/summary.md.tmp" && mv "$OUTDIR/summary.md.tmp" "$OUTDIR/summary.md"
@@ -78,7 +82,7 @@ summarize() {
     echo "| stage | status | seconds | note |"
     echo "|---|---|---|---|"
     tail -n +2 "$STAGES" | awk -F'\t' '{printf "| %s | %s | %s | %s |\n", $1, $2, $3, $4}'
-    for f in gpu-goals.md tests-cuda.summary tests-triton.summary launch.summary; do
+    for f in gpu-goals.md tests-cuda.summary tests-triton.summary launch.summary gpu-fused-sgd-step.md; do
       [[ -s $WORK/$f ]] && { echo; echo "## $f"; echo; cat "$WORK/$f"; }
     done
   } > "$WORK/summary.md"
@@ -164,6 +168,29 @@ sys.exit(0 if e.LOADED and want <= e.KERNEL_DEVICES else 1)
 EOF
 }
 
+# Registers, stack, shared and local memory per kernel (cuobjdump -res-usage): the extension's CUDA
+# kernels and every Triton kernel compiled so far (their cubins in TRITON_CACHE_DIR), one line each.
+resources() {
+  local cuobjdump f demangle=cat
+  cuobjdump=$(command -v cuobjdump || echo "$("$PY" -c "import os, triton; print(os.path.dirname(triton.__file__))")/backends/nvidia/bin/cuobjdump")
+  [[ -x $cuobjdump ]] || { echo "cuobjdump: not found" > "$WORK/kernel-resources.txt"; return 0; }
+  command -v c++filt > /dev/null && demangle=c++filt
+  # "Function NAME:" then its usage on the next line: one line per kernel, the name last.
+  one_line() { awk '/^ *arch =/ {print $0; next} /^ *Function / {name = $2; sub(/:$/, "", name); next}
+                    name != "" && /REG:/ {print $1, $2, $3, $4, name; name = ""}' | sed 's/^ *//'; }
+  {
+    echo "# cuobjdump -res-usage: registers, stack frame, shared and local memory (bytes) per kernel"
+    echo "## dwf_kernels._C (CUDA kernels)"
+    for f in dwf_kernels/_C*.so; do
+      [[ -f $f ]] && "$cuobjdump" -res-usage "$f" 2>&1 | one_line | $demangle
+    done
+    echo "## Triton kernels compiled in this run (cache entry, usage, kernel)"
+    while IFS= read -r f; do
+      "$cuobjdump" -res-usage "$f" 2>&1 | one_line | grep -v "arch =" | sed "s|^|$(basename "$(dirname "$f")" | cut -c1-8) |"
+    done < <(find "$TRITON_CACHE_DIR" -name '*.cubin' 2> /dev/null | sort)
+  } > "$WORK/kernel-resources.txt" 2>&1
+}
+
 extension() {
   local want=--cuda
   [[ $DRY == 1 ]] && want=--cpu
@@ -177,6 +204,7 @@ extension() {
     cp "$PREBUILT"/_C*.so "$PREBUILT"/_build_info.py dwf_kernels/
     if extension_ok $want; then
       note "prebuilt extension from $PREBUILT"
+      resources
       return 0
     fi
     echo "the prebuilt extension does not load here (above); building it"
@@ -188,9 +216,7 @@ extension() {
   MAX_JOBS=${MAX_JOBS:-$(nproc)} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} \
     bounded "$PY" -m pip install --no-build-isolation --no-deps -e . || return 1
   extension_ok $want || return 1
-  local cuobjdump
-  cuobjdump=$(command -v cuobjdump || echo "$("$PY" -c "import os, triton; print(os.path.dirname(triton.__file__))")/backends/nvidia/bin/cuobjdump")
-  "$cuobjdump" -res-usage dwf_kernels/_C*.so > "$WORK/kernel-resources.txt" 2>&1 || true
+  resources
 }
 
 # Kernel benchmarks, one pytest run per mode (each with its own copy baseline): a run cut short
@@ -236,6 +262,9 @@ bench() {
   else
     bench_modes goal --bench-depths 4 --bench-sizes 67108864 --bench-dtypes float32,bfloat16 --bench-rounds 20 \
       --bench-compile-modes full
+    local status=$?
+    resources
+    return $status
   fi
 }
 
@@ -297,6 +326,16 @@ step() {
   return $status
 }
 
+fusedsgd() {
+  local args=()
+  if [[ $DRY == 1 ]]; then
+    args=(--models "64x(64x64)" --rounds 3)
+    note "dry run: 64 small layers only, 3 rounds"
+  fi
+  PYTHONPATH=python${PYTHONPATH:+:$PYTHONPATH} bounded "$PY" bench/fused_sgd_step.py "${args[@]}" \
+    --markdown "$WORK/gpu-fused-sgd-step.md"
+}
+
 more() {
   if [[ $DRY == 1 ]]; then
     note "dry run: D=2, N=4096, forward only"
@@ -308,15 +347,21 @@ more() {
   fi
 }
 
-export DRY PY PREBUILT WORK
-export -f note bounded extension_ok preflight extension bench_modes bench_run report bench launch tests step more
+# Triton's compiled kernels in a folder of this run's own (kept out of the archive): their cubins are
+# what the resource report reads.
+TRITON_CACHE_DIR=$(mktemp -d "${TMPDIR:-/tmp}/dwf-triton-cache.XXXXXX")
+export DRY PY PREBUILT WORK TRITON_CACHE_DIR
+export -f note bounded extension_ok resources preflight extension bench_modes bench_run report bench launch tests step fusedsgd more
 stage preflight 60 5 preflight
 stage extension 300 20 extension
 stage bench 240 30 bench
-stage launch 60 10 launch
-stage tests 240 15 tests
 stage step 150 20 step
+stage launch 45 10 launch
+stage tests 240 15 tests
+stage fusedsgd 60 20 fusedsgd
 stage more 600 15 more
+resources
+archive
 echo "== done in $((SECONDS - T0)) s of $BUDGET; $OUTDIR:"
 ls -l "$OUTDIR"
 grep -q $'\tok\t' "$STAGES" && ! grep -qE $'\t(FAILED|TIMED OUT)' "$STAGES"
