@@ -57,6 +57,8 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/dwf-gpu-check.XXXXXX")
 STAGES="$WORK/stages.tsv"
 printf 'stage\tstatus\tseconds\tnote\n' > "$STAGES"
 export PYTHONUNBUFFERED=1
+# The scripts under bench/ import dwf_kernels from this checkout (nothing is installed on a GPU machine).
+export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 # Run from inside a pytest-xdist worker (the dry-run test), pytest-benchmark would see these and
 # silently disable every benchmark.
 unset PYTEST_XDIST_WORKER PYTEST_XDIST_WORKER_COUNT PYTEST_XDIST_TESTRUNUID PYTEST_ADDOPTS

@@ -80,10 +80,13 @@ def make_case(
     if mode == "forward":
         f = factors.detach()
         return lambda: forward(f)
+    if mode == "backward" and provider not in ("eager", "compile"):
+        # Factors that do not require grad: with requires_grad (and grad mode on) dwf_product_backward
+        # computes a differentiable result with torch ops instead of the fused kernel.
+        f = factors.detach()
+        return lambda: dwf_kernels.dwf_product_backward(f, grad_w, grad_sumsq, backend=provider)
     f = factors.detach().requires_grad_(True)
     if mode == "backward":
-        if provider not in ("eager", "compile"):
-            return lambda: dwf_kernels.dwf_product_backward(f, grad_w, grad_sumsq, backend=provider)
         w, sumsq = forward(f)  # one graph, differentiated again and again
         return lambda: torch.autograd.grad([w, sumsq], [f], [grad_w, grad_sumsq], retain_graph=True)
 
@@ -152,6 +155,10 @@ def check_case(provider: str, mode: str, factors: torch.Tensor) -> None:
         del case, out
     narrow = factors.dtype in (torch.bfloat16, torch.float16)
     rtol, atol = (2e-2, 1e-2) if narrow else (1e-4, 1e-6)
+    if narrow and provider in ("eager", "compile"):
+        # The plain chain rounds every partial product to bf16/fp16 (the kernels and the reference
+        # accumulate in fp32): up to about D roundings of 2^-8 (bf16) per factor gradient.
+        rtol = max(rtol, factors.shape[0] * torch.finfo(factors.dtype).eps)
     if mode == "sgd":
         atol = 1.6e-2 if narrow else 1e-5  # the update is ~0.1 x gradient: two bf16 ulps of the factors
     got, expected = results

@@ -51,7 +51,15 @@ def _quantile(data, q):
 
 
 def run_case(
-    model_name: str, variant: str, depth: int, batch: int, rounds: int, warmup: int, device: str, clip: float | None
+    model_name: str,
+    variant: str,
+    depth: int,
+    batch: int,
+    rounds: int,
+    warmup: int,
+    device: str,
+    clip: float | None,
+    graph: bool = False,
 ) -> dict:
     import torch
     from paper.models import build_model
@@ -76,8 +84,9 @@ def run_case(
     backend = "reference" if variant == "dwf-reference" else None
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
-    def step():
-        optimizer.zero_grad(set_to_none=True)
+    def step(zero_grad=True):
+        if zero_grad:
+            optimizer.zero_grad(set_to_none=True)
         loss = torch.nn.functional.cross_entropy(model(x), y)
         if variant != "dense":
             loss = loss + dwf_kernels.penalty(model, lam)
@@ -87,8 +96,25 @@ def run_case(
         optimizer.step()
 
     with dwf_kernels.use_backend(backend):
-        for _ in range(warmup):
-            step()
+        if graph:
+            # The whole step (forward, backward, optimizer step) as one CUDA graph, replayed: device
+            # time without the host's per-kernel launch cost (torch's whole-network capture pattern).
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(max(warmup, 3)):
+                    step()
+            torch.cuda.current_stream().wait_stream(side)
+            optimizer.zero_grad(set_to_none=True)
+            captured = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(captured):
+                step(zero_grad=False)
+            step = captured.replay  # noqa: F811
+            for _ in range(warmup):
+                step()
+        else:
+            for _ in range(warmup):
+                step()
         sync()
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
@@ -126,6 +152,7 @@ def run_case(
         "peak_kind": peak_kind,
         "weights": sum(p.numel() for p in model.parameters()),
         "clip": clip,
+        "graph": graph,
     }
 
 
@@ -133,7 +160,8 @@ def markdown(results: list[dict], meta: dict) -> str:
     lines = [
         "Training step (forward + backward + "
         + (f"clip_grad_norm_({meta['clip']:g}) + " if meta.get("clip") is not None else "")
-        + f"SGD momentum), batch {meta['batch']}, D={meta['depth']}; "
+        + f"SGD momentum){', replayed as one CUDA graph' if meta.get('graph') else ''}, batch {meta['batch']}, "
+        f"D={meta['depth']}; "
         f"device {meta['device_name']}; torch {meta['torch']}; triton {meta['triton']}; {meta['date']}. "
         f"Peak memory: {results[0]['peak_kind']} of a fresh process per row.",
         "",
@@ -165,6 +193,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="auto")
     p.add_argument("--clip", type=float, default=None, metavar="MAX_NORM", help="clip_grad_norm_ before each step")
+    p.add_argument("--graph", action="store_true", help="CUDA only: time replays of the whole step as one CUDA graph")
     p.add_argument("--json", help="write all results here")
     p.add_argument("--jsonl", help="append each case's result (or error) here as it finishes")
     p.add_argument("--markdown", help="write the table here")
@@ -174,10 +203,13 @@ def main(argv=None) -> int:
     import torch
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if args.graph and not device.startswith("cuda"):
+        p.error(f"--graph needs a CUDA device; the device is {device}")
     if args.case:
         model, variant = args.case
         rounds = args.rounds or (50 if model.startswith("lenet") or device.startswith("cuda") else 10)
-        print(json.dumps(run_case(model, variant, args.depth, args.batch, rounds, args.warmup, device, args.clip)))
+        result = run_case(model, variant, args.depth, args.batch, rounds, args.warmup, device, args.clip, args.graph)
+        print(json.dumps(result))
         return 0
     results, failed = [], []
     for model in args.models.split(","):
@@ -199,6 +231,7 @@ def main(argv=None) -> int:
                 "--device",
                 device,
                 *(["--clip", str(args.clip)] if args.clip is not None else []),
+                *(["--graph"] if args.graph else []),
             ]
             env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [PYTHON_DIR, os.environ.get("PYTHONPATH")])))
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -230,6 +263,7 @@ def main(argv=None) -> int:
         "batch": args.batch,
         "depth": args.depth,
         "clip": args.clip,
+        "graph": args.graph,
     }
     text = markdown(results, meta) if results else "No case finished.\n"
     for case in failed:
