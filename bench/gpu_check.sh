@@ -11,7 +11,8 @@
 #              checked against the reference once, then timed on the device (CUDA events around
 #              back-to-back calls); one pytest run, with its own copy baseline, per mode
 #   step       training steps: dense + torch.optim.SGD(fused=True) against DWF D=4 + FusedSGD,
-#              LeNet-300-100, VGG-16, ResNet-18 (results written case by case)
+#              LeNet-300-100, VGG-16, ResNet-18 (results written case by case), run eagerly and
+#              replayed as one CUDA graph per step
 #   launch     host time per call of the triton backend, and an empty Triton kernel's launch
 #   tests      the CUDA and the Triton tests, two pytest processes side by side (-k cuda and
 #              -k triton over the suite, the GPU-only file tests/test_gpu.py included)
@@ -247,8 +248,10 @@ bench_run() {
 # The reports of every benchmark result so far; fails when report.py fails.
 report() {
   compgen -G "$WORK/gpu-kernels-*.json" > /dev/null || return 0
-  local step=()
-  [[ -s $WORK/gpu-train-step.jsonl ]] && step=(--train-step "$WORK/gpu-train-step.jsonl")
+  local step=() f
+  for f in "$WORK"/gpu-train-step.jsonl "$WORK"/gpu-train-step-graph.jsonl; do
+    [[ -s $f ]] && step+=(--train-step "$f")
+  done
   "$PY" bench/report.py "$WORK"/gpu-kernels-*.json --markdown "$WORK/gpu-kernels.md" --plot "$WORK/gpu-kernels.png" \
     --goals "$WORK/gpu-goals.md" "${step[@]}" > /dev/null || { echo "bench/report.py failed"; return 1; }
 }
@@ -324,6 +327,11 @@ step() {
   bounded "$PY" bench/train_step.py "${args[@]}" --jsonl "$WORK/gpu-train-step.jsonl" \
     --json "$WORK/gpu-train-step.json" --markdown "$WORK/gpu-train-step.md"
   local status=$?
+  if [[ $DRY == 0 ]]; then  # the same steps replayed as one CUDA graph each: device time, no launch cost
+    bounded "$PY" bench/train_step.py "${args[@]}" --variants dense,dwf-fused-sgd --graph --rounds 100 \
+      --jsonl "$WORK/gpu-train-step-graph.jsonl" --markdown "$WORK/gpu-train-step-graph.md" || status=1
+    { echo; cat "$WORK/gpu-train-step-graph.md"; } >> "$WORK/gpu-train-step.md" 2> /dev/null
+  fi
   report || status=1
   return $status
 }
@@ -357,7 +365,7 @@ export -f note bounded extension_ok resources preflight extension bench_modes be
 stage preflight 60 5 preflight
 stage extension 300 20 extension
 stage bench 240 30 bench
-stage step 150 20 step
+stage step 240 20 step
 stage launch 45 10 launch
 stage tests 240 15 tests
 stage fusedsgd 60 20 fusedsgd

@@ -58,6 +58,16 @@ def test_providers_compute_the_same_step(provider):
     torch.testing.assert_close(backward[0] if isinstance(backward, tuple) else backward, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("provider", ["cpu", "reference"])
+def test_backend_backward_case_runs_the_fused_backward(provider):
+    """Not dwf_product_backward's differentiable path (taken when the factors require grad), which
+    runs torch ops: the benchmark would time those instead of the backend's kernel."""
+    if provider == "cpu" and "cpu" not in dwf_kernels.available_backends("cpu"):
+        pytest.skip("C++ extension not loaded")
+    out = providers.make_case(provider, "backward", 0.5 + torch.rand(4, 1000))()
+    assert out.grad_fn is None and not out.requires_grad
+
+
 def _bench(extra, data):
     return {"extra_info": extra, "stats": {"data": data}}
 
@@ -163,6 +173,34 @@ def test_goal_table_judges_the_gpu_goals():
     assert "| forward: cuda not slower than triton | float32 | 16777216 | cuda | 0.84x triton's time | yes |" in lines
     assert "| full: cuda not slower than triton | float32 | 16777216 | cuda | 0.80x triton's time | yes |" in lines
     assert report.goal_table(rows[5:], 1000.0).startswith("No goal case")
+
+
+def test_goal_table_calls_a_difference_inside_the_spread_a_tie():
+    def row(provider, median, p20, p80):
+        info = {"kind": "kernel", "provider": provider, "mode": "backward", "depth": 4, "n": 1 << 26}
+        return dict(info, dtype="float32", bytes=1e9, median=median, p20=p20, p80=p80, gbs=1.0 / median)
+
+    def judged(cuda, triton):
+        (line,) = [x for x in report.goal_table([cuda, triton], None).splitlines() if "not slower" in x]
+        return line
+
+    overlapping = judged(row("cuda", 1.03, 1.02, 1.05), row("triton", 1.00, 0.98, 1.04))
+    assert overlapping.endswith("| cuda | 1.03x triton's time, within the p20-p80 spread | yes |"), overlapping
+    apart = judged(row("cuda", 1.06, 1.05, 1.07), row("triton", 1.00, 0.99, 1.01))
+    assert apart.endswith("| cuda | 1.06x triton's time | NO |"), apart
+
+
+def test_step_goal_table_gives_the_roofline_floor_of_the_overhead():
+    # 10M weights factorized at D=4 (30M more parameters), fp32: 17 x 10M x 4 bytes = 0.68 GB, at
+    # 1000 GB/s 0.68 ms: +6.8% of a 10 ms dense step.
+    results = [
+        {"model": "vgg16", "variant": "dense", "median_ms": 10.0, "weights": 10_000_100, "depth": 4},
+        {"model": "vgg16", "variant": "dwf-fused-sgd", "median_ms": 10.4, "weights": 40_000_100, "depth": 4},
+    ]
+    lines = report.step_goal_table(results, 1000.0).splitlines()
+    assert lines[2] == "| step overhead ≤ 5% | vgg16 | 10.00 | 10.40 | +4.0% | +6.8% (0.68 ms) | yes |", lines
+    results[1]["graph"] = True
+    assert "(CUDA graph)" in report.step_goal_table(results, None)
 
 
 def test_ab_prints_interleaved_medians_and_ratios(capsys):
