@@ -252,6 +252,11 @@ report() {
   for f in "$WORK"/gpu-train-step.jsonl "$WORK"/gpu-train-step-graph.jsonl; do
     [[ -s $f ]] && step+=(--train-step "$f")
   done
+  if [[ $DRY == 0 ]]; then  # a dry run only collects the tests
+    for f in "$WORK"/tests-cuda.summary "$WORK"/tests-triton.summary; do
+      [[ -f $f ]] && step+=(--tests "$f")
+    done
+  fi
   "$PY" bench/report.py "$WORK"/gpu-kernels-*.json --markdown "$WORK/gpu-kernels.md" --plot "$WORK/gpu-kernels.png" \
     --goals "$WORK/gpu-goals.md" "${step[@]}" > /dev/null || { echo "bench/report.py failed"; return 1; }
 }
@@ -315,6 +320,7 @@ tests() {
     grep -E "^(FAILED|ERROR) " "$WORK/tests-$family.log" | head -30 >> "$WORK/tests-$family.summary"
     echo "$family: $(head -1 "$WORK/tests-$family.summary")"
   done
+  report
   ((cuda_status == 0 && triton_status == 0))
 }
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 from collections import defaultdict
 
@@ -212,6 +213,20 @@ def step_goal_table(results: list[dict], copy_gbs: float | None = None) -> str:
     return "\n".join(lines) if len(lines) > 2 else "No training-step pair (dense, dwf-fused-sgd) was measured."
 
 
+def tests_goal_table(paths: list[str]) -> str:
+    """The goal that every CUDA and Triton test passes on the device, from pytest's summary lines
+    (bench/gpu_check.sh's tests-<family>.summary: the final line, then any FAILED/ERROR lines)."""
+    lines = ["| goal | tests | result | met |", "|---|---|---|---|"]
+    for path in paths:
+        family = os.path.basename(path).removeprefix("tests-").removesuffix(".summary")
+        with open(path) as f:
+            summary = [line.strip() for line in f if line.strip()]
+        result = summary[0] if summary else "no result (the run was cut off)"
+        green = bool(summary) and " passed" in result and not any(w in result for w in (" failed", " error"))
+        lines.append(f"| every {family} test passes on the device | {family} | {result} | {'yes' if green else 'NO'} |")
+    return "\n".join(lines)
+
+
 def load_step_results(path: str) -> list[dict]:
     """bench/train_step.py output: its --json document, or the JSON lines it appends case by case."""
     with open(path) as f:
@@ -304,6 +319,9 @@ def main() -> None:
     parser.add_argument("--plot", help="write a PNG plot of GB/s against N")
     parser.add_argument("--goals", help="write the GPU goals, measured and met or not, here")
     parser.add_argument(
+        "--tests", action="append", help="a pytest summary (tests-<family>.summary) to judge the tests goal by"
+    )
+    parser.add_argument(
         "--train-step",
         action="append",
         help="bench/train_step.py results to judge the training-step goal by (repeatable: eager, CUDA graph)",
@@ -322,6 +340,8 @@ def main() -> None:
         if args.train_step:
             for path in args.train_step:
                 goals += "\n\n" + step_goal_table(load_step_results(path), copy_gbs)
+        if args.tests:
+            goals += "\n\n" + tests_goal_table(args.tests)
         print(goals)
         with open(args.goals, "w") as f:
             f.write(header(doc, rows, copy_gbs).split("\n")[0] + "\n\n" + goals + "\n")

@@ -211,3 +211,17 @@ def test_ab_prints_interleaved_medians_and_ratios(capsys):
     assert [line.split(":")[0].strip() for line in lines] == ["reference", "eager"]
     assert all("median of 3 interleaved rounds" in line for line in lines)
     assert any(line.endswith("1.00x vs slowest") for line in lines)
+
+
+def test_tests_goal_table_reads_pytest_summaries(tmp_path):
+    green, red, cut = tmp_path / "tests-cuda.summary", tmp_path / "tests-triton.summary", tmp_path / "tests-x.summary"
+    green.write_text("950 passed, 2720 deselected, 17 warnings in 67.58s\n")
+    red.write_text("1 failed, 963 passed in 127.00s\nFAILED tests/test_gpu.py::test_x[cuda-triton]\n")
+    cut.write_text("")
+    lines = report.tests_goal_table([str(green), str(red), str(cut)]).splitlines()[2:]
+    assert lines[0] == (
+        "| every cuda test passes on the device | cuda | 950 passed, 2720 deselected, 17 warnings in 67.58s | yes |"
+    )
+    assert lines[1].startswith("| every triton test passes on the device | triton | 1 failed"), lines[1]
+    assert lines[1].endswith("| NO |"), lines[1]
+    assert lines[2].endswith("| no result (the run was cut off) | NO |")
