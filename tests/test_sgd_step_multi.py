@@ -177,3 +177,57 @@ def test_layers_of_different_depths_and_dtypes_form_separate_sets(monkeypatch):
 def test_multi_tensor_must_be_a_bool():
     with pytest.raises(TypeError, match="multi_tensor must be True or False"):
         FusedSGD(nn.Linear(2, 2).parameters(), lr=0.1, multi_tensor="yes")
+
+
+TRITON_BACKENDS = [p for p in KERNEL_BACKENDS if p.values[1] == "triton"]
+
+
+@pytest.mark.parametrize("device,backend", TRITON_BACKENDS)
+def test_triton_steps_many_layers_per_launch_bitwise(device, backend, monkeypatch):
+    """Past one launch's slots: layers of two depths, two factor dtypes, with and without a penalty
+    term, empty ones; each set in launches of up to MULTI_SLOTS layers, every layer as dwf_sgd_step
+    updates it."""
+    from dwf_kernels.backends import _triton_kernels as K
+
+    shapes = [(5, 3), (64,), (300,), (0,), (33, 7), (1,), (129,), (16, 16), (1000,), (2,), (8, 9, 3)]
+    specs = [(d, t, s) for d in (2, 4) for t in (torch.float32, torch.bfloat16) for s in shapes[: 7 + d]]
+    factors = [make_factors(d, s, t, device, seed=i) for i, (d, t, s) in enumerate(specs)]
+    grad_w = [make_factors(1, s, t, device, seed=500 + i)[0] for i, (_, t, s) in enumerate(specs)]
+    grad_sumsq = [torch.tensor(0.003 * i, device=device) if i % 3 else None for i in range(len(specs))]
+    launches = []
+    kernel = K._dwf_sgd_step_multi_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(K, "_dwf_sgd_step_multi_kernel", Counting())
+    options = {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3}
+    each = [f.clone() for f in factors]
+    buffers_each = [None] * len(factors)
+    together, buffers = [f.clone() for f in factors], None
+    for _ in range(2):
+        for i, f in enumerate(each):
+            buffers_each[i] = dwf_sgd_step(f, grad_w[i], grad_sumsq[i], buffers_each[i], backend=backend, **options)
+        buffers = dwf_sgd_step_multi(together, grad_w, grad_sumsq, buffers, backend=backend, **options)
+    for i, (a, b) in enumerate(zip(each, together, strict=True)):
+        assert torch.equal(a, b) and torch.equal(buffers_each[i], buffers[i]), f"layer {i} {specs[i]} differs"
+    # Sets of (depth, dtype, penalty or not), empty layers left out, each in ceil(layers / slots) launches.
+    sets: dict = {}
+    for i, (d, t, _) in enumerate(specs):
+        if factors[i].numel():
+            sets[(d, t, grad_sumsq[i] is not None)] = sets.get((d, t, grad_sumsq[i] is not None), 0) + 1
+    per_step = sum(-(-count // K.MULTI_SLOTS) for count in sets.values())
+    assert len(launches) == 2 * per_step < len(specs), (len(launches), per_step)
+
+
+@pytest.mark.parametrize("device,backend", TRITON_BACKENDS)
+def test_triton_multi_step_refuses_a_bad_layer_before_any_launch(device, backend):
+    factors, grad_w, grad_sumsq = _layers(torch.float32, torch.float32, 3, device)
+    before = [f.clone() for f in factors]
+    bad = list(grad_w)
+    bad[4] = torch.ones(5, device=device)
+    with pytest.raises(ValueError, match="grad_w"):
+        dwf_sgd_step_multi(factors, bad, grad_sumsq, lr=0.1, momentum=0.9, backend=backend)
+    assert all(torch.equal(a, b) for a, b in zip(factors, before, strict=True)), "no layer may be updated"

@@ -319,3 +319,52 @@ def test_kernels_compile_to_cubin_with_vector_accesses_and_no_spills(arch):
             assert r["ld_16B"] > 0 and (case.get("reads_only") or r["st_16B"] > 0), (
                 f"{what}: no 16-byte vector loads/stores"
             )
+
+
+def _multi_signature(element: str, grad: str) -> dict:
+    from dwf_kernels.backends import _triton_kernels as K
+
+    sig = {}
+    for i in range(K.MULTI_SLOTS):
+        sig.update({f"F{i}": element, f"B{i}": element, f"GW{i}": grad, f"S{i}": "*fp32", f"N{i}": "i32"})
+        sig[f"END{i}"] = "i32"
+    sig.update({k: v for k, v in SGD_STEP_SIG.items() if k not in ("F", "B", "GW", "grad_sumsq", "n_units")})
+    return sig
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_multi_layer_step_kernel_compiles_like_the_single_layer_one(arch):
+    """Every slot of the multi-layer step runs the single-layer kernel's code: its explicit fmas per
+    element and no others, 16-byte accesses, 64-bit offsets, no spills."""
+    from dwf_kernels.backends import _triton_kernels as K
+
+    flags = dict(HAS_MOMENTUM=True, INIT_BUFFER=False, HAS_WEIGHT_DECAY=True, NESTEROV=True, MAXIMIZE=False)
+    cases = []
+    for element, grad in (("*fp32", "*fp32"), ("*bf16", "*bf16"), ("*fp32", "*bf16")):
+        block, options = K.gradient_launch(4, ELEMENT_SIZE[element], sgd=True)
+        sig = _multi_signature(element, grad)
+        case = _case(
+            "_dwf_sgd_step_multi_kernel",
+            sig,
+            arch,
+            num_warps=options["num_warps"],
+            D=4,
+            HAS_PENALTY=True,
+            IS_FP64=False,
+            BLOCK=block,
+            **flags,
+        )
+        case["constexprs"]["ROW_ALIGN"] = K.row_align(N, ELEMENT_SIZE[element], ELEMENT_SIZE[grad])
+        cases.append(case)
+    for case, r in zip(cases, _compile(cases), strict=True):
+        what = f"multi-layer step {case['signature']['F0']}/{case['signature']['GW0']} sm_{arch}"
+        assert r["has_cubin"], what
+        assert r["offsets"] > 0 and not r["narrow_offsets"], f"{what}: pointer offsets narrower than 64 bits ({r})"
+        assert r["local"] == 0 and r["stack"] == 0, f"{what}: registers spill to local memory ({r})"
+        assert r["ld_16B"] > 0 and r["st_16B"] > 0, f"{what}: no 16-byte vector loads/stores ({r})"
+        c = case["constexprs"]
+        per_element = 1 + c["HAS_WEIGHT_DECAY"] + c["HAS_MOMENTUM"] + c["NESTEROV"]
+        elements_per_thread = c["BLOCK"] // (32 * case["num_warps"])
+        # The compiler may share one copy of the slots' identical code, or keep several.
+        unit = c["D"] * elements_per_thread * per_element
+        assert r["fma"] % unit == 0 and unit <= r["fma"] <= K.MULTI_SLOTS * unit, f"{what}: {r['fma']} fmas"

@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from .._validate import check_no_overlap
+from .._validate import check_no_overlap, check_sgd_step
 from . import registration
 from .base import Backend, OpFamily
 
@@ -149,6 +149,19 @@ else:
         # What the op's mutates_args does: autograd must see that these tensors changed.
         torch.autograd.graph.increment_version(factors if momentum_buffer is None else (factors, momentum_buffer))
 
+    def sgd_step_multi(factors, momentum_buffers, grad_w, grad_sumsq, *hyper) -> None:
+        # A native multi-layer step checks its layers itself (the front door leaves that to it).
+        lr, momentum, dampening, weight_decay, nesterov, _, init_buffer = hyper
+        for i, f in enumerate(factors):
+            buffer = momentum_buffers[i] if momentum != 0 and not init_buffer else None
+            check_sgd_step(f, grad_w[i], grad_sumsq[i], buffer, lr, momentum, dampening, weight_decay, nesterov)
+        if not direct_call_ok(*factors, *momentum_buffers, *grad_w, *grad_sumsq):
+            for i, f in enumerate(factors):  # the op per layer: what tracing and tensor subclasses need
+                sgd_step(f, momentum_buffers[i] if momentum_buffers else None, grad_w[i], grad_sumsq[i], *hyper)
+            return
+        _triton_kernels.sgd_step_multi(factors, momentum_buffers, grad_w, grad_sumsq, *hyper)
+        torch.autograd.graph.increment_version((*factors, *momentum_buffers))
+
 
 def _serves(device_type: str) -> bool:
     return AVAILABLE and device_type == ("cpu" if INTERPRETED else "cuda")
@@ -169,6 +182,7 @@ BACKEND = Backend(
     backward=backward,
     sgd_step=sgd_step,
     grad_sumsq=grad_sumsq,
+    sgd_step_multi=sgd_step_multi if AVAILABLE else None,
     serves=_serves,
     why_not=_why_not,
     emulated=INTERPRETED,
