@@ -18,6 +18,7 @@
 #              -k triton over the suite, the GPU-only file tests/test_gpu.py included)
 #   fusedsgd   FusedSGD.step() alone, all layers in one op call against one per layer
 #              (bench/fused_sgd_step.py: 64 layers of 64x64, ResNet-18)
+#   ncu        Nsight Compute on the fused SGD step's kernels of both backends (bench/ncu_sgd.py)
 #   more       more kernel benchmarks (D=2 and 8, N=2^20 and 2^24) while time is left
 #
 # A stage that fails or times out is recorded and the next one runs. After every stage the whole
@@ -352,6 +353,26 @@ fusedsgd() {
     --markdown "$WORK/gpu-fused-sgd-step.md"
 }
 
+# Nsight Compute on the fused SGD step's kernels (cuda and triton backends, D=4, N=2^24, fp32):
+# achieved DRAM throughput, occupancy, registers and waves, at the card's own clocks.
+ncu_sgd() {
+  if [[ $DRY == 1 ]]; then
+    note "dry run: no GPU; the profiled script runs once on CPU"
+    bounded "$PY" bench/ncu_sgd.py --n 4096
+    return
+  fi
+  local ncu
+  ncu=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2> /dev/null | head -1)
+  [[ -n $ncu ]] || { note "ncu not found"; return 0; }
+  bounded "$ncu" --clock-control none --kernel-name regex:sgd_step --launch-count 8 --section SpeedOfLight \
+    --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
+    "$PY" bench/ncu_sgd.py > "$WORK/ncu-sgd.txt" 2>&1
+  local status=$?
+  grep -E "sgd_step|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Waves Per SM|Duration" \
+    "$WORK/ncu-sgd.txt" | head -80
+  return $status
+}
+
 more() {
   if [[ $DRY == 1 ]]; then
     note "dry run: D=2, N=4096, forward only"
@@ -367,7 +388,7 @@ more() {
 # what the resource report reads.
 TRITON_CACHE_DIR=$(mktemp -d "${TMPDIR:-/tmp}/dwf-triton-cache.XXXXXX")
 export DRY PY PREBUILT WORK TRITON_CACHE_DIR
-export -f note bounded extension_ok resources preflight extension bench_modes bench_run report bench launch tests step fusedsgd more
+export -f note bounded extension_ok resources preflight extension bench_modes bench_run report bench launch tests step fusedsgd ncu_sgd more
 stage preflight 60 5 preflight
 stage extension 300 20 extension
 stage bench 240 30 bench
@@ -375,6 +396,7 @@ stage step 240 20 step
 stage launch 45 10 launch
 stage tests 240 15 tests
 stage fusedsgd 60 20 fusedsgd
+stage ncu 90 20 ncu_sgd
 stage more 600 15 more
 resources
 archive
