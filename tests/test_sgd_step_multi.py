@@ -191,9 +191,15 @@ def test_triton_steps_many_layers_per_launch_bitwise(device, backend, monkeypatc
 
     shapes = [(5, 3), (64,), (300,), (0,), (33, 7), (1,), (129,), (16, 16), (1000,), (2,), (8, 9, 3)]
     specs = [(d, t, s) for d in (2, 4) for t in (torch.float32, torch.bfloat16) for s in shapes[: 7 + d]]
+    specs = [(3, torch.float64, (37,))] + specs + [(3, torch.float64, (5, 5))]  # fp64 sets first and last
     factors = [make_factors(d, s, t, device, seed=i) for i, (d, t, s) in enumerate(specs)]
     grad_w = [make_factors(1, s, t, device, seed=500 + i)[0] for i, (_, t, s) in enumerate(specs)]
-    grad_sumsq = [torch.tensor(0.003 * i, device=device) if i % 3 else None for i in range(len(specs))]
+    grad_sumsq = [
+        torch.tensor(0.003 * i, dtype=torch.float64 if t == torch.float64 else torch.float32, device=device)
+        if i % 3
+        else None
+        for i, (_, t, _) in enumerate(specs)
+    ]
     launches = []
     kernel = K._dwf_sgd_step_multi_kernel
 

@@ -790,12 +790,12 @@ def sgd_step_multi(
             sets.setdefault(key, []).append(i)
     if not sets:
         return
-    is_fp64 = factors[0].dtype == torch.float64
-    values = (-float(lr), float(momentum), 1.0 - float(dampening), float(weight_decay))
-    if is_fp64:
-        values = tuple(_f64_bits(v) for v in values)
     with _device_guard(factors[0]):
-        for (depth, _, _, has_penalty), layers in sets.items():
+        for (depth, dtype, _, has_penalty), layers in sets.items():
+            is_fp64 = dtype == torch.float64
+            values = (-float(lr), float(momentum), 1.0 - float(dampening), float(weight_decay))
+            if is_fp64:  # each set its own: a call may mix fp64 and narrower factors
+                values = tuple(_f64_bits(v) for v in values)
             block, options = gradient_launch(depth, factors[layers[0]].element_size(), sgd=True)
             for start in range(0, len(layers), MULTI_SLOTS):
                 chunk = layers[start : start + MULTI_SLOTS]
