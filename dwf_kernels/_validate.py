@@ -158,6 +158,44 @@ def check_sgd_step(
     )
 
 
+def check_layers_apart(
+    factors: list[torch.Tensor],
+    momentum_buffers: list[torch.Tensor] | None,
+    grad_w: list[torch.Tensor],
+    grad_sumsq: list[torch.Tensor | None],
+) -> None:
+    """The multi-layer step's layers must not share memory where one of them writes: its kernels step
+    the layers concurrently, so a tensor written by one layer and read or written by another (the
+    same factors twice, a buffer that is another layer's factors) would make the result depend on
+    the order of the accesses. Each layer's own tensors are checked by check_sgd_step. O(L log L):
+    the address ranges sorted, each compared with those still open."""
+    if torch.compiler.is_compiling():
+        return
+    spans = []
+    for i, f in enumerate(factors):
+        tensors = [("factors", f, True), ("grad_w", grad_w[i], False), ("grad_sumsq", grad_sumsq[i], False)]
+        if momentum_buffers is not None:
+            tensors.append(("momentum_buffers", momentum_buffers[i], True))
+        for name, t, written in tensors:
+            if isinstance(t, torch.Tensor) and t.numel():  # anything else: the layer's own checks say what
+                first, end = _span(t)
+                if first:  # tensors without memory (meta) have no address to compare
+                    spans.append((first, end, written, i, name, t.device))
+    spans.sort(key=lambda span: span[0])
+    open_spans: list = []
+    for span in spans:
+        open_spans = [o for o in open_spans if o[1] > span[0]]
+        for o in open_spans:
+            if o[3] != span[3] and (o[2] or span[2]) and o[5] == span[5]:
+                (a, b) = sorted((o, span), key=lambda x: x[3])
+                raise ValueError(
+                    f"{a[4]}[{a[3]}] and {b[4]}[{b[3]}] share memory, and the step writes "
+                    f"{a[4] if a[2] else b[4]}[{a[3] if a[2] else b[3]}] in place while it steps the layers "
+                    "together: pass each layer's own tensors (each factors tensor once)"
+                )
+        open_spans.append(span)
+
+
 def _span(tensor: torch.Tensor) -> tuple[int, int]:
     """[first, last + 1) byte addresses of the tensor's elements (first is 0 without memory)."""
     first = tensor.data_ptr()

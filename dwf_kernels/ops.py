@@ -12,7 +12,14 @@ from __future__ import annotations
 
 import torch
 
-from ._validate import check_backward, check_flag, check_forward, check_sgd_hyper, check_sgd_step
+from ._validate import (
+    check_backward,
+    check_flag,
+    check_forward,
+    check_layers_apart,
+    check_sgd_hyper,
+    check_sgd_step,
+)
 from .backends import reference, select
 
 
@@ -156,6 +163,39 @@ def dwf_sgd_step_multi(
     other backends step the layers one by one, each checked first. Returns the buffers when
     momentum != 0, else None.
     """
+    return _sgd_step_multi(
+        factors,
+        grad_w,
+        grad_sumsq,
+        momentum_buffers,
+        lr=lr,
+        momentum=momentum,
+        dampening=dampening,
+        weight_decay=weight_decay,
+        nesterov=nesterov,
+        maximize=maximize,
+        backend=backend,
+        check_apart=True,
+    )
+
+
+def _sgd_step_multi(
+    factors,
+    grad_w,
+    grad_sumsq,
+    momentum_buffers,
+    *,
+    lr,
+    momentum,
+    dampening,
+    weight_decay,
+    nesterov,
+    maximize,
+    backend,
+    check_apart: bool,
+):
+    """dwf_sgd_step_multi; check_apart=False skips the check that the layers share no memory, for
+    FusedSGD, whose layers are distinct parameters with their own buffers and gradients."""
     lists = {"factors": factors, "grad_w": grad_w, "grad_sumsq": grad_sumsq}
     if momentum_buffers is not None:
         lists["momentum_buffers"] = momentum_buffers
@@ -173,10 +213,14 @@ def dwf_sgd_step_multi(
     if any(f.device != device for f in factors):
         raise ValueError(f"factors must all be on one device; got {sorted({str(f.device) for f in factors})}")
     chosen = select(device.type, backend)
-    if not chosen.multi_native:
+    if not chosen.multi_native or (momentum == 0 and momentum_buffers is not None):
+        # Backends that step layer by layer check here; so does every backend for the buffers it is
+        # not passed (momentum 0), which must still be valid ones, as dwf_sgd_step requires.
         for i, f in enumerate(factors):
             buffer = None if momentum_buffers is None else momentum_buffers[i]
             check_sgd_step(f, grad_w[i], grad_sumsq[i], buffer, lr, momentum, dampening, weight_decay, nesterov)
+    if check_apart:
+        check_layers_apart(factors, momentum_buffers if momentum != 0 else None, grad_w, grad_sumsq)
     init_buffer = momentum != 0 and momentum_buffers is None
     if init_buffer:
         momentum_buffers = [torch.empty_like(f, memory_format=torch.contiguous_format) for f in factors]

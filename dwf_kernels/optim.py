@@ -46,7 +46,7 @@ from torch.optim.sgd import sgd as _torch_sgd
 from . import _fusion
 from ._lazy_grad import LazyFactorGrad, dense_of, take_for_fused_step
 from .backends import BACKENDS
-from .ops import dwf_sgd_step, dwf_sgd_step_multi
+from .ops import _sgd_step_multi, dwf_sgd_step
 
 __all__ = ["FusedSGD", "LazyFactorGrad"]
 
@@ -126,7 +126,15 @@ class FusedSGD(torch.optim.SGD):
         any FusedSGD that updates it lives: its factor gradient is then lazy, which every consumer
         reads correctly; only FusedSGD.step() saves the work."""
         super().add_param_group(param_group)
-        _fusion.bind(self, self.param_groups[-1]["params"])
+        params = self.param_groups[-1]["params"]
+        if len({id(p) for p in params}) != len(params):
+            # torch only warns; stepping one parameter twice per step in one multi-layer launch
+            # would race (the per-parameter loop steps it twice in turn).
+            self.param_groups.pop()
+            raise ValueError(
+                "FusedSGD: a parameter group holds the same parameter more than once; list each parameter once"
+            )
+        _fusion.bind(self, params)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
@@ -200,12 +208,15 @@ class FusedSGD(torch.optim.SGD):
         for key, items in sets.items():
             params = [item[0] for item in items]
             buffers = [self.state[p]["momentum_buffer"] for p in params] if key[-1] else None
-            buffers = dwf_sgd_step_multi(
+            # Without the check that the layers share no memory: they are distinct parameters (a
+            # group holds each once, see add_param_group) with their own buffers and gradients.
+            buffers = _sgd_step_multi(
                 params,
                 [item[1] for item in items],
                 [item[2] for item in items],
                 buffers,
                 backend=self._backend,
+                check_apart=False,
                 **hyper,
             )
             for i, p in enumerate(params):

@@ -160,13 +160,13 @@ def test_layers_of_different_depths_and_dtypes_form_separate_sets(monkeypatch):
     model[1] = dwf_kernels.nn.DWFLinear.from_dense(model[1], 3)
     model[2] = dwf_kernels.nn.DWFLinear.from_dense(model[2], 3).double()
     sets = []
-    original = dwf_kernels.optim.dwf_sgd_step_multi
+    original = dwf_kernels.optim._sgd_step_multi
 
     def record(factors, *args, **kwargs):
         sets.append([(f.shape[0], str(f.dtype)) for f in factors])
         return original(factors, *args, **kwargs)
 
-    monkeypatch.setattr(dwf_kernels.optim, "dwf_sgd_step_multi", record)
+    monkeypatch.setattr(dwf_kernels.optim, "_sgd_step_multi", record)
     optimizer = FusedSGD(model.parameters(), lr=0.1)
     x = torch.randn(4, 8)
     model[2](model[1](model[0](x)).double()).sum().backward()
@@ -237,3 +237,61 @@ def test_triton_multi_step_refuses_a_bad_layer_before_any_launch(device, backend
     with pytest.raises(ValueError, match="grad_w"):
         dwf_sgd_step_multi(factors, bad, grad_sumsq, lr=0.1, momentum=0.9, backend=backend)
     assert all(torch.equal(a, b) for a, b in zip(factors, before, strict=True)), "no layer may be updated"
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+def test_layers_that_share_written_memory_are_refused(device, backend):
+    """The layers are stepped together (concurrently on a GPU, in parallel on the CPU): a tensor one
+    layer writes must not be another layer's. Reads may share memory."""
+    factors, grad_w, grad_sumsq = _layers(torch.float32, torch.float32, 3, device)
+    buffers = [torch.zeros_like(f) for f in factors]
+    before = [f.clone() for f in factors]
+    inside = factors[0].view(-1)  # memory of layer 0's factors, for layer 1's tensors
+    cases = {
+        "the same factors twice": ([factors[0], factors[0]], [grad_w[0], grad_w[0]], [None, None], None),
+        "a buffer that is another layer's factors": (
+            factors[:2],
+            grad_w[:2],
+            grad_sumsq[:2],
+            [buffers[0], inside[: buffers[1].numel()].view(buffers[1].shape)],
+        ),
+        "dL/dw that is a view of another layer's factors": (
+            factors[:2],
+            [grad_w[0], inside[: grad_w[1].numel()].view(grad_w[1].shape)],
+            grad_sumsq[:2],
+            buffers[:2],
+        ),
+    }
+    for what, (f, g, s, b) in cases.items():
+        with pytest.raises(ValueError, match="share memory"):
+            dwf_sgd_step_multi(f, g, s, b, lr=0.1, momentum=0.9, backend=backend)
+        assert all(torch.equal(x, y) for x, y in zip(factors, before, strict=True)), f"{what}: a layer was updated"
+    # Two layers reading one dL/dw: allowed, and each steps as alone.
+    shared = [f.clone() for f in (factors[0], factors[0])]
+    dwf_sgd_step_multi(shared, [grad_w[0], grad_w[0]], [None, None], lr=0.1, backend=backend)
+    alone = factors[0].clone()
+    dwf_sgd_step(alone, grad_w[0], None, lr=0.1, backend=backend)
+    assert torch.equal(shared[0], alone) and torch.equal(shared[1], alone)
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+def test_buffers_given_with_momentum_0_are_still_checked(device, backend):
+    factors, grad_w, grad_sumsq = _layers(torch.float32, torch.float32, 3, device)
+    with pytest.raises(ValueError, match="momentum_buffer must be a contiguous tensor with the factors' shape"):
+        dwf_sgd_step_multi(
+            factors[:1], grad_w[:1], grad_sumsq[:1], [torch.zeros(3, device=device)], lr=0.1, backend=backend
+        )
+    buffers = [torch.zeros_like(f) for f in factors]
+    assert dwf_sgd_step_multi(factors, grad_w, grad_sumsq, buffers, lr=0.1, backend=backend) is None
+    assert all(not b.any() for b in buffers), "momentum 0 leaves the buffers alone"
+
+
+@pytest.mark.filterwarnings("ignore:optimizer contains a parameter group with duplicate parameters")
+def test_fused_sgd_refuses_a_parameter_listed_twice():
+    model = dwf_kernels.factorize(nn.Sequential(nn.Linear(4, 4)), 3)
+    with pytest.raises(ValueError, match="holds the same parameter more than once"):
+        FusedSGD([model[0].factors, model[0].factors], lr=0.1)
+    optimizer = FusedSGD([model[0].factors], lr=0.1)
+    with pytest.raises(ValueError, match="holds the same parameter more than once"):
+        optimizer.add_param_group({"params": [model[0].bias, model[0].bias]})
+    assert len(optimizer.param_groups) == 1
