@@ -54,6 +54,14 @@ TORCH_LIBRARY(dwf_kernels, m) {
       "float lr, float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, "
       "bool init_buffer) -> ()",
       {at::Tag::pt2_compliant_tag});
+  // torch.optim.SGD's step on a list of plain parameters and their gradients (CPU, float32 and
+  // float64, contiguous), in one call, with torch's roundings: FusedSGD's update of the parameters
+  // that are not DWF factors (biases, norms), where torch's own runs several ops per tensor.
+  m.def(
+      "sgd_step_multi(Tensor(a!)[] params, Tensor(b!)[] momentum_buffers, Tensor[] grads, "
+      "float lr, float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, "
+      "bool init_buffer) -> ()",
+      {at::Tag::pt2_compliant_tag});
   // The squared L2 norm of dwf_backward's result, read-only (the gradient is not stored): for
   // clipping by the global gradient norm. A 0-dim tensor in sumsq's dtype (fp32; fp64 for fp64).
   m.def("dwf_grad_sumsq(Tensor factors, Tensor grad_w, Tensor? grad_sumsq) -> Tensor",

@@ -163,39 +163,6 @@ def dwf_sgd_step_multi(
     other backends step the layers one by one, each checked first. Returns the buffers when
     momentum != 0, else None.
     """
-    return _sgd_step_multi(
-        factors,
-        grad_w,
-        grad_sumsq,
-        momentum_buffers,
-        lr=lr,
-        momentum=momentum,
-        dampening=dampening,
-        weight_decay=weight_decay,
-        nesterov=nesterov,
-        maximize=maximize,
-        backend=backend,
-        check_apart=True,
-    )
-
-
-def _sgd_step_multi(
-    factors,
-    grad_w,
-    grad_sumsq,
-    momentum_buffers,
-    *,
-    lr,
-    momentum,
-    dampening,
-    weight_decay,
-    nesterov,
-    maximize,
-    backend,
-    check_apart: bool,
-):
-    """dwf_sgd_step_multi; check_apart=False skips the check that the layers share no memory, for
-    FusedSGD, whose layers are distinct parameters with their own buffers and gradients."""
     lists = {"factors": factors, "grad_w": grad_w, "grad_sumsq": grad_sumsq}
     if momentum_buffers is not None:
         lists["momentum_buffers"] = momentum_buffers
@@ -212,7 +179,41 @@ def _sgd_step_multi(
     device = factors[0].device
     if any(f.device != device for f in factors):
         raise ValueError(f"factors must all be on one device; got {sorted({str(f.device) for f in factors})}")
-    chosen = select(device.type, backend)
+    return _run_sgd_step_multi(
+        select(device.type, backend),
+        list(factors),
+        list(grad_w),
+        list(grad_sumsq),
+        None if momentum_buffers is None else list(momentum_buffers),
+        lr=lr,
+        momentum=momentum,
+        dampening=dampening,
+        weight_decay=weight_decay,
+        nesterov=nesterov,
+        maximize=maximize,
+        check_apart=True,
+    )
+
+
+def _run_sgd_step_multi(
+    chosen,
+    factors,
+    grad_w,
+    grad_sumsq,
+    momentum_buffers,
+    *,
+    lr,
+    momentum,
+    dampening,
+    weight_decay,
+    nesterov,
+    maximize,
+    check_apart: bool,
+):
+    """dwf_sgd_step_multi on the backend `chosen`, given lists of one entry per layer (buffers: None
+    or a list), factors on one device, and valid hyper-parameters; each layer is checked here.
+    check_apart=False skips the check that the layers share no memory, for FusedSGD, whose layers
+    are distinct parameters with their own buffers and gradients."""
     if not chosen.multi_native or (momentum == 0 and momentum_buffers is not None):
         # Backends that step layer by layer check here; so does every backend for the buffers it is
         # not passed (momentum 0), which must still be valid ones, as dwf_sgd_step requires.
@@ -226,10 +227,10 @@ def _sgd_step_multi(
         momentum_buffers = [torch.empty_like(f, memory_format=torch.contiguous_format) for f in factors]
     with torch.no_grad():
         chosen.sgd_step_multi(
-            list(factors),
-            list(momentum_buffers) if momentum != 0 else [],
-            list(grad_w),
-            list(grad_sumsq),
+            factors,
+            momentum_buffers if momentum != 0 else [],
+            grad_w,
+            grad_sumsq,
             float(lr),
             float(momentum),
             float(dampening),
@@ -238,4 +239,4 @@ def _sgd_step_multi(
             bool(maximize),
             init_buffer,
         )
-    return list(momentum_buffers) if momentum != 0 else None
+    return momentum_buffers if momentum != 0 else None

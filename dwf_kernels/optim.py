@@ -31,9 +31,11 @@ factors changed in place (it was computed from the old factors: clear gradients 
 including calling step() twice on one backward pass (torch.optim.SGD would apply the same
 gradient twice; FusedSGD has applied and released it).
 
-The fusion applies to eager forwards. Under torch.compile the factors receive ordinary dense
-gradients, which step() applies unfused. Everything else, the bias and any non-DWF parameter, is
-updated by torch.optim.SGD's own code.
+The fusion applies to eager and compiled forwards alike: under torch.compile (fullgraph too) the
+layer's product is one opaque op whose backward leaves the same lazy gradient. The other
+parameters (biases, norms) get torch.optim.SGD's update: on CPU, for plain float32/float64
+tensors, with one op call for all of them (`torch.ops.dwf_kernels.sgd_step_multi`, the same
+arithmetic, bit for bit, where torch runs several ops per tensor); otherwise with torch's own code.
 """
 
 from __future__ import annotations
@@ -43,10 +45,12 @@ from collections.abc import Callable
 import torch
 from torch.optim.sgd import sgd as _torch_sgd
 
-from . import _fusion
+from . import _extension, _fusion
 from ._lazy_grad import LazyFactorGrad, dense_of, take_for_fused_step
-from .backends import BACKENDS
-from .ops import _sgd_step_multi, dwf_sgd_step
+from ._validate import check_sgd_hyper
+from .backends import BACKENDS, select
+from .backends import extension as _extension_backend
+from .ops import _run_sgd_step_multi, dwf_sgd_step
 
 __all__ = ["FusedSGD", "LazyFactorGrad"]
 
@@ -54,12 +58,14 @@ __all__ = ["FusedSGD", "LazyFactorGrad"]
 class FusedSGD(torch.optim.SGD):
     """torch.optim.SGD with the DWF layers' backward and update fused into one kernel.
 
-    Arguments are torch.optim.SGD's (`foreach` applies to the non-DWF parameters; `lr` may be a
+    Arguments are torch.optim.SGD's (`foreach` applies to the parameters torch.optim.SGD updates; `lr` may be a
     one-element tensor, as there; `differentiable=True` and `fused=True` are refused, saying why);
     `backend` picks the dwf_kernels backend of the fused step (None: the fastest for the factors'
     device). `multi_tensor` (default True) steps the layers of a param group that share device,
-    dtypes, depth and buffer state with one `dwf_sgd_step_multi` call; False steps them one
-    `dwf_sgd_step` call each (the same results, bitwise on CPU).
+    dtypes, depth and buffer state with one `dwf_sgd_step_multi` call, and the group's plain
+    float32/float64 CPU parameters with one `sgd_step_multi` call; False steps the layers one
+    `dwf_sgd_step` call each and the other parameters with torch.optim.SGD's code (the same
+    results, bitwise on CPU).
     """
 
     def __init__(
@@ -155,71 +161,131 @@ class FusedSGD(torch.optim.SGD):
             "nesterov": group["nesterov"],
             "maximize": group["maximize"],
         }
-        params, grads = [], []
-        fused = []  # (factors, grad_w, grad_sumsq, lazy gradient state)
+        lr = hyper["lr"]
+        op_hyper = dict(hyper, lr=lr.item() if isinstance(lr, torch.Tensor) else lr)
+        check_sgd_hyper(op_hyper["lr"], hyper["momentum"], hyper["dampening"], hyper["weight_decay"], hyper["nesterov"])
+        multi = self._multi_tensor
+        # As torch.optim.SGD: no per-parameter state without momentum.
+        with_state = hyper["momentum"] != 0
+        plain_in_one_call = multi and _PLAIN_SGD_STEP_MULTI is not None
+        state = self.state
+        params, grads = [], []  # for torch's own update
+        fused = {}  # set key -> [(factors, grad_w, grad_sumsq, lazy gradient state, optimizer state)]
+        plain = {}  # set key -> [(param, grad, optimizer state)]
         for p in group["params"]:
             grad = p.grad
             if grad is None:
                 continue
-            taken = take_for_fused_step(grad, p)
-            if taken is None:
-                # A dense gradient, or a lazy one already formed (read by other code, e.g. an
-                # element-wise read or DDP): torch's own update.
-                params.append(p)
-                grads.append(dense_of(grad))
+            if type(grad) is LazyFactorGrad:
+                taken = take_for_fused_step(grad, p)
+                if taken is not None:
+                    p_state = state[p] if with_state else {}
+                    # What one multi-layer launch serves: device, factor dtype, dL/dw dtype, depth,
+                    # and whether the momentum buffer exists yet.
+                    key = (p.device, p.dtype, taken[0].dtype, p.shape[0], "momentum_buffer" in p_state)
+                    fused.setdefault(key, []).append((p, *taken, p_state))
+                    continue
+                # Formed already (read by other code, e.g. an element-wise read or DDP): applied
+                # as a dense gradient.
+                grad = dense_of(grad)
+            if plain_in_one_call and _plain_step_serves(p, grad):
+                p_state = state[p] if with_state else {}
+                buffer = p_state.get("momentum_buffer")
+                if buffer is None or (buffer.dtype == p.dtype and buffer.is_contiguous()):
+                    plain.setdefault((p.dtype, buffer is not None), []).append((p, grad, p_state))
+                    continue
+            params.append(p)
+            grads.append(grad)
+        for key, items in fused.items():
+            if multi:
+                self._step_fused_together(select(key[0].type, self._backend), items, op_hyper)
                 continue
-            fused.append((p, *taken))
-        if fused:
-            lr = hyper["lr"]
-            fused_hyper = dict(hyper, lr=lr.item() if isinstance(lr, torch.Tensor) else lr)
-            if self._multi_tensor:
-                self._step_fused_together(fused, fused_hyper)
-            else:
-                for p, grad_w, grad_sumsq, lazy in fused:
-                    state = self.state[p]
-                    buffer = dwf_sgd_step(
-                        p, grad_w, grad_sumsq, state.get("momentum_buffer"), backend=self._backend, **fused_hyper
-                    )
-                    if buffer is not None:
-                        state["momentum_buffer"] = buffer
-                    lazy.consume()  # applied: releases dL/dw; reading it later is refused
+            for p, grad_w, grad_sumsq, lazy, p_state in items:
+                buffer = dwf_sgd_step(
+                    p, grad_w, grad_sumsq, p_state.get("momentum_buffer"), backend=self._backend, **op_hyper
+                )
+                if buffer is not None:
+                    p_state["momentum_buffer"] = buffer
+                lazy.consume()  # applied: releases dL/dw; reading it later is refused
+        for items in plain.values():
+            _step_plain_together(items, op_hyper)
         if not params:
             return
-        buffers = [self.state[p].get("momentum_buffer") for p in params]
-        # foreach=None (the default): torch's multi-tensor update, one C++ call for all these
-        # parameters where the per-tensor loop would make a few Python calls each. On the CPU it
-        # runs the per-tensor update's ops on each tensor: the same results.
-        foreach = group["foreach"]
-        if foreach is None:
-            foreach = all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in (*params, *grads))
-        _torch_sgd(params, grads, buffers, foreach=foreach, **hyper)
+        buffers = [state[p].get("momentum_buffer") for p in params]
+        # foreach=None (the default) lets torch choose as torch.optim.SGD would: its foreach and
+        # per-tensor updates round bfloat16 differently.
+        _torch_sgd(params, grads, buffers, foreach=group["foreach"], **hyper)
         if group["momentum"] != 0:
             for p, buffer in zip(params, buffers, strict=True):
-                self.state[p]["momentum_buffer"] = buffer
+                state[p]["momentum_buffer"] = buffer
 
-    def _step_fused_together(self, fused: list, hyper: dict) -> None:
-        """One dwf_sgd_step_multi call per set of layers that one kernel launch can serve: same
-        device, factor dtype, dL/dw dtype, depth, and whether the momentum buffer exists yet."""
-        sets: dict[tuple, list] = {}
-        for item in fused:
-            p, grad_w = item[0], item[1]
-            key = (p.device, p.dtype, grad_w.dtype, p.shape[0], "momentum_buffer" in self.state[p])
-            sets.setdefault(key, []).append(item)
-        for key, items in sets.items():
-            params = [item[0] for item in items]
-            buffers = [self.state[p]["momentum_buffer"] for p in params] if key[-1] else None
-            # Without the check that the layers share no memory: they are distinct parameters (a
-            # group holds each once, see add_param_group) with their own buffers and gradients.
-            buffers = _sgd_step_multi(
-                params,
-                [item[1] for item in items],
-                [item[2] for item in items],
-                buffers,
-                backend=self._backend,
-                check_apart=False,
-                **hyper,
-            )
-            for i, p in enumerate(params):
-                if buffers is not None:
-                    self.state[p]["momentum_buffer"] = buffers[i]
-                items[i][3].consume()  # applied: releases dL/dw; reading it later is refused
+    def _step_fused_together(self, chosen, items: list, hyper: dict) -> None:
+        """One dwf_sgd_step_multi call on the backend `chosen` for a set of layers that one kernel
+        launch can serve."""
+        has_buffers = "momentum_buffer" in items[0][4]
+        # Without the check that the layers share no memory: they are distinct parameters (a
+        # group holds each once, see add_param_group) with their own buffers and gradients.
+        buffers = _run_sgd_step_multi(
+            chosen,
+            [item[0] for item in items],
+            [item[1] for item in items],
+            [item[2] for item in items],
+            [item[4]["momentum_buffer"] for item in items] if has_buffers else None,
+            check_apart=False,
+            **hyper,
+        )
+        for i, item in enumerate(items):
+            if buffers is not None:
+                item[4]["momentum_buffer"] = buffers[i]
+            item[3].consume()  # applied: releases dL/dw; reading it later is refused
+
+
+def _plain_step_serves(p: torch.Tensor, grad: torch.Tensor) -> bool:
+    """Whether sgd_step_multi updates p as torch.optim.SGD does, bit for bit: a plain float32 or
+    float64 CPU tensor with a dense gradient of its dtype, both contiguous (torch rounds each op of
+    a half-precision update separately, which the one-pass update does not)."""
+    return (
+        type(grad) is torch.Tensor
+        and grad.dtype is p.dtype
+        and p.dtype in _PLAIN_DTYPES
+        and p.is_cpu
+        and grad.is_cpu
+        and grad.layout is _STRIDED
+        and type(p) in _PLAIN_TYPES
+        and p.is_contiguous()
+        and grad.is_contiguous()
+    )
+
+
+def _step_plain_together(items: list, hyper: dict) -> None:
+    """torch.optim.SGD's update of plain CPU parameters (biases, norms), one op call for the set."""
+    momentum = hyper["momentum"]
+    init_buffer = momentum != 0 and "momentum_buffer" not in items[0][2]
+    if momentum == 0:
+        buffers = []
+    elif init_buffer:
+        buffers = [torch.empty_like(item[0], memory_format=torch.contiguous_format) for item in items]
+    else:
+        buffers = [item[2]["momentum_buffer"] for item in items]
+    _PLAIN_SGD_STEP_MULTI(
+        [item[0] for item in items],
+        buffers,
+        [item[1] for item in items],
+        float(hyper["lr"]),
+        float(momentum),
+        float(hyper["dampening"]),
+        float(hyper["weight_decay"]),
+        bool(hyper["nesterov"]),
+        bool(hyper["maximize"]),
+        init_buffer,
+    )
+    if init_buffer:
+        for item, buffer in zip(items, buffers, strict=True):
+            item[2]["momentum_buffer"] = buffer
+
+
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+_PLAIN_DTYPES = (torch.float32, torch.float64)
+_STRIDED = torch.strided
+# The one-call update of plain parameters: the C++ extension's CPU op, where it is loaded.
+_PLAIN_SGD_STEP_MULTI = _extension_backend.plain_sgd_step_multi if "cpu" in _extension.KERNEL_DEVICES else None

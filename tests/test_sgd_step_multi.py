@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import KERNEL_BACKENDS, make_factors
+from helpers import KERNEL_BACKENDS, TORCH_CPU_FMA, make_factors
 from torch import nn
 
 import dwf_kernels
@@ -160,13 +160,13 @@ def test_layers_of_different_depths_and_dtypes_form_separate_sets(monkeypatch):
     model[1] = dwf_kernels.nn.DWFLinear.from_dense(model[1], 3)
     model[2] = dwf_kernels.nn.DWFLinear.from_dense(model[2], 3).double()
     sets = []
-    original = dwf_kernels.optim._sgd_step_multi
+    original = dwf_kernels.optim._run_sgd_step_multi
 
-    def record(factors, *args, **kwargs):
+    def record(chosen, factors, *args, **kwargs):
         sets.append([(f.shape[0], str(f.dtype)) for f in factors])
-        return original(factors, *args, **kwargs)
+        return original(chosen, factors, *args, **kwargs)
 
-    monkeypatch.setattr(dwf_kernels.optim, "_sgd_step_multi", record)
+    monkeypatch.setattr(dwf_kernels.optim, "_run_sgd_step_multi", record)
     optimizer = FusedSGD(model.parameters(), lr=0.1)
     x = torch.randn(4, 8)
     model[2](model[1](model[0](x)).double()).sum().backward()
@@ -295,3 +295,139 @@ def test_fused_sgd_refuses_a_parameter_listed_twice():
     with pytest.raises(ValueError, match="holds the same parameter more than once"):
         optimizer.add_param_group({"params": [model[0].bias, model[0].bias]})
     assert len(optimizer.param_groups) == 1
+
+
+# The parameters that are not DWF factors (biases, norms): FusedSGD updates the plain float32 and
+# float64 CPU ones with one sgd_step_multi call, which must equal torch.optim.SGD bit for bit.
+
+PLAIN_SHAPES = [(64,), (7,), (300, 100), (0,), (129, 257), (), (3, 5, 2)]
+PLAIN_OPTIONS = [
+    *OPTIONS,
+    pytest.param({"lr": 0.1, "momentum": 0.9}, id="momentum"),
+    pytest.param({"lr": 0.1, "weight_decay": 0.01, "maximize": True}, id="wd-maximize-no-momentum"),
+]
+needs_cpu_kernels = pytest.mark.skipif(
+    "cpu" not in _extension.KERNEL_DEVICES, reason="the C++ extension's CPU kernels are not loaded"
+)
+
+
+def _plain_params(dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [nn.Parameter(torch.randn(s, generator=gen, dtype=dtype)) for s in PLAIN_SHAPES]
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("options", PLAIN_OPTIONS)
+@pytest.mark.parametrize("foreach", [False, True], ids=["per-tensor", "foreach"])
+def test_plain_parameters_step_in_one_call_as_torch_sgd(dtype, options, foreach):
+    ours, theirs = _plain_params(dtype), _plain_params(dtype)
+    fused = FusedSGD(ours, **options)
+    reference = torch.optim.SGD(theirs, foreach=foreach, **options)
+    gen = torch.Generator().manual_seed(5)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(4):  # the first step makes the buffers, the next ones read them
+            for a, b in zip(ours, theirs, strict=True):
+                a.grad = torch.randn(a.shape, generator=gen, dtype=dtype)
+                b.grad = a.grad.clone()
+            fused.step()
+            reference.step()
+    calls = {e.key: e.count for e in prof.key_averages() if e.key.startswith("dwf_kernels::")}
+    assert calls == {"dwf_kernels::sgd_step_multi": 4}, calls
+    _assert_as_torch(ours, theirs)
+    assert fused.state_dict()["state"].keys() == reference.state_dict()["state"].keys()
+    for a, b in zip(ours, theirs, strict=True):
+        if options.get("momentum", 0):
+            _assert_as_torch([fused.state[a]["momentum_buffer"]], [reference.state[b]["momentum_buffer"]])
+        else:
+            assert "momentum_buffer" not in fused.state[a]
+
+
+def _assert_as_torch(ours, theirs):
+    for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+        assert a.shape == b.shape
+        if TORCH_CPU_FMA:
+            assert torch.equal(a, b), f"tensor {i} differs"
+        else:  # torch's SIMD a*b+c rounds twice on CPUs without FMA; the kernels' once
+            torch.testing.assert_close(a, b)
+
+
+@needs_cpu_kernels
+def test_plain_parameters_the_one_call_cannot_serve_take_torch_sgd():
+    # bf16 (torch rounds each op of its update), a non-contiguous parameter, a sparse gradient, a
+    # non-contiguous gradient: torch's own update, with its results.
+    gen = torch.Generator().manual_seed(0)
+    ours = [
+        nn.Parameter(torch.randn(8, generator=gen).bfloat16()),
+        nn.Parameter(torch.randn(6, 4, generator=gen).t()),
+        nn.Parameter(torch.randn(5, 3, generator=gen)),
+        nn.Parameter(torch.randn(4, generator=gen)),
+        nn.Parameter(torch.randn(4, generator=gen)),
+    ]
+    theirs = [nn.Parameter(p.detach().clone()) for p in ours]
+    fused, reference = FusedSGD(ours, lr=0.1, momentum=0.9), torch.optim.SGD(theirs, lr=0.1, momentum=0.9)
+    for _ in range(3):
+        grads = [
+            torch.randn(8, generator=gen).bfloat16(),
+            torch.randn(4, 6, generator=gen),
+            torch.randn(5, 3, generator=gen).to_sparse(),
+            torch.randn(8, generator=gen)[::2],
+            torch.randn(4, generator=gen),
+        ]
+        for a, b, g in zip(ours, theirs, grads, strict=True):
+            a.grad, b.grad = g.clone(), g.clone()  # clone keeps the strides
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            fused.step()
+        reference.step()
+        calls = {e.key: e.count for e in prof.key_averages() if e.key.startswith("dwf_kernels::")}
+        assert calls == {"dwf_kernels::sgd_step_multi": 1}, calls  # the last parameter only
+    _assert_as_torch(ours, theirs)
+
+
+@needs_cpu_kernels
+def test_plain_step_op_refuses_bad_arguments_and_passes_opcheck():
+    op = torch.ops.dwf_kernels.sgd_step_multi
+    params = [torch.randn(s) for s in PLAIN_SHAPES]
+    grads = [torch.randn(s) for s in PLAIN_SHAPES]
+    buffers = [torch.zeros(s) for s in PLAIN_SHAPES]
+    torch.library.opcheck(op.default, (params, buffers, grads, 0.1, 0.9, 0.0, 0.0, False, False, True))
+    torch.library.opcheck(op.default, (params, [], grads, 0.1, 0.0, 0.0, 0.01, False, True, False))
+    before = [p.clone() for p in params]
+    hyper = (0.1, 0.9, 0.0, 0.0, False, False, False)
+    bad = [
+        ("grads", (params, buffers, grads[:2]), r"grads \(2\) must have one entry per param \(7\)"),
+        ("buffers", (params, buffers[:1], grads), "momentum_buffers must have one entry per param"),
+        ("dtype", ([*params[:6], params[6].bfloat16()], buffers, grads), "param 6 is BFloat16"),
+        ("layout", ([*params[:6], torch.randn(2, 5, 3).transpose(0, 1)], buffers, grads), "not contiguous"),
+        ("grad shape", (params, buffers, [*grads[:6], torch.randn(30)]), r"grads\[6\] must be .* shape \[3, 5, 2\]"),
+        ("buffer dtype", (params, [*buffers[:6], buffers[6].double()], grads), r"momentum_buffers\[6\] must be"),
+        ("aliased", (params, [*buffers[:6], params[6]], grads), "momentum_buffer and param share memory"),
+    ]
+    for name, args, message in bad:
+        with pytest.raises(RuntimeError, match=message):
+            op(*args, *hyper)
+        assert all(torch.equal(a, b) for a, b in zip(params, before, strict=True)), f"{name}: nothing may be updated"
+
+
+@needs_cpu_kernels
+def test_fused_sgd_step_is_two_op_calls_for_a_stack_of_layers():
+    # O(sets), not O(layers): the DWF layers in one call, their biases in another, on CPU.
+    torch.manual_seed(0)
+    model = dwf_kernels.factorize(nn.Sequential(*[nn.Linear(16, 16) for _ in range(20)]), 4)
+    twin = dwf_kernels.factorize(nn.Sequential(*[nn.Linear(16, 16) for _ in range(20)]), 4)
+    twin.load_state_dict(model.state_dict())
+    fused = FusedSGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    reference = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    x = torch.randn(8, 16)
+    for step in range(3):
+        for m, opt in ((model, fused), (twin, reference)):
+            opt.zero_grad()
+            (m(x).square().mean() + dwf_kernels.penalty(m, 1e-2)).backward()
+            if m is model:
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                    opt.step()
+            else:
+                opt.step()
+        calls = {e.key: e.count for e in prof.key_averages() if e.key.startswith("dwf_kernels::")}
+        assert calls == {"dwf_kernels::dwf_sgd_step_multi": 1, "dwf_kernels::sgd_step_multi": 1}, (step, calls)
+    _assert_as_torch(list(model.parameters()), list(twin.parameters()))

@@ -1,5 +1,6 @@
 // The CPU ops: argument checks, allocation and element-type dispatch, compiled with the baseline
 // flags, then the kernels of the SIMD variant that ATen itself runs (dwf_cpu_kernels.h).
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
 #include <ATen/ops/empty.h>
@@ -173,28 +174,84 @@ void dwf_sgd_step_cpu(const at::Tensor& factors, const std::optional<at::Tensor>
                SgdOptions{lr, momentum, dampening, weight_decay, nesterov, maximize, init_buffer});
 }
 
+// Runs step(i) for each of `count` tensors whose per-row element counts are rows[i], in one call:
+// tensors of at most one chunk (whose kernel runs on one thread) are spread over the threads, each
+// running whole tensors; larger ones follow one after another, each split between the threads as
+// in the single-tensor op. Either way every tensor gets the single-tensor kernel: the same results.
+template <typename Step>
+void step_each(const std::vector<int64_t>& rows, Step&& step) {
+  std::vector<size_t> small, large;
+  for (size_t i = 0; i < rows.size(); ++i) (rows[i] <= kChunk ? small : large).push_back(i);
+  // A tensor's own parallel_for runs inline inside this one (ATen does not nest parallel regions).
+  at::parallel_for(0, static_cast<int64_t>(small.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) step(small[k]);
+  });
+  for (size_t i : large) step(i);
+}
+
 // dwf_sgd_step on each of a list of layers, in one op call: every layer checked first, then the
-// same kernel per layer, so the results are bitwise the per-layer op's. Layers of at most one chunk
-// (whose kernel runs on one thread) are spread over the threads, each running whole layers; larger
-// layers follow one after another, each split between the threads as in the per-layer op.
+// same kernel per layer, so the results are bitwise the per-layer op's.
 void dwf_sgd_step_multi_cpu(at::TensorList factors, at::TensorList momentum_buffers, at::TensorList grad_w,
                             const c10::List<std::optional<at::Tensor>>& grad_sumsq, double lr, double momentum,
                             double dampening, double weight_decay, bool nesterov, bool maximize, bool init_buffer) {
   const MultiStepLayers layers = check_multi_step(factors, momentum_buffers, grad_w, grad_sumsq, momentum);
   const SgdOptions args{lr, momentum, dampening, weight_decay, nesterov, maximize, init_buffer};
-  auto step = [&](size_t i) {
+  std::vector<int64_t> rows;
+  for (const at::Tensor& f : layers.factors) rows.push_back(f.numel() / std::max<int64_t>(f.size(0), 1));
+  step_each(rows, [&](size_t i) {
     run_sgd_step(layers.factors[i], layers.buffer(i), layers.grad_w[i], layers.grad_sumsq[i], args);
-  };
-  std::vector<size_t> small, large;
-  for (size_t i = 0; i < layers.factors.size(); ++i) {
-    const at::Tensor& f = layers.factors[i];
-    (f.numel() / std::max<int64_t>(f.size(0), 1) <= kChunk ? small : large).push_back(i);
-  }
-  // A layer's own parallel_for runs inline inside this one (ATen does not nest parallel regions).
-  at::parallel_for(0, static_cast<int64_t>(small.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) step(small[k]);
   });
-  for (size_t i : large) step(i);
+}
+
+// torch.optim.SGD's step on a list of plain float32/float64 parameters, in one op call: the
+// fused step's update (sgd_update, torch's order and roundings) with the gradient given, which is
+// the fused step of a depth-1 factorization without penalty (a factor gradient of one factor is
+// dL/dw itself). Results equal torch.optim.SGD's bit for bit where the DWF step's do.
+void sgd_step_multi_cpu(at::TensorList params, at::TensorList momentum_buffers, at::TensorList grads, double lr,
+                        double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
+                        bool init_buffer) {
+  const size_t count = params.size();
+  TORCH_CHECK(grads.size() == count, "sgd_step_multi: grads (", grads.size(), ") must have one entry per param (",
+              count, ")");
+  TORCH_CHECK(momentum_buffers.size() == (momentum != 0 ? count : 0), "sgd_step_multi: momentum_buffers must have ",
+              momentum != 0 ? "one entry per param" : "no entries when momentum is 0", " (", count, " params); got ",
+              momentum_buffers.size());
+  for (size_t i = 0; i < count; ++i) {
+    const at::Tensor& p = params[i];
+    const at::Tensor& g = grads[i];
+    TORCH_CHECK(p.device().is_cpu() && (p.scalar_type() == at::kFloat || p.scalar_type() == at::kDouble) &&
+                    p.is_contiguous(),
+                "sgd_step_multi: params must be contiguous float32 or float64 CPU tensors; param ", i, " is ",
+                p.scalar_type(), " on ", p.device(), p.is_contiguous() ? "" : ", not contiguous");
+    TORCH_CHECK(g.sizes() == p.sizes() && g.scalar_type() == p.scalar_type() && g.device() == p.device() &&
+                    g.is_contiguous() && g.layout() == at::kStrided,
+                "sgd_step_multi: grads[", i, "] must be a contiguous dense tensor with its param's shape ", p.sizes(),
+                ", dtype and device; got shape ", g.sizes(), ", ", g.scalar_type(), ", ", g.device());
+    check_not_aliased(p, "param", g, "grad");
+    if (momentum != 0) {
+      const at::Tensor& b = momentum_buffers[i];
+      TORCH_CHECK(b.sizes() == p.sizes() && b.scalar_type() == p.scalar_type() && b.device() == p.device() &&
+                      b.is_contiguous(),
+                  "sgd_step_multi: momentum_buffers[", i, "] must be a contiguous tensor with its param's shape ",
+                  p.sizes(), ", dtype and device; got shape ", b.sizes(), ", ", b.scalar_type(), ", ", b.device());
+      check_not_aliased(b, "momentum_buffer", p, "param");
+      check_not_aliased(b, "momentum_buffer", g, "grad");
+    }
+  }
+  const SgdOptions args{lr, momentum, dampening, weight_decay, nesterov, maximize, init_buffer};
+  std::vector<int64_t> rows;
+  for (const at::Tensor& p : params) rows.push_back(p.numel());
+  step_each(rows, [&](size_t i) {
+    const at::Tensor& p = params[i];
+    AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "sgd_step_multi", [&] {
+      scalar_t* B = momentum != 0 ? momentum_buffers[i].mutable_data_ptr<scalar_t>() : nullptr;
+      with_kernels([&](auto kernels) {
+        kernels.template sgd_step<scalar_t, scalar_t>(p.mutable_data_ptr<scalar_t>(), B,
+                                                      grads[i].const_data_ptr<scalar_t>(), p.numel(), 1, false,
+                                                      scalar_t(0), args);
+      });
+    });
+  });
 }
 
 }  // namespace
@@ -210,6 +267,7 @@ TORCH_LIBRARY_IMPL(dwf_kernels, CPU, m) {
   m.impl("dwf_sgd_step", &dwf_sgd_step_cpu);
   m.impl("dwf_grad_sumsq", &dwf_grad_sumsq_cpu);
   m.impl("dwf_sgd_step_multi", &dwf_sgd_step_multi_cpu);
+  m.impl("sgd_step_multi", &sgd_step_multi_cpu);
 }
 
 }  // namespace dwf::cpu

@@ -22,25 +22,41 @@ if _extension.LOADED:
     grad_sumsq = OPS.grad_sumsq
     _sgd_step_op = OPS.sgd_step
     _sgd_step_multi_op = torch.ops.dwf_kernels.dwf_sgd_step_multi
+    _plain_sgd_step_multi_op = torch.ops.dwf_kernels.sgd_step_multi
 else:
     OPS = None
-    forward = backward = grad_sumsq = _sgd_step_op = _sgd_step_multi_op = None
+    forward = backward = grad_sumsq = _sgd_step_op = _sgd_step_multi_op = _plain_sgd_step_multi_op = None
+
+
+def _count_update(tensors) -> None:
+    # The ops update in place below autograd, which does not count it: bump the version counters,
+    # so that autograd and lazy factor gradients see the change.
+    if torch.compiler.is_compiling():
+        return
+    tensors = [t for t in tensors if t is not None]
+    try:
+        torch.autograd.graph.increment_version(tensors)
+    except RuntimeError:
+        # Inference tensors have no version counter. Counting the others again is harmless: a
+        # version only has to change.
+        torch.autograd.graph.increment_version([t for t in tensors if not t.is_inference()])
 
 
 def sgd_step(factors, momentum_buffer, *args) -> None:
     _sgd_step_op(factors, momentum_buffer, *args)
-    if not torch.compiler.is_compiling():
-        # The op updates in place below autograd, which does not count it: bump the version
-        # counters, so that autograd and lazy factor gradients see the change.
-        torch.autograd.graph.increment_version(
-            [t for t in (factors, momentum_buffer) if t is not None and not t.is_inference()]
-        )
+    _count_update((factors, momentum_buffer))
 
 
 def sgd_step_multi(factors, momentum_buffers, *args) -> None:
     _sgd_step_multi_op(factors, momentum_buffers, *args)
-    if not torch.compiler.is_compiling():
-        torch.autograd.graph.increment_version([t for t in (*factors, *momentum_buffers) if not t.is_inference()])
+    _count_update((*factors, *momentum_buffers))
+
+
+def plain_sgd_step_multi(params, momentum_buffers, grads, *args) -> None:
+    """torch.optim.SGD's step on plain float32/float64 CPU parameters, one op call for the list
+    (torch.ops.dwf_kernels.sgd_step_multi; its checks are the op's)."""
+    _plain_sgd_step_multi_op(params, momentum_buffers, grads, *args)
+    _count_update((*params, *momentum_buffers))
 
 
 def _backend(device_type: str) -> Backend:

@@ -39,7 +39,7 @@ def fake_sgd_step(factors, momentum_buffer, grad_w, grad_sumsq, *hyper) -> None:
     return None  # updates its inputs in place; no outputs
 
 
-def fake_sgd_step_multi(factors, momentum_buffers, grad_w, grad_sumsq, *hyper) -> None:
+def fake_sgd_step_multi(factors, momentum_buffers, *args) -> None:
     return None  # updates its inputs in place; no outputs
 
 
@@ -53,8 +53,9 @@ def register_fakes(namespace: str) -> None:
     torch.library.register_fake(f"{namespace}::dwf_backward")(fake_backward)
     torch.library.register_fake(f"{namespace}::dwf_sgd_step")(fake_sgd_step)
     torch.library.register_fake(f"{namespace}::dwf_grad_sumsq")(fake_grad_sumsq)
-    if namespace == "dwf_kernels":  # the multi-layer step is the C++ family's (docs/design.md, Backends)
+    if namespace == "dwf_kernels":  # the multi-tensor steps are the C++ family's (docs/design.md, Backends)
         torch.library.register_fake(f"{namespace}::dwf_sgd_step_multi")(fake_sgd_step_multi)
+        torch.library.register_fake(f"{namespace}::sgd_step_multi")(fake_sgd_step_multi)
 
 
 def setup_context(ctx, inputs, output) -> None:
