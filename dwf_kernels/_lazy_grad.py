@@ -27,8 +27,10 @@ from collections.abc import Callable
 import torch
 from torch.utils._pytree import tree_map
 
+from . import _fusion
 from .backends import resolve_backend
 from .backends.reference import dwf_backward_differentiable
+from .backends.registration import fake_forward
 from .ops import dwf_product, dwf_product_backward
 
 aten = torch.ops.aten
@@ -360,6 +362,64 @@ class FusedDWFProduct(torch.autograd.Function):
 def fused_dwf_product(factors: torch.Tensor, out_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The layers' forward in fused mode: (w, sumsq), with a lazy factor gradient in the backward."""
     return FusedDWFProduct.apply(factors, out_dtype, resolve_backend(factors.device.type))
+
+
+# Under torch.compile. Dynamo cannot trace FusedDWFProduct, whose backward builds a tensor subclass
+# from Python state, so a compiled forward runs the same two steps as custom ops the compiler keeps
+# opaque (no graph break): dwf_fused::forward, the fused product, whose backward is
+# dwf_fused::factor_grad. That op decides when it runs, not when it is traced: a lazy gradient for
+# the factors of a layer in fused mode (a live FusedSGD updates them), else the ordinary gradient
+# from the fused backward. The compiled backward hands that gradient to autograd, which stores it
+# in factors.grad as in eager mode.
+
+
+@torch.library.custom_op("dwf_fused::forward", mutates_args=())
+def _compiled_forward(factors: torch.Tensor, out_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+    return dwf_product(factors, return_sumsq=True, out_dtype=out_dtype)
+
+
+@_compiled_forward.register_fake
+def _(factors: torch.Tensor, out_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+    return fake_forward(factors, out_dtype, True)
+
+
+@torch.library.custom_op("dwf_fused::factor_grad", mutates_args=())
+def _compiled_factor_grad(
+    factors: torch.Tensor, grad_w: torch.Tensor | None, grad_sumsq: torch.Tensor | None
+) -> torch.Tensor:
+    if factors.is_leaf and factors.requires_grad and _fusion.is_fused(factors):
+        state = _State(_LAZY)
+        state.set_lazy(weakref.ref(factors), factors._version, grad_w, grad_sumsq, resolve_backend(factors.device.type))
+        return LazyFactorGrad(state, factors)
+    return dwf_product_backward(factors, _grad_w_or_zeros(grad_w, factors), grad_sumsq)
+
+
+@_compiled_factor_grad.register_fake
+def _(factors: torch.Tensor, grad_w: torch.Tensor | None, grad_sumsq: torch.Tensor | None) -> torch.Tensor:
+    return factors.new_empty(factors.shape)
+
+
+def _compiled_setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(inputs[0])
+    ctx.set_materialize_grads(False)
+
+
+def _compiled_backward(ctx, grad_w: torch.Tensor | None, grad_sumsq: torch.Tensor | None):
+    (factors,) = ctx.saved_tensors
+    if grad_w is None and grad_sumsq is None:
+        return None, None
+    if torch.is_grad_enabled():  # create_graph=True: the ordinary, differentiable gradient
+        return dwf_backward_differentiable(factors, _grad_w_or_zeros(grad_w, factors), grad_sumsq), None
+    return _compiled_factor_grad(factors, grad_w, grad_sumsq), None
+
+
+_compiled_forward.register_autograd(_compiled_backward, setup_context=_compiled_setup_context)
+
+
+def compiled_dwf_product(factors: torch.Tensor, out_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layers' forward under torch.compile, when the factors need a gradient: (w, sumsq), with a
+    lazy factor gradient in the backward when the layer is in fused mode as it runs."""
+    return _compiled_forward(factors, out_dtype)
 
 
 # The readers that act on dL/dw and dL/dsumsq themselves (clipping, GradScaler): imported last, as

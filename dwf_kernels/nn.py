@@ -34,7 +34,7 @@ from torch.nn.utils import parametrize
 
 from . import _fusion
 from . import init as dwf_init
-from ._lazy_grad import convertible, fused_dwf_product
+from ._lazy_grad import compiled_dwf_product, convertible, fused_dwf_product
 from ._validate import MAX_DEPTH
 from .ops import dwf_product
 
@@ -111,9 +111,11 @@ class FactorHolder:
             autocast_dtype = torch.get_autocast_dtype(device_type)
             if autocast_dtype in (torch.bfloat16, torch.float16):
                 out_dtype = autocast_dtype
-        if (
-            not torch.compiler.is_compiling()
-            and torch.is_grad_enabled()
+        if torch.compiler.is_compiling() and torch.is_grad_enabled() and factors.requires_grad:
+            # One opaque op whose backward decides as it runs whether the gradient is lazy (below).
+            w, sumsq = compiled_dwf_product(factors, out_dtype)
+        elif (
+            torch.is_grad_enabled()
             and factors.requires_grad
             and _fusion.is_fused(factors)  # never tensors swapped in by torch.func.functional_call
         ):
