@@ -7,9 +7,10 @@ Models: 64 DWF layers of 64x64 (D=4; a stack of Linear layers), and ResNet-18 (C
 Each round runs forward and backward on both twins (not timed), then times each one's
 optimizer.step() (momentum 0.9) in turn: on CPU by the host clock, on a GPU by CUDA events around the
 step, read after the run (its span on the device, which includes the host's launch gaps wherever
-the device waits for them). Reports the median step time, the speed-up, and the
-dwf_kernels op calls per step that torch.profiler records for each (dwf_sgd_step_multi against
-dwf_sgd_step: O(sets of layers) against O(layers)).
+the device waits for them). Reports the median step time with its 20th-80th percentile spread,
+the speed-up, and the dwf_kernels op calls per step that torch.profiler records for each
+(dwf_sgd_step_multi, and on CPU sgd_step_multi for the biases, against one dwf_sgd_step per layer:
+O(sets of layers) against O(layers)).
 """
 
 from __future__ import annotations
@@ -103,14 +104,17 @@ def main(argv=None) -> int:
         for pa, qa in zip(twins["multi"].parameters(), twins["per-layer"].parameters(), strict=True):
             assert torch.equal(pa, qa), "the two step paths must give the same parameters"
         med = {k: statistics.median(t) for k, t in times.items()}
+        spread = {k: statistics.quantiles(t, n=5) for k, t in times.items()}  # p20, p40, p60, p80
         layers = len(dwf_kernels.model.dwf_layers(model))
 
         def fmt(counts):
             return ", ".join(f"{n.split('::')[1]} {c}" for n, c in sorted(counts.items())) or "none"
 
+        cells = {
+            k: f"{1e3 * med[k]:.3f} ({1e3 * spread[k][0]:.3f}-{1e3 * spread[k][3]:.3f}; {fmt(calls[k])})" for k in twins
+        }
         rows.append(
-            f"| {name} | {layers} | {1e3 * med['multi']:.3f} ({fmt(calls['multi'])}) | "
-            f"{1e3 * med['per-layer']:.3f} ({fmt(calls['per-layer'])}) | {med['per-layer'] / med['multi']:.2f}x |"
+            f"| {name} | {layers} | {cells['multi']} | {cells['per-layer']} | {med['per-layer'] / med['multi']:.2f}x |"
         )
         print(rows[-1], flush=True)
     where = (
@@ -119,9 +123,9 @@ def main(argv=None) -> int:
         else f"cpu {platform.machine()}, {torch.get_num_threads()} threads"
     )
     head = [
-        f"FusedSGD.step() (momentum 0.9, D=4), ms per step (median of {a.rounds}, interleaved) with the dwf_kernels "
-        f"op calls of one step; {where}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}. The two paths' "
-        "parameters are checked equal after the run.",
+        f"FusedSGD.step() (momentum 0.9, D=4), ms per step (median of {a.rounds}, interleaved; p20-p80) with "
+        f"the dwf_kernels op calls of one step; {where}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}. "
+        "The two paths' parameters are checked equal after the run.",
         "",
         "| model | DWF layers | multi_tensor=True | multi_tensor=False | speed-up |",
         "|---|---|---|---|---|",

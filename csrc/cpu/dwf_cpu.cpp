@@ -174,18 +174,32 @@ void dwf_sgd_step_cpu(const at::Tensor& factors, const std::optional<at::Tensor>
                SgdOptions{lr, momentum, dampening, weight_decay, nesterov, maximize, init_buffer});
 }
 
-// Runs step(i) for each of `count` tensors whose per-row element counts are rows[i], in one call:
-// tensors of at most one chunk (whose kernel runs on one thread) are spread over the threads, each
-// running whole tensors; larger ones follow one after another, each split between the threads as
-// in the single-tensor op. Either way every tensor gets the single-tensor kernel: the same results.
+// Runs step(i) for each tensor i, whose rows have rows[i] elements, in one call: tensors of at most
+// one chunk (whose kernel runs on one thread) are spread over the threads, each running whole
+// tensors, when together they are more than a chunk of work (less is not worth a parallel region,
+// as for ATen's own grain size); larger ones follow one after another, each split between the
+// threads as in the single-tensor op. Either way every tensor gets the single-tensor kernel: the
+// same results.
 template <typename Step>
 void step_each(const std::vector<int64_t>& rows, Step&& step) {
   std::vector<size_t> small, large;
-  for (size_t i = 0; i < rows.size(); ++i) (rows[i] <= kChunk ? small : large).push_back(i);
-  // A tensor's own parallel_for runs inline inside this one (ATen does not nest parallel regions).
-  at::parallel_for(0, static_cast<int64_t>(small.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) step(small[k]);
-  });
+  int64_t small_work = 0;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    if (rows[i] <= kChunk) {
+      small.push_back(i);
+      small_work += rows[i];
+    } else {
+      large.push_back(i);
+    }
+  }
+  if (small_work <= kChunk) {
+    for (size_t i : small) step(i);
+  } else {
+    // A tensor's own parallel_for runs inline inside this one (ATen does not nest parallel regions).
+    at::parallel_for(0, static_cast<int64_t>(small.size()), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) step(small[k]);
+    });
+  }
   for (size_t i : large) step(i);
 }
 
