@@ -231,9 +231,11 @@ def stale_gradient_error(what: str) -> RuntimeError:
     )
 
 
-def _autograd_excluded(t: torch.Tensor) -> bool:
-    key = torch._C._parse_dispatch_key("AutogradCUDA" if t.is_cuda else "AutogradCPU")
-    return key is not None and torch._C._dispatch_tls_is_dispatch_key_excluded(key)
+def _autograd_excluded() -> bool:
+    # Asked of autograd itself: the dispatch key sets report the exclusion differently across torch
+    # versions (torch 2.14 excludes the Autograd functionality, which no per-device key reports).
+    with torch.enable_grad():
+        return (torch.ones((), requires_grad=True) * 1).grad_fn is None
 
 
 def materialize(grad: LazyFactorGrad) -> torch.Tensor:
@@ -255,7 +257,7 @@ def materialize(grad: LazyFactorGrad) -> torch.Tensor:
         raise stale_gradient_error("was computed by a backward pass before its factors were changed in place")
     grad_w = _grad_w_or_zeros(state.grad_w, factors)
     with torch.no_grad():
-        if _autograd_excluded(factors) and resolve_backend(factors.device.type, state.backend) == "reference":
+        if resolve_backend(factors.device.type, state.backend) == "reference" and _autograd_excluded():
             # Inside __torch_dispatch__ autograd is off, and the reference backward differentiates
             # its forward: take its explicit formula instead (plain tensor ops).
             dense = dwf_backward_differentiable(factors.detach(), grad_w, state.grad_sumsq)
@@ -365,12 +367,23 @@ def fused_dwf_product(factors: torch.Tensor, out_dtype: torch.dtype | None) -> t
 
 
 # Under torch.compile. Dynamo cannot trace FusedDWFProduct, whose backward builds a tensor subclass
-# from Python state, so a compiled forward runs the same two steps as custom ops the compiler keeps
-# opaque (no graph break): dwf_fused::forward, the fused product, whose backward is
-# dwf_fused::factor_grad. That op decides when it runs, not when it is traced: a lazy gradient for
-# the factors of a layer in fused mode (a live FusedSGD updates them), else the ordinary gradient
-# from the fused backward. The compiled backward hands that gradient to autograd, which stores it
-# in factors.grad as in eager mode.
+# from Python state, so a compiled forward runs the product as a custom op the compiler keeps
+# opaque (no graph break): dwf_fused::forward, whose backward is dwf_fused::factor_grad. A compiled
+# backward is generated code that may read any tensor it holds and reuse any buffer it thinks dead,
+# so that op hands the compiled graph an ordinary tensor, and dL/dw reaches autograd beside it:
+#   - the op files a copy of dL/dw and dL/dsumsq on the factors, under the running backward pass,
+#     and returns a zero of the factors' shape, expanded from one element (nothing written per
+#     weight), as the factors' gradient;
+#   - a hook on the factors (registered by the op the first time) takes that zero and the filed
+#     parts before autograd accumulates: when the compiled graph returned the zero as it was (the
+#     factors feed this layer only), the gradient is the lazy one where a live FusedSGD updates the
+#     layer, else the fused backward's; when the graph added other gradients to it (the layer used
+#     twice, tied weights, other ops reading the factors), it is that sum plus the fused
+#     backward of each filed part.
+# The copy of dL/dw (N elements, where the factor gradient has D x N) is the price of handing it
+# past code that does not know it is kept.
+
+_PENDING = "_dwf_compiled_parts"  # factors attribute: {backward pass id: [(zero, grad_w, grad_sumsq)]}
 
 
 @torch.library.custom_op("dwf_fused::forward", mutates_args=())
@@ -383,20 +396,67 @@ def _(factors: torch.Tensor, out_dtype: torch.dtype | None) -> tuple[torch.Tenso
     return fake_forward(factors, out_dtype, True)
 
 
+def _expanded_zero(factors: torch.Tensor) -> torch.Tensor:
+    return factors.new_zeros(()).expand(factors.shape)
+
+
 @torch.library.custom_op("dwf_fused::factor_grad", mutates_args=())
 def _compiled_factor_grad(
     factors: torch.Tensor, grad_w: torch.Tensor | None, grad_sumsq: torch.Tensor | None
 ) -> torch.Tensor:
-    if factors.is_leaf and factors.requires_grad and _fusion.is_fused(factors):
-        state = _State(_LAZY)
-        state.set_lazy(weakref.ref(factors), factors._version, grad_w, grad_sumsq, resolve_backend(factors.device.type))
-        return LazyFactorGrad(state, factors)
-    return dwf_product_backward(factors, _grad_w_or_zeros(grad_w, factors), grad_sumsq)
+    zero = _expanded_zero(factors)
+    parts = factors.__dict__.get(_PENDING)
+    if parts is None:
+        parts = factors.__dict__[_PENDING] = {}
+        factors.register_hook(_take_compiled_parts(weakref.ref(factors)))
+    parts.setdefault(torch._C._current_graph_task_id(), []).append((zero, _copy(grad_w), _copy(grad_sumsq)))
+    return zero
+
+
+def _copy(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.clone()
 
 
 @_compiled_factor_grad.register_fake
 def _(factors: torch.Tensor, grad_w: torch.Tensor | None, grad_sumsq: torch.Tensor | None) -> torch.Tensor:
-    return factors.new_empty(factors.shape)
+    return _expanded_zero(factors)
+
+
+def _take_compiled_parts(factors_ref: weakref.ref) -> Callable:
+    def hook(grad: torch.Tensor) -> torch.Tensor | None:
+        factors = factors_ref()
+        if factors is None:
+            return None
+        # Parts filed under another pass belong to one whose gradient never reached these factors
+        # (backward(inputs=...) without them): dropped.
+        parts = factors.__dict__[_PENDING]
+        mine = parts.pop(torch._C._current_graph_task_id(), [])
+        parts.clear()
+        if not mine:
+            return None
+        if len(mine) == 1 and _is_view_of(grad, mine[0][0]):
+            _, grad_w, grad_sumsq = mine[0]
+            if factors.is_leaf and _fusion.is_fused(factors):
+                state = _State(_LAZY)
+                state.set_lazy(
+                    weakref.ref(factors), factors._version, grad_w, grad_sumsq, resolve_backend(factors.device.type)
+                )
+                return LazyFactorGrad(state, factors)
+            return dwf_product_backward(factors, _grad_w_or_zeros(grad_w, factors), grad_sumsq)
+        total = grad.clone(memory_format=torch.contiguous_format)  # our zeros plus the graph's other parts
+        for _, grad_w, grad_sumsq in mine:
+            total += dwf_product_backward(factors, _grad_w_or_zeros(grad_w, factors), grad_sumsq)
+        return total
+
+    return hook
+
+
+def _is_view_of(grad: torch.Tensor, zero: torch.Tensor) -> bool:
+    return (
+        grad.untyped_storage().data_ptr() == zero.untyped_storage().data_ptr()
+        and grad.stride() == zero.stride()
+        and grad.shape == zero.shape
+    )
 
 
 def _compiled_setup_context(ctx, inputs, output) -> None:

@@ -142,6 +142,10 @@ class FusedSGD(torch.optim.SGD):
             )
         _fusion.bind(self, params)
 
+    @torch.compiler.disable(
+        reason="FusedSGD.step() runs eagerly: it reads each layer's lazy gradient in Python and makes one op call "
+        "per set of layers (compile the model, whose backward it fuses with)"
+    )
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
         loss = None
@@ -234,9 +238,10 @@ class FusedSGD(torch.optim.SGD):
             check_apart=False,
             **hyper,
         )
-        for i, item in enumerate(items):
-            if buffers is not None:
-                item[4]["momentum_buffer"] = buffers[i]
+        if buffers is not None and not has_buffers:  # the first step made them
+            for item, buffer in zip(items, buffers, strict=True):
+                item[4]["momentum_buffer"] = buffer
+        for item in items:
             item[3].consume()  # applied: releases dL/dw; reading it later is refused
 
 

@@ -300,6 +300,111 @@ def test_torch_compile_gradients_read_like_eager_ones():
         torch.testing.assert_close(a.factors.grad.clone(), b.factors.grad)
 
 
+def _compiled_grads(model_fn, x, fused, steps=1):
+    """Factor gradients of a compiled model_fn(x).sum() (formed: .clone() of a lazy one), with a
+    live FusedSGD or none."""
+    torch._dynamo.reset()
+    model = model_fn()
+    optimizer = FusedSGD(model.parameters(), lr=0.1) if fused else None
+    compiled = torch.compile(model, fullgraph=True)
+    for _ in range(steps):
+        model.zero_grad()
+        compiled(x).pow(2).sum().backward()
+    grads = [(p.grad.clone(), type(p.grad)) for p in model.parameters()]
+    del optimizer
+    torch._dynamo.reset()
+    return grads
+
+
+class _Twice(nn.Module):
+    """A DWF layer applied twice, and a second layer sharing the first one's factors (tied)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = dwf_kernels.nn.DWFLinear.from_dense(nn.Linear(8, 8), 2)
+        self.b = dwf_kernels.nn.DWFLinear.from_dense(nn.Linear(8, 8), 2)
+        self.b.factors = self.a.factors
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(torch.tanh(self.a(x))))) + 1e-2 * self.a.factors.square().sum()
+
+
+def _stack():
+    torch.manual_seed(0)
+    return dwf_kernels.factorize(nn.Sequential(*[m for _ in range(4) for m in (nn.Linear(16, 16), nn.Tanh())]), 2)
+
+
+@pytest.mark.parametrize(
+    "model_fn,x", [(_stack, torch.randn(8, 16)), (_Twice, torch.randn(4, 8))], ids=["stack", "twice"]
+)
+def test_torch_compile_factor_gradients_equal_the_unfused_ones(model_fn, x):
+    # The compiled backward may reuse any buffer it thinks dead, and read any tensor it holds:
+    # dL/dw kept for the lazy gradient must survive it (stack), and factors whose gradient the
+    # graph sums (a layer used twice, tied, read by other ops) get the exact dense sum (twice).
+    fused, plain = _compiled_grads(model_fn, x, True, steps=2), _compiled_grads(model_fn, x, False, steps=2)
+    eager = model_fn()
+    for _ in range(2):
+        eager.zero_grad()
+        eager(x).pow(2).sum().backward()
+    for i, ((a, _), (b, _), c) in enumerate(zip(fused, plain, eager.parameters(), strict=True)):
+        torch.testing.assert_close(a, b, msg=lambda m, i=i: f"parameter {i}, fused vs unfused compiled: {m}")
+        torch.testing.assert_close(a, c.grad, msg=lambda m, i=i: f"parameter {i}, fused compiled vs eager: {m}")
+    kinds = [kind for _, kind in fused]
+    if model_fn is _stack:  # each layer's factors feed that layer only: lazy
+        assert kinds[0::2] == [LazyFactorGrad] * 4, kinds
+
+
+def test_torch_compile_backward_without_the_factors_leaves_nothing_behind():
+    # backward(inputs=[bias]) runs the compiled backward, which files dL/dw for the factors, whose
+    # gradient is then not accumulated: the next backward must not count it.
+    models = [_model("cpu"), _model("cpu")]
+    optimizer = FusedSGD(models[0].parameters(), lr=0.1, momentum=0.9)  # noqa: F841 (fused mode)
+    x, y = _batch("cpu")
+    torch._dynamo.reset()
+    for model in models:
+        compiled = torch.compile(model)
+        bias = model[-1].bias
+        nn.functional.cross_entropy(compiled(x), y).backward(inputs=[bias])
+        model.zero_grad()
+        nn.functional.cross_entropy(compiled(x), y).backward()
+    torch._dynamo.reset()
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(a.grad.clone(), b.grad, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_compiling_the_step_runs_it_eagerly():
+    # torch.compile(optimizer.step): FusedSGD.step() is excluded from compilation, so it runs as
+    # it does eagerly.
+    models, optimizers = _twins()
+    x, y = _batch("cpu")
+    torch._dynamo.reset()
+    for model, optimizer in zip(models, optimizers, strict=True):
+        step = torch.compile(optimizer.step) if isinstance(optimizer, FusedSGD) else optimizer.step
+        for _ in range(3):
+            optimizer.zero_grad()
+            (nn.functional.cross_entropy(model(x), y) + dwf_kernels.penalty(model, 1e-2)).backward()
+            step()
+    torch._dynamo.reset()
+    _assert_same_parameters(models[0], models[1], exact=TORCH_CPU_FMA)
+
+
+def test_reading_a_lazy_gradient_of_the_reference_backend():
+    # The reference backend forms the gradient by autograd, which is off where the lazy gradient is
+    # read (inside its __torch_dispatch__): it must still give the exact gradient.
+    models = [_model("cpu"), _model("cpu")]
+    optimizer = FusedSGD(models[0].parameters(), lr=0.1, backend="reference")  # noqa: F841 (fused mode)
+    x, y = _batch("cpu")
+    grads = []
+    with dwf_kernels.use_backend("reference"):
+        for model in models:
+            loss = nn.functional.cross_entropy(model(x), y) + dwf_kernels.penalty(model, 1e-2)
+            grads.append(torch.autograd.grad(loss, [layer.factors for _, layer in dwf_kernels.model.dwf_layers(model)]))
+    for lazy, dense in zip(*grads, strict=True):
+        assert isinstance(lazy, LazyFactorGrad) and not isinstance(dense, LazyFactorGrad)
+        torch.testing.assert_close(lazy * 1, dense)
+
+
 # Ordinary PyTorch patterns: the factor gradient is an ordinary (lazy) gradient, so each behaves as
 # with torch.optim.SGD. Each loop runs once with FusedSGD and once with torch.optim.SGD.
 
