@@ -371,7 +371,7 @@ def fused_dwf_product(factors: torch.Tensor, out_dtype: torch.dtype | None) -> t
 # opaque (no graph break): dwf_fused::forward, whose backward is dwf_fused::factor_grad. A compiled
 # backward is generated code that may read any tensor it holds and reuse any buffer it thinks dead,
 # so that op hands the compiled graph an ordinary tensor, and dL/dw reaches autograd beside it:
-#   - the op files a copy of dL/dw and dL/dsumsq on the factors, under the running backward pass,
+#   - the op files a copy of dL/dw and dL/dsumsq for the factors, under the running backward pass,
 #     and returns a zero of the factors' shape, expanded from one element (nothing written per
 #     weight), as the factors' gradient;
 #   - a hook on the factors (registered by the op the first time) takes that zero and the filed
@@ -383,7 +383,9 @@ def fused_dwf_product(factors: torch.Tensor, out_dtype: torch.dtype | None) -> t
 # The copy of dL/dw (N elements, where the factor gradient has D x N) is the price of handing it
 # past code that does not know it is kept.
 
-_PENDING = "_dwf_compiled_parts"  # factors attribute: {backward pass id: [(zero, grad_w, grad_sumsq)]}
+# id(factors) -> (weak reference to them, {backward pass id: [(zero, grad_w, grad_sumsq)]}), kept
+# here, not on the tensor, so that copies and pickles of the factors carry none of it.
+_COMPILED_PARTS: dict[int, tuple[weakref.ref, dict]] = {}
 
 
 @torch.library.custom_op("dwf_fused::forward", mutates_args=())
@@ -405,10 +407,12 @@ def _compiled_factor_grad(
     factors: torch.Tensor, grad_w: torch.Tensor | None, grad_sumsq: torch.Tensor | None
 ) -> torch.Tensor:
     zero = _expanded_zero(factors)
-    parts = factors.__dict__.get(_PENDING)
-    if parts is None:
-        parts = factors.__dict__[_PENDING] = {}
-        factors.register_hook(_take_compiled_parts(weakref.ref(factors)))
+    entry = _COMPILED_PARTS.get(id(factors))
+    if entry is None or entry[0]() is not factors:
+        entry = _COMPILED_PARTS[id(factors)] = (weakref.ref(factors), {})
+        weakref.finalize(factors, _COMPILED_PARTS.pop, id(factors), None)
+        factors.register_hook(_take_compiled_parts(entry[0]))
+    parts = entry[1]
     parts.setdefault(torch._C._current_graph_task_id(), []).append((zero, _copy(grad_w), _copy(grad_sumsq)))
     return zero
 
@@ -429,7 +433,10 @@ def _take_compiled_parts(factors_ref: weakref.ref) -> Callable:
             return None
         # Parts filed under another pass belong to one whose gradient never reached these factors
         # (backward(inputs=...) without them): dropped.
-        parts = factors.__dict__[_PENDING]
+        entry = _COMPILED_PARTS.get(id(factors))
+        if entry is None or entry[0]() is not factors:
+            return None
+        parts = entry[1]
         mine = parts.pop(torch._C._current_graph_task_id(), [])
         parts.clear()
         if not mine:

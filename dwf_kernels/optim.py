@@ -9,7 +9,8 @@
 
 A drop-in for torch.optim.SGD, with the same hyper-parameters, state_dict (a checkpoint loads into
 either class) and, for fp32/fp64 factors, the same results: equal to torch.optim.SGD's bit for bit
-on CPU builds with FMA (AVX2/AVX-512). What changes is how the DWF layers' factor gradient is
+on CPU builds with FMA (AVX2/AVX-512), for one backward pass per step (gradients accumulated over
+several passes are summed as dL/dw before the factor gradient is formed: equal to rounding). What changes is how the DWF layers' factor gradient is
 formed. While the optimizer lives, the layers it updates give their factors a lazy gradient: the
 backward pass stores dL/dw and dL/dsumsq in `factors.grad` (a `LazyFactorGrad`) instead of forming
 the D x N factor gradient. `step()` applies it with a fused kernel that forms the D factor gradients
@@ -152,22 +153,14 @@ class FusedSGD(torch.optim.SGD):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            self._step_group(group)
+        # Every group's hyper-parameters are checked before any group is updated (a group edited
+        # after construction may hold bad ones): a refused step changes nothing.
+        hypers = [_group_hyper(group) for group in self.param_groups]
+        for group, hyper in zip(self.param_groups, hypers, strict=True):
+            self._step_group(group, *hyper)
         return loss
 
-    def _step_group(self, group: dict) -> None:
-        hyper = {
-            "lr": group["lr"],
-            "momentum": group["momentum"],
-            "dampening": group["dampening"],
-            "weight_decay": group["weight_decay"],
-            "nesterov": group["nesterov"],
-            "maximize": group["maximize"],
-        }
-        lr = hyper["lr"]
-        op_hyper = dict(hyper, lr=lr.item() if isinstance(lr, torch.Tensor) else lr)
-        check_sgd_hyper(op_hyper["lr"], hyper["momentum"], hyper["dampening"], hyper["weight_decay"], hyper["nesterov"])
+    def _step_group(self, group: dict, hyper: dict, op_hyper: dict) -> None:
         multi = self._multi_tensor
         # As torch.optim.SGD: no per-parameter state without momentum.
         with_state = hyper["momentum"] != 0
@@ -243,6 +236,23 @@ class FusedSGD(torch.optim.SGD):
                 item[4]["momentum_buffer"] = buffer
         for item in items:
             item[3].consume()  # applied: releases dL/dw; reading it later is refused
+
+
+def _group_hyper(group: dict) -> tuple[dict, dict]:
+    """A param group's SGD hyper-parameters, checked: as torch's SGD takes them, and as the ops take
+    them (lr a number)."""
+    hyper = {
+        "lr": group["lr"],
+        "momentum": group["momentum"],
+        "dampening": group["dampening"],
+        "weight_decay": group["weight_decay"],
+        "nesterov": group["nesterov"],
+        "maximize": group["maximize"],
+    }
+    lr = hyper["lr"]
+    op_hyper = dict(hyper, lr=lr.item() if isinstance(lr, torch.Tensor) else lr)
+    check_sgd_hyper(op_hyper["lr"], hyper["momentum"], hyper["dampening"], hyper["weight_decay"], hyper["nesterov"])
+    return hyper, op_hyper
 
 
 def _plain_step_serves(p: torch.Tensor, grad: torch.Tensor) -> bool:

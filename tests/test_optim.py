@@ -405,6 +405,33 @@ def test_reading_a_lazy_gradient_of_the_reference_backend():
         torch.testing.assert_close(lazy * 1, dense)
 
 
+def test_a_bad_hyper_parameter_set_after_construction_changes_nothing():
+    # A step refused for one group's hyper-parameters must not have updated (and consumed the
+    # lazy gradients of) the groups before it: fixing the value and stepping again then works.
+    models, _ = _twins()
+    model, reference = models
+    layers = [layer for _, layer in dwf_kernels.model.dwf_layers(model)]
+    optimizer = FusedSGD(
+        [{"params": layers[0].parameters()}, {"params": [p for layer in layers[1:] for p in layer.parameters()]}],
+        lr=0.1,
+        momentum=0.9,
+    )
+    twin = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, foreach=False)
+    x, y = _batch("cpu")
+    for m, opt in ((model, optimizer), (reference, twin)):
+        opt.zero_grad()
+        (nn.functional.cross_entropy(m(x), y) + dwf_kernels.penalty(m, 1e-2)).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer.param_groups[1]["lr"] = -0.1
+    with pytest.raises(ValueError, match="lr"):
+        optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before, strict=True))
+    optimizer.param_groups[1]["lr"] = 0.1
+    optimizer.step()
+    twin.step()
+    _assert_same_parameters(model, reference, exact=TORCH_CPU_FMA)
+
+
 # Ordinary PyTorch patterns: the factor gradient is an ordinary (lazy) gradient, so each behaves as
 # with torch.optim.SGD. Each loop runs once with FusedSGD and once with torch.optim.SGD.
 
