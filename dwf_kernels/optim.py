@@ -10,14 +10,15 @@
 A drop-in for torch.optim.SGD, with the same hyper-parameters, state_dict (a checkpoint loads into
 either class) and, for fp32/fp64 factors, the same results: equal to torch.optim.SGD's bit for bit
 on CPU builds with FMA (AVX2/AVX-512), for one backward pass per step (gradients accumulated over
-several passes are summed as dL/dw before the factor gradient is formed: equal to rounding). What changes is how the DWF layers' factor gradient is
-formed. While the optimizer lives, the layers it updates give their factors a lazy gradient: the
-backward pass stores dL/dw and dL/dsumsq in `factors.grad` (a `LazyFactorGrad`) instead of forming
-the D x N factor gradient. `step()` applies it with a fused kernel that forms the D factor gradients
-in registers and updates factors and momentum buffer in place (`dwf_kernels.dwf_sgd_step`), for all
-layers of a group in one op call (`dwf_kernels.dwf_sgd_step_multi`): the backward plus optimizer
-move 4D+1 elements per weight instead of 7D+1 (10D+1 with torch's per-tensor SGD, its default on
-CPU), and no factor-gradient tensor exists.
+several passes are summed as dL/dw before the factor gradient is formed: equal to rounding). What
+changes is how the DWF layers' factor gradient is formed. While the optimizer lives, the layers it
+updates give their factors a lazy gradient: the backward pass stores dL/dw and dL/dsumsq in
+`factors.grad` (a `LazyFactorGrad`) instead of forming the D x N factor gradient. `step()` applies
+it with a fused kernel that forms the D factor gradients in registers and updates factors and
+momentum buffer in place (`dwf_kernels.dwf_sgd_step`), for all layers of a group in one op call
+(`dwf_kernels.dwf_sgd_step_multi`): the backward plus optimizer move 4D+1 elements per weight
+instead of 7D+1 (10D+1 with torch's per-tensor SGD, its default on CPU), and no factor-gradient
+tensor exists.
 
 `factors.grad` is an ordinary gradient otherwise: zero_grad (the optimizer's or the model's),
 accumulation over backward passes, `backward(inputs=...)`, `torch.autograd.grad`, other optimizers,
@@ -34,8 +35,8 @@ gradient twice; FusedSGD has applied and released it).
 
 The fusion applies to eager and compiled forwards alike: under torch.compile (fullgraph too) the
 layer's product is one opaque op whose backward leaves the same lazy gradient. The other
-parameters (biases, norms) get torch.optim.SGD's update: on CPU, for plain float32/float64
-tensors, with one op call for all of them (`torch.ops.dwf_kernels.sgd_step_multi`, the same
+parameters (biases, norms) get torch.optim.SGD's update: on CPU with FMA (AVX2, AVX-512), for
+plain float32/float64 tensors, with one op call for all of them (`torch.ops.dwf_kernels.sgd_step_multi`, the same
 arithmetic, bit for bit, where torch runs several ops per tensor); otherwise with torch's own code.
 """
 
@@ -302,5 +303,11 @@ def _step_plain_together(items: list, hyper: dict) -> None:
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 _PLAIN_DTYPES = (torch.float32, torch.float64)
 _STRIDED = torch.strided
-# The one-call update of plain parameters: the C++ extension's CPU op, where it is loaded.
-_PLAIN_SGD_STEP_MULTI = _extension_backend.plain_sgd_step_multi if "cpu" in _extension.KERNEL_DEVICES else None
+# The one-call update of plain parameters: the C++ extension's CPU op, where it is loaded and rounds
+# as torch does, i.e. where ATen's CPU kernels run with FMA (AVX2, AVX-512): its a + x * b is one
+# rounding there, two in ATen's baseline kernels.
+_PLAIN_SGD_STEP_MULTI = (
+    _extension_backend.plain_sgd_step_multi
+    if "cpu" in _extension.KERNEL_DEVICES and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    else None
+)

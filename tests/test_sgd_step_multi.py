@@ -309,6 +309,10 @@ PLAIN_OPTIONS = [
 needs_cpu_kernels = pytest.mark.skipif(
     "cpu" not in _extension.KERNEL_DEVICES, reason="the C++ extension's CPU kernels are not loaded"
 )
+needs_plain_step = pytest.mark.skipif(
+    dwf_kernels.optim._PLAIN_SGD_STEP_MULTI is None,
+    reason="FusedSGD updates plain parameters in one call only where ATen's CPU kernels use FMA",
+)
 
 
 def _plain_params(dtype, seed=0):
@@ -316,7 +320,7 @@ def _plain_params(dtype, seed=0):
     return [nn.Parameter(torch.randn(s, generator=gen, dtype=dtype)) for s in PLAIN_SHAPES]
 
 
-@needs_cpu_kernels
+@needs_plain_step
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("options", PLAIN_OPTIONS)
 @pytest.mark.parametrize("foreach", [False, True], ids=["per-tensor", "foreach"])
@@ -352,7 +356,7 @@ def _assert_as_torch(ours, theirs):
             torch.testing.assert_close(a, b)
 
 
-@needs_cpu_kernels
+@needs_plain_step
 def test_plain_parameters_the_one_call_cannot_serve_take_torch_sgd():
     # bf16 (torch rounds each op of its update), a non-contiguous parameter, a sparse gradient, a
     # non-contiguous gradient: torch's own update, with its results.
@@ -409,7 +413,7 @@ def test_plain_step_op_refuses_bad_arguments_and_passes_opcheck():
         assert all(torch.equal(a, b) for a, b in zip(params, before, strict=True)), f"{name}: nothing may be updated"
 
 
-@needs_cpu_kernels
+@needs_plain_step
 def test_fused_sgd_step_is_two_op_calls_for_a_stack_of_layers():
     # O(sets), not O(layers): the DWF layers in one call, their biases in another, on CPU.
     torch.manual_seed(0)
