@@ -34,7 +34,8 @@ from torch.nn.utils import parametrize
 
 from . import _fusion
 from . import init as dwf_init
-from ._lazy_grad import compiled_dwf_product, convertible, fused_dwf_product
+from ._compiled_grad import compiled_dwf_product
+from ._lazy_grad import convertible, fused_dwf_product
 from ._validate import MAX_DEPTH
 from .ops import dwf_product
 
