@@ -266,23 +266,24 @@ def materialize(grad: LazyFactorGrad) -> torch.Tensor:
     return dense
 
 
-def take_for_fused_step(grad: torch.Tensor, factors: torch.Tensor):
-    """For FusedSGD.step(): (grad_w, grad_sumsq, state) when `grad` is a lazy gradient of `factors`
-    as they are now, to be applied fused; else None (apply `dense_of(grad)` unfused)."""
-    if type(grad) is not LazyFactorGrad:
-        return None
+def take_for_fused_step(grad: LazyFactorGrad, factors: torch.Tensor) -> _State | None:
+    """For FusedSGD.step(): the state of `grad`, a lazy gradient, when it holds dL/dw (or None when
+    only the penalty reached the layer: dL/dw is zero) and dL/dsumsq of `factors` as they are now, to
+    be applied fused and then consumed; else None (apply `dense_of(grad)` unfused)."""
     state = grad._state
-    if state.kind == _CONSUMED:
-        raise RuntimeError(
-            "FusedSGD.step() was called again without clearing the gradients and running a new backward "
-            "pass: it already applied this DWF factor gradient and released it (torch.optim.SGD would apply "
-            "it again). Call optimizer.zero_grad() after each step and run a backward pass before the next"
-        )
-    if state.kind != _LAZY or state.factors() is not factors or not factors.is_contiguous():
+    if state.kind != _LAZY:
+        if state.kind == _CONSUMED:
+            raise RuntimeError(
+                "FusedSGD.step() was called again without clearing the gradients and running a new backward "
+                "pass: it already applied this DWF factor gradient and released it (torch.optim.SGD would apply "
+                "it again). Call optimizer.zero_grad() after each step and run a backward pass before the next"
+            )
+        return None
+    if state.factors() is not factors or not factors.is_contiguous():
         return None
     if factors._version != state.version:
         raise stale_gradient_error("was computed by a backward pass before its factors were changed in place")
-    return _grad_w_or_zeros(state.grad_w, factors), state.grad_sumsq, state
+    return state
 
 
 def _grad_w_or_zeros(grad_w: torch.Tensor | None, factors: torch.Tensor) -> torch.Tensor:

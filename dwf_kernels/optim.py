@@ -48,7 +48,7 @@ import torch
 from torch.optim.sgd import sgd as _torch_sgd
 
 from . import _extension, _fusion
-from ._lazy_grad import LazyFactorGrad, dense_of, take_for_fused_step
+from ._lazy_grad import LazyFactorGrad, _grad_w_or_zeros, dense_of, take_for_fused_step
 from ._validate import check_sgd_hyper
 from .backends import BACKENDS, select
 from .backends import extension as _extension_backend
@@ -162,51 +162,62 @@ class FusedSGD(torch.optim.SGD):
         return loss
 
     def _step_group(self, group: dict, hyper: dict, op_hyper: dict) -> None:
+        # One pass over the parameters sorts them into sets, each a few parallel lists that go to
+        # one op call as they are: the step's per-parameter Python is a handful of attribute reads.
         multi = self._multi_tensor
         # As torch.optim.SGD: no per-parameter state without momentum.
         with_state = hyper["momentum"] != 0
         plain_in_one_call = multi and _PLAIN_SGD_STEP_MULTI is not None
         state = self.state
         params, grads = [], []  # for torch's own update
-        fused = {}  # set key -> [(factors, grad_w, grad_sumsq, lazy gradient state, optimizer state)]
-        plain = {}  # set key -> [(param, grad, optimizer state)]
+        # set key -> [factors, dL/dw, dL/dsumsq, momentum buffers, optimizer states, lazy gradient states]
+        fused = {}
+        plain = {}  # (dtype, has buffers) -> [params, grads, momentum buffers, optimizer states]
         for p in group["params"]:
             grad = p.grad
             if grad is None:
                 continue
             if type(grad) is LazyFactorGrad:
-                taken = take_for_fused_step(grad, p)
-                if taken is not None:
-                    p_state = state[p] if with_state else {}
+                lazy = take_for_fused_step(grad, p)
+                if lazy is not None:
+                    grad_w = _grad_w_or_zeros(lazy.grad_w, p)
+                    p_state = state[p] if with_state else _NO_STATE
+                    buffer = p_state.get("momentum_buffer")
                     # What one multi-layer launch serves: device, factor dtype, dL/dw dtype, depth,
-                    # and whether the momentum buffer exists yet.
-                    key = (p.device, p.dtype, taken[0].dtype, p.shape[0], "momentum_buffer" in p_state)
-                    fused.setdefault(key, []).append((p, *taken, p_state))
+                    # and whether the momentum buffers exist yet.
+                    key = (p.device, p.dtype, grad_w.dtype, p.shape[0], buffer is not None)
+                    lists = fused.get(key)
+                    if lists is None:
+                        lists = fused[key] = ([], [], [], [], [], [])
+                    lists[0].append(p)
+                    lists[1].append(grad_w)
+                    lists[2].append(lazy.grad_sumsq)
+                    lists[3].append(buffer)
+                    lists[4].append(p_state)
+                    lists[5].append(lazy)
                     continue
                 # Formed already (read by other code, e.g. an element-wise read or DDP): applied
                 # as a dense gradient.
                 grad = dense_of(grad)
             if plain_in_one_call and _plain_step_serves(p, grad):
-                p_state = state[p] if with_state else {}
+                p_state = state[p] if with_state else _NO_STATE
                 buffer = p_state.get("momentum_buffer")
-                if buffer is None or (buffer.dtype == p.dtype and buffer.is_contiguous()):
-                    plain.setdefault((p.dtype, buffer is not None), []).append((p, grad, p_state))
+                if buffer is None or (buffer.dtype is p.dtype and buffer.is_contiguous()):
+                    key = (p.dtype, buffer is not None)
+                    lists = plain.get(key)
+                    if lists is None:
+                        lists = plain[key] = ([], [], [], [])
+                    lists[0].append(p)
+                    lists[1].append(grad)
+                    lists[2].append(buffer)
+                    lists[3].append(p_state)
                     continue
             params.append(p)
             grads.append(grad)
-        for key, items in fused.items():
-            if multi:
-                self._step_fused_together(select(key[0].type, self._backend), items, op_hyper)
-                continue
-            for p, grad_w, grad_sumsq, lazy, p_state in items:
-                buffer = dwf_sgd_step(
-                    p, grad_w, grad_sumsq, p_state.get("momentum_buffer"), backend=self._backend, **op_hyper
-                )
-                if buffer is not None:
-                    p_state["momentum_buffer"] = buffer
-                lazy.consume()  # applied: releases dL/dw; reading it later is refused
-        for items in plain.values():
-            _step_plain_together(items, op_hyper)
+        for key, lists in fused.items():
+            _step_fused_together(select(key[0].type, self._backend), lists, key[-1], op_hyper, per_layer=not multi)
+        for (_, has_buffers), lists in plain.items():
+            _step_plain_together(lists, has_buffers, op_hyper)
         if not params:
             return
         buffers = [state[p].get("momentum_buffer") for p in params]
@@ -217,26 +228,28 @@ class FusedSGD(torch.optim.SGD):
             for p, buffer in zip(params, buffers, strict=True):
                 state[p]["momentum_buffer"] = buffer
 
-    def _step_fused_together(self, chosen, items: list, hyper: dict) -> None:
-        """One dwf_sgd_step_multi call on the backend `chosen` for a set of layers that one kernel
-        launch can serve."""
-        has_buffers = "momentum_buffer" in items[0][4]
+
+def _step_fused_together(chosen, lists, has_buffers: bool, hyper: dict, per_layer: bool) -> None:
+    """The fused step of a set of layers that one kernel launch can serve (lists as _step_group
+    sorts them) on the backend `chosen`: one dwf_sgd_step_multi call, or with per_layer one
+    dwf_sgd_step call per layer (multi_tensor=False)."""
+    factors, grad_w, grad_sumsq, buffers, states, lazies = lists
+    if per_layer:
+        new = [
+            dwf_sgd_step(f, g, s, b, backend=chosen.name, **hyper)
+            for f, g, s, b in zip(factors, grad_w, grad_sumsq, buffers, strict=True)
+        ]
+    else:
         # Without the check that the layers share no memory: they are distinct parameters (a
-        # group holds each once, see add_param_group) with their own buffers and gradients.
-        buffers = _run_sgd_step_multi(
-            chosen,
-            [item[0] for item in items],
-            [item[1] for item in items],
-            [item[2] for item in items],
-            [item[4]["momentum_buffer"] for item in items] if has_buffers else None,
-            check_apart=False,
-            **hyper,
+        # group holds each once, see FusedSGD.add_param_group) with their own buffers and gradients.
+        new = _run_sgd_step_multi(
+            chosen, factors, grad_w, grad_sumsq, buffers if has_buffers else None, check_apart=False, **hyper
         )
-        if buffers is not None and not has_buffers:  # the first step made them
-            for item, buffer in zip(items, buffers, strict=True):
-                item[4]["momentum_buffer"] = buffer
-        for item in items:
-            item[3].consume()  # applied: releases dL/dw; reading it later is refused
+    if hyper["momentum"] != 0 and not has_buffers:  # the first step made them
+        for p_state, buffer in zip(states, new, strict=True):
+            p_state["momentum_buffer"] = buffer
+    for lazy in lazies:
+        lazy.consume()  # applied: releases dL/dw; reading it later is refused
 
 
 def _group_hyper(group: dict) -> tuple[dict, dict]:
@@ -273,20 +286,20 @@ def _plain_step_serves(p: torch.Tensor, grad: torch.Tensor) -> bool:
     )
 
 
-def _step_plain_together(items: list, hyper: dict) -> None:
-    """torch.optim.SGD's update of plain CPU parameters (biases, norms), one op call for the set."""
+def _step_plain_together(lists, has_buffers: bool, hyper: dict) -> None:
+    """torch.optim.SGD's update of plain CPU parameters (biases, norms), one op call for the set
+    (lists as _step_group sorts them)."""
+    params, grads, buffers, states = lists
     momentum = hyper["momentum"]
-    init_buffer = momentum != 0 and "momentum_buffer" not in items[0][2]
+    init_buffer = momentum != 0 and not has_buffers
     if momentum == 0:
         buffers = []
     elif init_buffer:
-        buffers = [torch.empty_like(item[0], memory_format=torch.contiguous_format) for item in items]
-    else:
-        buffers = [item[2]["momentum_buffer"] for item in items]
+        buffers = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in params]
     _PLAIN_SGD_STEP_MULTI(
-        [item[0] for item in items],
+        params,
         buffers,
-        [item[1] for item in items],
+        grads,
         float(hyper["lr"]),
         float(momentum),
         float(hyper["dampening"]),
@@ -296,13 +309,14 @@ def _step_plain_together(items: list, hyper: dict) -> None:
         init_buffer,
     )
     if init_buffer:
-        for item, buffer in zip(items, buffers, strict=True):
-            item[2]["momentum_buffer"] = buffer
+        for p_state, buffer in zip(states, buffers, strict=True):
+            p_state["momentum_buffer"] = buffer
 
 
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 _PLAIN_DTYPES = (torch.float32, torch.float64)
 _STRIDED = torch.strided
+_NO_STATE: dict = {}  # the state of every parameter without momentum (read, never written)
 # The one-call update of plain parameters: the C++ extension's CPU op, where it is loaded and rounds
 # as torch does, i.e. where ATen's CPU kernels run with FMA (AVX2, AVX-512): its a + x * b is one
 # rounding there, two in ATen's baseline kernels.
