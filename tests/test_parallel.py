@@ -1,0 +1,93 @@
+"""dwf_kernels.parallel.DistributedDataParallel (2 processes, gloo, CPU): the DWF layers all-reduce
+dL/dw, not the factor gradients, and training equals one process on the whole batch."""
+
+from __future__ import annotations
+
+import parallel_worker as worker
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+WORLD = 2
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("parallel")
+    mp.spawn(worker.run, args=(WORLD, str(out / "init"), str(out)), nprocs=WORLD, join=True)
+    return [torch.load(out / f"results.{rank}.pt") for rank in range(WORLD)]
+
+
+def assert_steps_equal(got, want, rtol, atol):
+    for step, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert g.keys() == w.keys()
+        for name in w:
+            torch.testing.assert_close(
+                g[name], w[name], rtol=rtol, atol=atol, msg=lambda m, n=name, s=step: f"step {s} {n}: {m}"
+            )
+
+
+@pytest.mark.parametrize(
+    "scenario,rtol,atol",
+    [
+        ("fused", 1e-5, 1e-6),
+        ("sgd", 1e-5, 1e-6),
+        ("no_sync", 1e-5, 1e-6),
+        ("partial", 1e-5, 1e-6),
+        ("unused", 1e-5, 1e-6),
+        ("bf16", 2e-2, 2e-3),
+    ],
+)
+def test_training_equals_one_process_on_the_whole_batch(ranks, scenario, rtol, atol):
+    """K ranks with per-rank batch B give one process's result with batch K*B (FusedSGD or
+    torch.optim.SGD; no_sync accumulation; a layer only rank 0 uses; bf16 autocast, to its rounding),
+    and every rank holds bitwise the same parameters after every step."""
+    for a, b in zip(ranks[0][scenario]["steps"], ranks[1][scenario]["steps"], strict=True):
+        for name in a:
+            assert torch.equal(a[name], b[name]), f"{scenario}: the ranks differ in {name}"
+    assert_steps_equal(ranks[0][scenario]["steps"], worker.reference(scenario, WORLD), rtol, atol)
+
+
+def test_bitwise_repeatable(ranks):
+    for a, b in zip(ranks[0]["fused"]["steps"], ranks[0]["fused_again"]["steps"], strict=True):
+        assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_layer_without_gradient_anywhere_keeps_none(ranks):
+    # `extra` is neither used nor penalized in "unused": no rank has a gradient for it.
+    assert ranks[0]["unused"]["extra_grad_none"] == [True] * worker.STEPS
+    initial = dict(worker.make(with_extra=True).named_parameters())["extra.factors"].detach()
+    assert torch.equal(ranks[0]["unused"]["steps"][-1]["extra.factors"], initial)
+    # Used by rank 0 only: both ranks get the averaged gradient.
+    assert ranks[1]["partial"]["extra_grad_none"] == [False] * worker.STEPS
+
+
+def test_dwf_weights_move_one_dth_of_the_factor_gradients(ranks):
+    net = worker.make()
+    factors = [p for name, p in net.named_parameters() if name.endswith("factors")]
+    others = [p for name, p in net.named_parameters() if not name.endswith("factors")]
+    reduced = ranks[0]["fused"]["dwf_reduced"]
+    # dL/dw: N elements per weight, where torch's DDP all-reduces the D x N factor gradient.
+    assert reduced["grad_w_elements"] * worker.DEPTH == sum(p.numel() for p in factors)
+    assert reduced["header_elements"] == 4 * len(factors) + 1
+    # torch's reducer inside the wrapper all-reduces the other parameters only.
+    assert ranks[0]["fused"]["reducer_elements"] == sum(p.numel() for p in others)
+
+
+def test_first_all_reduce_starts_before_the_backward_ends(ranks):
+    events = ranks[0]["overlap"]
+    # One bucket per layer: the linear's dL/dw (10 x 144) goes out while the backward pass has yet to
+    # reach the conv; then the conv's (4 x 1 x 3 x 3) and the header (4 per layer + 1) at the end.
+    assert events == ["all_reduce 1440", "first layer's gradient", "all_reduce 36", "all_reduce 9"], events
+
+
+def test_refused_patterns_fail_alike_on_every_rank(ranks):
+    for rank, results in enumerate(ranks):
+        refusals = results["refusals"]
+        # Rank 0 read its factor gradient inside no_sync(): it has no dL/dw to send. Both ranks refuse.
+        assert "on 1 of 2 ranks a DWF factor gradient could not be all-reduced" in refusals["formed"]
+        assert ("formed (read) before it was reduced" in refusals["formed"]) == (rank == 0)
+        assert refusals["then_trains"] == "yes"
+        assert "forward through the wrapper" in refusals["second_backward"]
+        assert "trainable parameter besides the DWF factors" in refusals["only_factors"]
+        assert refusals["ignore_list_left"] == "False"
