@@ -6,6 +6,7 @@
     model = dwf_kernels.factorize(model, depth=4)  # Linear/Conv -> DWF layers, other weights parametrized
     loss = criterion(model(x), y) + dwf_kernels.penalty(model, lam)
     optimizer = dwf_kernels.optim.FusedSGD(model.parameters(), lr, momentum=0.9)  # backward fused into step
+    model = dwf_kernels.parallel.DistributedDataParallel(model)      # data parallel: all-reduces dL/dw only
     sparse = dwf_kernels.collapse(model)                             # plain torch.nn, exact zeros
     print(dwf_kernels.sparsity_report(sparse))
     dwf_kernels.save_compressed(sparse, "model.dwfz")                 # nonzeros only; load_compressed
@@ -20,6 +21,7 @@ from . import (
     init,
     nn,
     optim,
+    parallel,
     sparse,
 )
 from .backends import BACKENDS, available_backends, current_backend, use_backend
@@ -50,6 +52,7 @@ __all__ = [
     "load_compressed_into",
     "nn",
     "optim",
+    "parallel",
     "penalty",
     "save_compressed",
     "sparse",

@@ -2,6 +2,14 @@
 
     python python/train.py                         # LeNet-300-100, D=4, on the embedded MNIST digits
     python python/train.py --model vgg16 --dataset cifar10 --data-root data --download --depth 3 --lam 1e-4
+    torchrun --nproc_per_node=2 python/train.py    # data parallel: 2 ranks share each batch of --batch-size
+
+Under torchrun every rank trains on its slice of each (global) batch and the gradients are averaged
+(dwf_kernels.parallel.DistributedDataParallel: the DWF layers all-reduce dL/dw only); the result
+equals a single-process run with the same --batch-size, to rounding. Rank 0 alone prints and writes
+the files (--output-dir must be one folder all ranks can read for --resume: on several machines, a
+shared file system). A rank that stops makes the others stop within --dist-timeout seconds; torchrun
+--max-restarts (or running the command again with --resume) continues from the last checkpoint.
 
 Writes results.json, checkpoint.pt (every epoch) and model.dwfz (the model collapsed at |w| < 1e-4,
 its nonzeros only: dwf_kernels.load_compressed) into --output-dir; --resume continues an
@@ -16,11 +24,13 @@ import os
 import sys
 
 # `paper` is found beside this file: Python puts a script's directory first on sys.path.
+from paper import distributed
 from paper.cli import ArgumentParser
 from paper.data import DATASETS, DatasetMissingError
+from paper.distributed import RankFailure
 from paper.experiment import ConfigError, DWFConfig, run_dwf, summary
 from paper.models import MODELS
-from paper.training import CheckpointMismatch, ResumeMissing, TrainingDiverged
+from paper.training import CHECKPOINT, CheckpointMismatch, ResumeMissing, TrainingDiverged
 
 import dwf_kernels
 
@@ -52,6 +62,13 @@ def parse_args(argv: list[str] | None = None) -> DWFConfig:
     p.add_argument("--resume", action="store_true", help="continue from --output-dir/checkpoint.pt")
     p.add_argument("--stop-after", type=int, default=None, help="stop after this many epochs of this invocation")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=d.dist_timeout,
+        help="data-parallel runs: seconds a rank waits for the others before it stops with an error "
+        "(raise it where a checkpoint takes longer to write)",
+    )
     a = p.parse_args(argv)
     cfg = DWFConfig(
         model=a.model,
@@ -73,7 +90,10 @@ def parse_args(argv: list[str] | None = None) -> DWFConfig:
         resume=a.resume,
         stop_after=a.stop_after,
         progress=not a.no_progress,
+        dist_timeout=a.dist_timeout,
     )
+    if distributed.restarted() and a.output_dir and os.path.exists(os.path.join(a.output_dir, CHECKPOINT)):
+        cfg.resume = True  # torchrun restarted the workers after a failure: continue, do not start over
     try:
         cfg.check()
     except ConfigError as exc:
@@ -85,11 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     try:
         results = run_dwf(cfg)
-    except (DatasetMissingError, TrainingDiverged, CheckpointMismatch, ResumeMissing) as exc:
+    except (DatasetMissingError, TrainingDiverged, CheckpointMismatch, ResumeMissing, RankFailure) as exc:
         print(f"train.py: error: {exc}", file=sys.stderr)
         return 1
-    print(summary(results))
-    print(f"\nresults: {os.path.join(cfg.output_dir, 'results.json')}")
+    if results["ranks"] == 1 or int(os.environ.get("RANK", "0")) == 0:
+        print(summary(results))
+        print(f"\nresults: {os.path.join(cfg.output_dir, 'results.json')}")
     return 0
 
 

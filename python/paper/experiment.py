@@ -12,7 +12,9 @@ import torch
 
 import dwf_kernels
 
+from . import distributed
 from .data import DATASETS, load_data
+from .distributed import RankFailure
 from .models import MODELS, build_model, count_parameters
 from .training import LoopConfig, evaluate, fit, seed_everything, sparsity_metrics, write_json
 
@@ -42,6 +44,7 @@ class DWFConfig:
     resume: bool = False
     stop_after: int | None = None
     progress: bool = True
+    dist_timeout: float = 30.0  # seconds a rank of a data-parallel run waits for the others
 
     def check(self) -> None:
         """Refuses a configuration that cannot train, naming the field (before any data is loaded)."""
@@ -58,6 +61,10 @@ class DWFConfig:
             _check_int("stop_after", self.stop_after, 1)
         _check_choice("penalty_mode", self.penalty_mode, ("penalty", "weight_decay"))
         _check_choice("backend", self.backend, (None, *dwf_kernels.BACKENDS))
+        _check_number("dist_timeout", self.dist_timeout, minimum=0.0, inclusive=False)
+        world = distributed.launched_world()
+        if self.batch_size < world:
+            raise ConfigError("batch_size", f"must be at least the number of ranks ({world}): it is the global batch")
         resolve_device(self.device)
 
     def identity(self) -> dict:
@@ -114,9 +121,10 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def _seeded_data(cfg) -> tuple[torch.device, object]:
-    """Seeds every RNG with cfg.seed and loads cfg.dataset for cfg.device (auto: the GPU if any)."""
-    device = resolve_device(cfg.device)
+def _seeded_data(cfg, device: torch.device | None = None) -> tuple[torch.device, object]:
+    """Seeds every RNG with cfg.seed and loads cfg.dataset for `device` (default: cfg.device; auto:
+    the GPU if any)."""
+    device = resolve_device(cfg.device) if device is None else device
     seed_everything(cfg.seed)
     data = load_data(
         cfg.dataset,
@@ -139,11 +147,29 @@ def run_dwf(cfg: DWFConfig) -> dict:
 def train_dwf(cfg: DWFConfig) -> tuple[dict, torch.nn.Module, object]:
     """run_dwf, also returning the model collapsed at the exact-zero threshold and the data.
 
-    Raises TrainingDiverged when the loss or the parameters become NaN or Inf."""
+    Launched on several ranks (torchrun; paper.distributed), trains data-parallel; rank 0 alone
+    writes the files. Raises TrainingDiverged when the loss or the parameters become NaN or Inf, and
+    RankFailure when another rank stops."""
     cfg.check()
+    ranks, device = distributed.start(resolve_device(cfg.device), cfg.dist_timeout)
+    try:
+        return _train_dwf(cfg, ranks, device)
+    except RuntimeError as exc:
+        if ranks.world == 1 or not distributed.is_collective_failure(exc):
+            raise
+        where = f"the last checkpoint is in {cfg.output_dir}: " if cfg.output_dir else ""
+        raise RankFailure(
+            f"rank {ranks.rank} of {ranks.world}: another rank stopped or did not answer within "
+            f"{cfg.dist_timeout:g} s ({str(exc).strip().splitlines()[0]}); {where}start the run again with --resume"
+        ) from exc
+    finally:
+        distributed.stop(ranks)
+
+
+def _train_dwf(cfg: DWFConfig, ranks: distributed.Ranks, device: torch.device):
     if cfg.output_dir:
         os.makedirs(cfg.output_dir, exist_ok=True)
-    device, data = _seeded_data(cfg)
+    device, data = _seeded_data(cfg, device)
     dense = build_model(cfg.model, data.in_shape, data.num_classes)
     dense_parameters = count_parameters(dense)
     model = dwf_kernels.factorize(dense, cfg.depth).to(device)
@@ -178,24 +204,26 @@ def train_dwf(cfg: DWFConfig) -> tuple[dict, torch.nn.Module, object]:
             loop,
             extra_loss=extra_loss,
             epoch_metrics=sparsity_metrics({"eps": EXACT_THRESHOLD, "1e-4": PRACTICAL_THRESHOLD}),
+            ranks=ranks,
         )
         results = {
             "config": asdict(cfg),
             "device": str(device),
+            "ranks": ranks.world,
             "backend": cfg.backend or dwf_kernels.available_backends(device)[0],
             "dense_parameters": dense_parameters,
             "completed": outcome["completed"],
             "history": outcome["history"],
             "train_seconds": outcome["train_seconds"],
             "wall_seconds": time.perf_counter() - started,
-            "test_acc_dwf": evaluate(model, data),
+            "test_acc_dwf": evaluate(model, data, ranks),
         }
         for name, thr in (("exact", EXACT_THRESHOLD), ("practical", PRACTICAL_THRESHOLD)):
             collapsed = dwf_kernels.collapse(model, thr)
             report = dwf_kernels.sparsity_report(collapsed, thr)
             results[name] = {
                 "threshold": thr,
-                "test_acc": evaluate(collapsed, data),
+                "test_acc": evaluate(collapsed, data, ranks),
                 "compression": report.total.compression,
                 "sparsity": report.total.sparsity,
                 "report": report.as_dict(),
@@ -204,9 +232,9 @@ def train_dwf(cfg: DWFConfig) -> tuple[dict, torch.nn.Module, object]:
             }
             if name == "exact":
                 exact_model = collapsed
-            elif cfg.output_dir:  # the practical model, as a file of its nonzeros
+            elif cfg.output_dir and ranks.main:  # the practical model, as a file of its nonzeros
                 dwf_kernels.save_compressed(collapsed, os.path.join(cfg.output_dir, COMPRESSED_FILE))
-    if cfg.output_dir:
+    if cfg.output_dir and ranks.main:
         write_json(os.path.join(cfg.output_dir, "results.json"), results)
     return results, exact_model, data
 
@@ -222,7 +250,8 @@ def summary(results: dict) -> str:
     cfg = results["config"]
     lines = [
         f"{cfg['model']} on {cfg['dataset']}, D={cfg['depth']}, lambda={cfg['lam']:g}, {cfg['epochs']} epochs "
-        f"({results['device']}, backend {results['backend']}, {results['train_seconds']:.1f} s training)"
+        f"({results['device']}{_on_ranks(results)}, backend {results['backend']}, "
+        f"{results['train_seconds']:.1f} s training)"
         + ("" if results["completed"] else "  [stopped early; continue with --resume]"),
         f"test accuracy (factorized model): {results['test_acc_dwf']:.2f}%",
     ]
@@ -242,6 +271,11 @@ def summary(results: dict) -> str:
         lines.append(f"compressed model (|w| < {threshold:g}): {COMPRESSED_FILE} in the output folder")
     lines += ["", f"per-layer sparsity at |w| < {results['practical']['threshold']:g}:", results["practical"]["table"]]
     return "\n".join(lines)
+
+
+def _on_ranks(results: dict) -> str:
+    ranks = results.get("ranks", 1)
+    return f" x {ranks} ranks" if ranks > 1 else ""
 
 
 @dataclass

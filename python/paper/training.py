@@ -28,6 +28,7 @@ from torch import nn
 import dwf_kernels
 
 from .data import Data
+from .distributed import SINGLE, Ranks
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -66,15 +67,17 @@ def _set_rng_state(state: dict) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Data) -> float:
-    """Top-1 test accuracy in percent."""
+def evaluate(model: nn.Module, data: Data, ranks: Ranks = SINGLE) -> float:
+    """Top-1 test accuracy in percent (the test batches split over the ranks of a data-parallel run)."""
     was_training = model.training
     model.eval()
-    correct = total = 0
-    for x, y in data.test_batches():
-        correct += (model(x).argmax(1) == y).sum().item()
-        total += len(y)
+    counts = torch.zeros(2, dtype=torch.float64, device=data.device)  # correct, total
+    for i, (x, y) in enumerate(data.test_batches()):
+        if i % ranks.world == ranks.rank:
+            counts[0] += (model(x).argmax(1) == y).sum()
+            counts[1] += len(y)
     model.train(was_training)
+    correct, total = ranks.sum(counts).tolist()
     return 100.0 * correct / max(total, 1)
 
 
@@ -149,8 +152,14 @@ def fit(
     extra_loss: Callable[[nn.Module], torch.Tensor] | None = None,
     after_step: Callable[[nn.Module], None] | None = None,
     epoch_metrics: Callable[[nn.Module], dict] | None = None,
+    ranks: Ranks = SINGLE,
 ) -> dict:
-    """Trains `model` on `data`; returns {"history": [...], "completed": bool, "train_seconds": float}."""
+    """Trains `model` on `data`; returns {"history": [...], "completed": bool, "train_seconds": float}.
+
+    On several ranks (paper.distributed) each trains on its slice of every batch, the model wrapped
+    in dwf_kernels.parallel.DistributedDataParallel; rank 0 alone shows progress and checkpoints."""
+    # The DWF layers' reducer all-reduces dL/dw, N numbers per weight, not the D factor gradients.
+    net = dwf_kernels.parallel.DistributedDataParallel(model) if ranks.world > 1 else model
     # FusedSGD is torch.optim.SGD with the DWF layers' backward fused into the update (same results;
     # plain parameters take torch's own SGD code).
     optimizer = dwf_kernels.optim.FusedSGD(param_groups, lr=cfg.lr, momentum=cfg.momentum)
@@ -186,33 +195,48 @@ def fit(
         loss_sum = torch.zeros((), device=data.device)
         correct = torch.zeros((), dtype=torch.long, device=data.device)
         seen = 0
-        bar = _progress(cfg.progress, data.num_train_batches(), f"epoch {epoch + 1}/{cfg.epochs}")
+        bar = _progress(cfg.progress and ranks.main, data.num_train_batches(), f"epoch {epoch + 1}/{cfg.epochs}")
         for step, (x, y) in enumerate(data.train_batches(epoch)):
-            logits = model(x)
-            data_loss = nn.functional.cross_entropy(logits, y)
+            if ranks.world > 1:
+                # This rank's slice, its summed loss scaled to the whole batch: the ranks' average
+                # (what the gradients get) is the batch's mean loss, however the batch splits.
+                size, part = len(y), ranks.shard(len(y))
+                x, y = x[part], y[part]
+                logits = net(x)
+                data_loss = nn.functional.cross_entropy(logits, y, reduction="sum") * (ranks.world / size)
+            else:
+                logits = net(x)
+                data_loss = nn.functional.cross_entropy(logits, y)
+                size = len(y)
             loss = data_loss + extra_loss(model) if extra_loss is not None else data_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             if after_step is not None:
                 after_step(model)
-            loss_sum += loss.detach() * len(y)
+            loss_sum += loss.detach() * (size / ranks.world)  # summed over the ranks: the batch's mean loss
             correct += (logits.detach().argmax(1) == y).sum()
-            seen += len(y)
+            seen += size
             if bar is not None:
                 bar.update(1)
                 if step % 10 == 0:
-                    bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{100 * correct.item() / seen:.2f}")
+                    # From this rank's slices (all of each batch in a single-process run).
+                    share = seen / ranks.world
+                    bar.set_postfix(loss=f"{loss_sum.item() / share:.4f}", acc=f"{100 * correct.item() / share:.2f}")
         scheduler.step()
         train_seconds += time.perf_counter() - started
+        if ranks.world > 1:
+            loss_sum, correct = ranks.sum(torch.stack([loss_sum.double(), correct.double()])).tolist()
+        else:
+            loss_sum, correct = loss_sum.item(), correct.item()
         # Before anything is recorded or checkpointed: a diverged epoch never replaces a good one.
-        _check_finite(model, epoch + 1, loss_sum.item() / seen)
+        _check_finite(model, epoch + 1, loss_sum / seen)
         record = {
             "epoch": epoch + 1,
             "lr": optimizer.param_groups[0]["lr"],
-            "train_loss": loss_sum.item() / seen,
-            "train_acc": 100 * correct.item() / seen,
-            "test_acc": evaluate(model, data),
+            "train_loss": loss_sum / seen,
+            "train_acc": 100 * correct / seen,
+            "test_acc": evaluate(model, data, ranks),
         }
         if epoch_metrics is not None:
             record.update(epoch_metrics(model))
@@ -225,7 +249,7 @@ def fit(
                 **{k: v for k, v in record.items() if k.startswith("sparsity")},
             )
             bar.close()
-        if ckpt_path:
+        if ckpt_path and ranks.main:
             _save_checkpoint(
                 ckpt_path,
                 {

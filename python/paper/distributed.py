@@ -1,0 +1,91 @@
+"""Data-parallel training runs: the processes of one run (ranks) and what they share.
+
+A run started by `torchrun --nproc_per_node=K python/train.py ...` (or with the environment torchrun
+sets: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) trains on K ranks: gloo on CPU, NCCL on CUDA (one
+GPU per rank, cuda:LOCAL_RANK). Every rank reads the same global batches (the same order, a function
+of seed and epoch) and trains on its contiguous slice of each; the model is wrapped in
+dwf_kernels.parallel.DistributedDataParallel, which averages the gradients. A rank's loss is its
+slice's summed loss scaled to the global batch, so the average over ranks is the global batch's
+mean loss even where the last batch of an epoch does not split evenly: the run equals one process
+with the same --batch-size, to rounding (BatchNorm layers use each rank's statistics, as in torch's
+DDP). Evaluation is split over the ranks too. Rank 0 alone prints, writes results.json, checkpoints
+and the compressed model.
+
+Every collective waits at most `timeout` seconds: a rank that dies (or hangs) makes the others stop
+with an error instead of waiting for ever.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+class RankFailure(RuntimeError):
+    """Another rank of the run stopped (or stopped answering): this one cannot go on alone."""
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one that prints and writes files."""
+        return self.rank == 0
+
+    def shard(self, n: int) -> slice:
+        """This rank's contiguous part of a global batch of n examples."""
+        return slice(n * self.rank // self.world, n * (self.rank + 1) // self.world)
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        """The sum over the ranks of `values` (a tensor on the training device)."""
+        if self.world > 1:
+            dist.all_reduce(values)
+        return values
+
+
+SINGLE = Ranks()
+
+
+def launched_world() -> int:
+    """How many ranks the launcher (torchrun) asked for; 1 when run as a plain process."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def start(device: torch.device, timeout: float) -> tuple[Ranks, torch.device]:
+    """Joins the run's process group when launched on several ranks; returns the ranks and this
+    rank's device (cuda:LOCAL_RANK on CUDA)."""
+    world = launched_world()
+    if world <= 1:
+        return SINGLE, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+    return Ranks(dist.get_rank(), dist.get_world_size()), device
+
+
+def stop(ranks: Ranks) -> None:
+    if ranks.world > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    """Whether `exc` is a collective that failed because another rank is gone or silent (torch's
+    distributed errors, and the transport errors gloo and NCCL raise as plain RuntimeError)."""
+    if isinstance(exc, dist.DistError):
+        return True
+    text = str(exc)
+    return any(mark in text for mark in ("gloo", "NCCL", "ProcessGroup", "c10d", "Connection closed by peer"))
+
+
+def restarted() -> bool:
+    """Whether torchrun restarted this run's workers after a failure (--max-restarts)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
