@@ -187,7 +187,7 @@ def test_triton_steps_many_layers_per_launch_bitwise(device, backend, monkeypatc
     """Past one launch's slots: layers of two depths, two factor dtypes, with and without a penalty
     term, empty ones; each set in launches of up to MULTI_SLOTS layers, every layer as dwf_sgd_step
     updates it."""
-    from dwf_kernels.backends import _triton_kernels as K
+    from dwf_kernels.backends import _triton_multi_step as K
 
     shapes = [(5, 3), (64,), (300,), (0,), (33, 7), (1,), (129,), (16, 16), (1000,), (2,), (8, 9, 3)]
     specs = [(d, t, s) for d in (2, 4) for t in (torch.float32, torch.bfloat16) for s in shapes[: 7 + d]]

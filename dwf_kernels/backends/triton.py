@@ -1,4 +1,4 @@
-"""The `triton` backend: the Triton kernels (_triton_kernels.py), as custom ops
+"""The `triton` backend: the Triton kernels (_triton_kernels.py, _triton_multi_step.py), as custom ops
 dwf_triton::dwf_forward/backward/sgd_step/grad_sumsq and as direct launches.
 
 Registered with torch.library.custom_op + register_fake, so torch.compile(fullgraph=True) sees one
@@ -29,7 +29,7 @@ INTERPRETED: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 IMPORT_ERROR: str | None = None
 
 try:
-    from . import _triton_kernels
+    from . import _triton_kernels, _triton_multi_step
 except ImportError as exc:
     AVAILABLE = False
     IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
@@ -159,7 +159,7 @@ else:
             for i, f in enumerate(factors):  # the op per layer: what tracing and tensor subclasses need
                 sgd_step(f, momentum_buffers[i] if momentum_buffers else None, grad_w[i], grad_sumsq[i], *hyper)
             return
-        _triton_kernels.sgd_step_multi(factors, momentum_buffers, grad_w, grad_sumsq, *hyper)
+        _triton_multi_step.sgd_step_multi(factors, momentum_buffers, grad_w, grad_sumsq, *hyper)
         torch.autograd.graph.increment_version((*factors, *momentum_buffers))
 
 
