@@ -1,4 +1,5 @@
-"""The link between a DWF layer's factors and the FusedSGD optimizers that update them.
+"""The link between a DWF layer's factors and the FusedSGD optimizers that update them (and the
+data-parallel wrappers that reduce their gradient, dwf_kernels.parallel).
 
 A DWF layer attaches a `FusedBy` to its factors Parameter (attribute `_dwf_fused_by`) when the
 parameter is assigned. `FusedSGD` adds itself to the link of every parameter it updates that
@@ -73,6 +74,15 @@ def is_fused(factors: torch.Tensor) -> bool:
     """Whether a live FusedSGD updates `factors` (the layers' forward asks this)."""
     link = link_of(factors)
     return link is not None and bool(link)
+
+
+def sums_lazily(factors: torch.Tensor) -> bool:
+    """Whether gradient parts of `factors` from one backward pass (a layer used twice, tied factors,
+    a fresh penalty sum) are summed as dL/dw and dL/dsumsq, equal to rounding, instead of as factor
+    gradients, torch's rounding: where a holder needs the gradient lazy to the end of the backward
+    (dwf_kernels.parallel reduces dL/dw then)."""
+    link = link_of(factors)
+    return link is not None and any(getattr(holder, "dwf_sums_lazily", False) for holder in link)
 
 
 def fused_by(factors: torch.Tensor) -> list[torch.optim.Optimizer]:

@@ -28,6 +28,7 @@ from collections.abc import Callable
 import torch
 from torch.utils._pytree import tree_map
 
+from . import _fusion
 from .backends import resolve_backend
 from .backends.reference import dwf_backward_differentiable
 from .ops import dwf_product, dwf_product_backward
@@ -135,10 +136,11 @@ class LazyFactorGrad(torch.Tensor):
             return _run_materialized(func, (rest,), kwargs) if rest else None
         if func is aten.add_.Tensor and kwargs.get("alpha", 1) == 1 and _add_lazily(*args):
             return args[0]
-        if func is aten.add.Tensor and kwargs.get("alpha", 1) == 1 and _disjoint(*args):
+        if func is aten.add.Tensor and kwargs.get("alpha", 1) == 1 and (_disjoint(*args) or _summable(*args)):
             # autograd's out-of-place accumulation of two parts that need no arithmetic to join: a
             # weight read twice in one forward, once for the output and once for the penalty (a
-            # module that reads its parametrized weight again, e.g. for its shape)
+            # module that reads its parametrized weight again, e.g. for its shape); or, where the
+            # factors' holders ask for it (_fusion.sums_lazily), any two parts, as dL/dw + dL/dw
             total = LazyFactorGrad(args[0]._state.copy(), args[0])
             _add_lazily(total, args[1])
             return total
@@ -180,20 +182,32 @@ def _add_lazily(self, other) -> bool:
     return True
 
 
+def _live_pair(a, b) -> tuple[_State, _State] | None:
+    """The states of a and b when both are lazy gradients of the same factors, as they are now."""
+    if not (isinstance(a, LazyFactorGrad) and isinstance(b, LazyFactorGrad)):
+        return None
+    x, y = a._state, b._state
+    if x.kind != _LAZY or y.kind != _LAZY or x.is_stale() or y.is_stale() or x.factors() is not y.factors():
+        return None
+    return (x, y) if x.version == y.version else None
+
+
 def _disjoint(a, b) -> bool:
     """Whether lazy gradients a and b of the same factors, at their current version, hold one part
     each (dL/dw in one, dL/dsumsq in the other, or neither in one): their sum is exact without forming
     it, as one backward would give. Other sums are formed densely, rounding as torch's."""
-    if not (isinstance(a, LazyFactorGrad) and isinstance(b, LazyFactorGrad)):
+    pair = _live_pair(a, b)
+    if pair is None:
         return False
-    x, y = a._state, b._state
-    if x.kind != _LAZY or y.kind != _LAZY or x.is_stale() or y.is_stale() or x.factors() is not y.factors():
-        return False
-    return (
-        x.version == y.version
-        and (x.grad_w is None or y.grad_w is None)
-        and (x.grad_sumsq is None or y.grad_sumsq is None)
-    )
+    x, y = pair
+    return (x.grad_w is None or y.grad_w is None) and (x.grad_sumsq is None or y.grad_sumsq is None)
+
+
+def _summable(a, b) -> bool:
+    """Whether lazy gradients a and b of the same factors, at their current version, are summed
+    lazily although both hold a dL/dw (or a dL/dsumsq): where their holders ask (_fusion.sums_lazily)."""
+    pair = _live_pair(a, b)
+    return pair is not None and _fusion.sums_lazily(pair[0].factors())
 
 
 def _sum_grad_w(x: torch.Tensor | None, y: torch.Tensor | None, factors: torch.Tensor) -> torch.Tensor | None:

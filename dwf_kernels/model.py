@@ -279,7 +279,7 @@ def penalty(model: nn.Module, lam: float) -> torch.Tensor:
                 # No forward yet, a backward has used the last one, or it ran without grad (the
                 # first pass of torch.utils.checkpoint with use_reentrant=True): a fresh sum, so
                 # that the penalty has its value and its gradient.
-                sumsq = dwf_product(factors, return_sumsq=True)[1]
+                sumsq = holder.fresh_sumsq(factors)
             by_depth.setdefault(holder.depth, []).append(sumsq)
     if not by_depth:
         return torch.zeros(())

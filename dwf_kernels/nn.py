@@ -112,20 +112,14 @@ class FactorHolder:
             autocast_dtype = torch.get_autocast_dtype(device_type)
             if autocast_dtype in (torch.bfloat16, torch.float16):
                 out_dtype = autocast_dtype
-        if torch.compiler.is_compiling() and torch.is_grad_enabled() and factors.requires_grad:
-            # One opaque op whose backward decides as it runs whether the gradient is lazy (below).
-            w, sumsq = compiled_dwf_product(factors, out_dtype)
-        elif (
-            torch.is_grad_enabled()
-            and factors.requires_grad
-            and _fusion.is_fused(factors)  # never tensors swapped in by torch.func.functional_call
-        ):
-            # Fused mode: the factors' gradient is lazy; FusedSGD.step() applies it without forming it.
-            w, sumsq = fused_dwf_product(factors, out_dtype)
-        else:
-            w, sumsq = dwf_product(factors, return_sumsq=True, out_dtype=out_dtype)
+        w, sumsq = _product_and_sumsq(factors, out_dtype)
         self.last_sumsq = sumsq
         return w
+
+    def fresh_sumsq(self, factors: torch.Tensor) -> torch.Tensor:
+        """The factors' sum of squares computed now (for `penalty`, where no usable forward recorded
+        one), differentiable as a forward's: with a lazy factor gradient in fused mode."""
+        return _product_and_sumsq(factors, None)[1]
 
     def __getstate__(self) -> dict:
         # The recorded sum of squares belongs to one forward's autograd graph: a non-leaf tensor,
@@ -133,6 +127,20 @@ class FactorHolder:
         state = self.__dict__.copy()
         state["_last_sumsq"] = None
         return state
+
+
+def _product_and_sumsq(factors: torch.Tensor, out_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if torch.compiler.is_compiling() and torch.is_grad_enabled() and factors.requires_grad:
+        # One opaque op whose backward decides as it runs whether the gradient is lazy (below).
+        return compiled_dwf_product(factors, out_dtype)
+    if (
+        torch.is_grad_enabled()
+        and factors.requires_grad
+        and _fusion.is_fused(factors)  # never tensors swapped in by torch.func.functional_call
+    ):
+        # Fused mode: the factors' gradient is lazy; FusedSGD.step() applies it without forming it.
+        return fused_dwf_product(factors, out_dtype)
+    return dwf_product(factors, return_sumsq=True, out_dtype=out_dtype)
 
 
 def convert_holding_factors(module: nn.Module, name: str, fn, recurse: bool, apply):

@@ -46,6 +46,7 @@ import weakref
 import torch
 import torch.distributed as dist
 from torch.autograd import Variable
+from torch.distributed.algorithms.join import JoinHook
 from torch.nn.parallel import DistributedDataParallel as _TorchDDP
 from torch.utils._pytree import tree_flatten
 
@@ -57,6 +58,11 @@ __all__ = ["DistributedDataParallel"]
 
 _DEFAULT_BUCKET_MB = 25.0
 _PER_LAYER = 4  # header entries per layer
+_REDUCER = "_dwf_data_parallel"  # on a factors Parameter: a weak reference to the reducer that reduces it
+
+
+def _no_reducer() -> None:
+    return None
 
 
 class DistributedDataParallel(_TorchDDP):
@@ -68,7 +74,16 @@ class DistributedDataParallel(_TorchDDP):
     "header_elements", "bytes", "buckets"}`.
     """
 
+    # Gradient parts of one backward pass (a layer used twice, tied factors, several forwards) are
+    # summed as dL/dw, so that the gradient stays lazy until it is reduced (_fusion.sums_lazily).
+    dwf_sums_lazily = True
+
     def __init__(self, module: torch.nn.Module, *args, **kwargs) -> None:
+        if isinstance(module, _TorchDDP):
+            raise ValueError(
+                "dwf_kernels.parallel.DistributedDataParallel: module is already wrapped in a "
+                f"DistributedDataParallel ({type(module).__name__}); wrap the model itself, once"
+            )
         factors = [(name, p) for name, p in module.named_parameters() if _fusion.link_of(p) is not None]
         names = [name for name, _ in factors]
         others = [p for name, p in module.named_parameters() if name not in set(names)]
@@ -101,6 +116,16 @@ class DistributedDataParallel(_TorchDDP):
     def dwf_reduced(self) -> dict:
         return dict(self._dwf.last)
 
+    def join_hook(self, **kwargs):
+        """torch's join hook (uneven inputs, `with model.join():`), whose joined ranks also shadow the
+        DWF reducer's all-reduces and, at the end, receive the last joiner's factors."""
+        if not kwargs.get("divide_by_initial_world_size", True):
+            raise ValueError(
+                "dwf_kernels.parallel.DistributedDataParallel averages the DWF layers' dL/dw over the initial "
+                "world size: join with divide_by_initial_world_size=True (the default)"
+            )
+        return _JoinHook(super().join_hook(**kwargs), self)
+
     def forward(self, *inputs, **kwargs):
         # As torch's reducer: whether this forward's backward all-reduces is decided now (no_sync()).
         sync = torch.is_grad_enabled() and self.require_backward_grad_sync
@@ -120,18 +145,45 @@ class _FactorReducer:
     """All-reduces the lazy gradients of DWF factors as dL/dw buckets plus a header (module docstring)."""
 
     def __init__(self, factors: list[torch.Tensor], group, bucket_mb: float) -> None:
-        self.group = group
-        self.world = dist.get_world_size(group)
+        # A process group of its own (the same ranks): the order of its collectives is fixed, while
+        # torch's reducer starts its own buckets as they fill, in an order that can differ per rank.
+        self.group = dist.new_group(dist.get_process_group_ranks(group), use_local_synchronization=True)
+        self.world = dist.get_world_size(self.group)
         # Reverse order of registration, as torch's reducer: the last layers' gradients come first.
         self.factors = list(reversed(factors))
         self.index = {id(p): i for i, p in enumerate(self.factors)}
+        self.cap = max(int(bucket_mb * 2**20), 1)
+        self.layout = None
+        self.check_layout()
+        self.last: dict = {}
+        self.mode: str | None = None  # "sync", "local" (no_sync()) or None (no forward since the last reduction)
+        self.queued = False
+        self.handles = []
+        me = weakref.ref(self)
+        for p in self.factors:
+            # The factors' current reducer: one that a later wrapper of the same layers replaced stands aside.
+            p.__dict__[_REDUCER] = me
+            self.handles.append(p.register_post_accumulate_grad_hook(lambda p, me=me: _on_grad(me, p)))
+        weakref.finalize(self, _remove, self.handles)
+
+    def check_layout(self) -> None:
+        """(Re)builds the buckets and the header for the factors' dtypes and devices (the model may have
+        been converted since, e.g. model.double(): every rank converts alike)."""
+        layout = [(p.dtype, p.device) for p in self.factors]
+        if layout == self.layout:
+            return
+        self.layout = layout
         self.buckets: list[_Bucket] = []
-        cap = max(int(bucket_mb * 2**20), 1)
         for i, p in enumerate(self.factors):
             dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
             n = p[0].numel()
             last = self.buckets[-1] if self.buckets else None
-            if last is None or last.dtype != dtype or last.device != p.device or (last.numel + n) * last.itemsize > cap:
+            if (
+                last is None
+                or last.dtype != dtype
+                or last.device != p.device
+                or (last.numel + n) * last.itemsize > self.cap
+            ):
                 last = _Bucket(dtype, p.device)
                 self.buckets.append(last)
             last.add(i, n)
@@ -145,14 +197,6 @@ class _FactorReducer:
         # last: how many ranks could not reduce a gradient. float64: the average of equal dL/dsumsq
         # values comes back equal.
         self.header = torch.zeros(len(self.factors) * _PER_LAYER + 1, dtype=torch.float64, device=device)
-        self.last: dict = {}
-        self.mode: str | None = None  # "sync", "local" (no_sync()) or None (no forward since the last reduction)
-        self.queued = False
-        self.handles = []
-        me = weakref.ref(self)
-        for p in self.factors:
-            self.handles.append(p.register_post_accumulate_grad_hook(lambda p, me=me: _on_grad(me, p)))
-        weakref.finalize(self, _remove, self.handles)
 
     def broadcast_from_first_rank(self, factors: list[torch.Tensor]) -> None:
         """Every rank starts from rank 0's factors (torch's DDP does this for the parameters it reduces)."""
@@ -165,6 +209,7 @@ class _FactorReducer:
             return  # a forward inside the backward pass (checkpointing): the reduction is under way
         self.mode = "sync" if sync else "local"
         if sync:
+            self.check_layout()
             self.fired = [False] * len(self.factors)
             self.ready = [len(b.layers) for b in self.buckets]
             self.launched = 0
@@ -179,6 +224,8 @@ class _FactorReducer:
             Variable._execution_engine.queue_callback(self.finish)
 
     def on_grad(self, p: torch.Tensor) -> None:
+        if p.__dict__.get(_REDUCER, _no_reducer)() is not self:
+            return  # a later wrapper of these layers reduces them
         if self.mode == "local":
             return  # no_sync(): the gradient accumulates locally, lazily
         if self.mode is None:
@@ -269,6 +316,19 @@ class _FactorReducer:
             "buckets": len(self.buckets),
         }
 
+    def shadow(self) -> None:
+        """On a rank that has joined (run out of inputs): the all-reduces of one synchronized backward
+        pass, with nothing to add, so that the ranks still training can complete theirs."""
+        self.check_layout()
+        works = []
+        for bucket in self.buckets:
+            bucket.buffer.zero_()
+            works.append(dist.all_reduce(bucket.buffer, group=self.group, async_op=True))
+        self.header.zero_()
+        works.append(dist.all_reduce(self.header, group=self.group, async_op=True))
+        for work in works:
+            work.wait()
+
     def unpack(self, header: list[float]) -> None:
         for i, p in enumerate(self.factors):
             gs, has_grad, has_gw, has_gs = header[i * _PER_LAYER : (i + 1) * _PER_LAYER]
@@ -276,7 +336,7 @@ class _FactorReducer:
                 continue  # no rank had a gradient: none here either, as torch's DDP leaves it
             bucket = self.buckets[self.bucket_of[i]]
             grad_w = bucket.slot(i).view(p.shape[1:]) if has_gw else None
-            grad_sumsq = self.header[i * _PER_LAYER].to(p.dtype) if has_gs else None
+            grad_sumsq = self.header[i * _PER_LAYER].to(bucket.dtype) if has_gs else None
             grad = p.grad
             if type(grad) is LazyFactorGrad:
                 state = grad._state
@@ -310,11 +370,39 @@ class _Bucket:
         return self.buffer[start : start + n]
 
 
+class _JoinHook(JoinHook):
+    """torch's DDP join hook, plus the DWF reducer's part: shadowing its all-reduces while other ranks
+    train, and the last joiner's factors for every rank at the end."""
+
+    def __init__(self, inner: JoinHook, ddp: DistributedDataParallel) -> None:
+        self.inner, self.ddp = inner, ddp
+
+    def main_hook(self) -> None:
+        self.inner.main_hook()
+        # torch's hook has just agreed with the ranks still training whether this iteration syncs.
+        if self.ddp.require_forward_param_sync:
+            self.ddp._dwf.shadow()
+
+    def post_hook(self, is_last_joiner: bool) -> None:
+        self.inner.post_hook(is_last_joiner)
+        reducer = self.ddp._dwf
+        src = dist.get_global_rank(reducer.group, self.ddp._authoritative_rank)
+        with torch.no_grad():
+            for p in reducer.factors:
+                dist.broadcast(p.data, src=src, group=reducer.group)
+
+
 def _why_not_reducible(state: _State | None) -> str:
     if state is None:
-        return "a dense factor gradient: the backward ran with create_graph=True, or outside the layers' fused mode"
+        return (
+            "a dense factor gradient: the backward ran with create_graph=True, outside the layers' fused mode "
+            "(torch.func, an unwrapped copy), or another DistributedDataParallel wraps this one"
+        )
     if state.kind == _DENSE:
-        return "a factor gradient formed (read) before it was reduced"
+        return (
+            "a factor gradient formed before it was reduced: read (e.g. inside no_sync()), or all-reduced by "
+            "another DistributedDataParallel wrapping this one"
+        )
     return "a factor gradient FusedSGD already applied, or one computed before the factors changed, was not cleared"
 
 

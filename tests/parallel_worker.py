@@ -21,39 +21,52 @@ DEPTH, BATCH, STEPS, LR, MOMENTUM, LAM = 3, 16, 3, 0.1, 0.9, 1e-2
 
 
 class Net(nn.Module):
-    """A factorized conv + linear body, and (with_extra) a DWF layer `extra` the forward uses only
-    when asked."""
+    """A factorized conv + linear body, and (with_extra) a DWF layer `extra` the forward applies
+    when asked, once or twice."""
 
     def __init__(self, with_extra: bool) -> None:
         super().__init__()
         self.body = factorize(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 10)), DEPTH)
         self.extra = DWFLinear(10, 10, depth=DEPTH) if with_extra else None
 
-    def forward(self, x: torch.Tensor, use_extra: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, extra_times: int = 0) -> torch.Tensor:
         out = self.body(x)
-        return out + self.extra(out) if use_extra else out
+        for _ in range(extra_times):
+            out = out + self.extra(out)
+        return out
 
 
-# The scenarios whose model has the layer `extra` (its bias goes unused: torch's reducer inside the
-# wrapper then needs find_unused_parameters=True).
-WITH_EXTRA = ("partial", "unused")
+# What each scenario changes: the optimizer, bf16 autocast, two micro-batches per step (the first
+# under no_sync()), the model's `extra` layer and how often each rank applies it, whether the penalty
+# covers it, the bucket size (1e-4 MB: one bucket per layer, in both reducers), float64 factors.
+SCENARIOS = {
+    "fused": {},
+    "sgd": {"optimizer": "sgd"},
+    "bf16": {"autocast": True},
+    "no_sync": {"micro_batches": 2},
+    "partial": {"extra_times": (1, 0), "buckets_mb": 1e-4},
+    "partial_penalized": {"extra_times": (1, 0), "penalize_extra": True},
+    "unused": {"extra_times": (0, 0)},
+    "reused": {"extra_times": (2, 2), "penalize_extra": True},
+    "fp64": {"dtype": torch.float64},
+}
 
 
-def make(with_extra: bool = False) -> Net:
+def make(with_extra: bool = False, dtype: torch.dtype = torch.float32) -> Net:
     torch.manual_seed(0)
-    return Net(with_extra)
+    return Net(with_extra).to(dtype)
 
 
-def batch() -> tuple[torch.Tensor, torch.Tensor]:
+def batch(dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(1)
-    return torch.randn(BATCH, 1, 8, 8, generator=gen), torch.randint(0, 10, (BATCH,), generator=gen)
+    return torch.randn(BATCH, 1, 8, 8, generator=gen).to(dtype), torch.randint(0, 10, (BATCH,), generator=gen)
 
 
-def loss_of(model, net: Net, x, y, use_extra=False, autocast=False) -> torch.Tensor:
-    """Mean cross-entropy plus the penalty of the body (`extra` is not penalized)."""
+def loss_of(model, net: Net, x, y, extra_times=0, autocast=False, penalize_extra=False) -> torch.Tensor:
+    """Mean cross-entropy plus the penalty of the body (and of `extra` if asked)."""
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        out = model(x, use_extra)
-    return nn.functional.cross_entropy(out.float(), y) + penalty(net.body, LAM)
+        out = model(x, extra_times)
+    return nn.functional.cross_entropy(out.float(), y) + penalty(net if penalize_extra else net.body, LAM)
 
 
 def optimizer_for(kind: str, params):
@@ -66,20 +79,32 @@ def snapshot(net: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in net.named_parameters()}
 
 
+def shards(world: int) -> list[slice]:
+    return [slice(r * BATCH // world, (r + 1) * BATCH // world) for r in range(world)]
+
+
 def reference(scenario: str, world: int) -> list[dict[str, torch.Tensor]]:
-    """The single-process run a scenario must equal: the whole batch, the same steps (a rank's mean
-    loss is over its shard; the ranks' average is the mean over the batch)."""
-    net = make(scenario in WITH_EXTRA)
-    x, y = batch()
-    optimizer = optimizer_for("sgd" if scenario == "sgd" else "fused", net.parameters())
-    shards = [slice(r * BATCH // world, (r + 1) * BATCH // world) for r in range(world)]
+    """The single-process run a scenario must equal: the whole batch, the same steps. A rank's loss is
+    the mean over its shard; the gradient is the ranks' average, that of the ranks' mean loss."""
+    spec = SCENARIOS[scenario]
+    dtype = spec.get("dtype", torch.float32)
+    times = spec.get("extra_times")
+    net = make(times is not None, dtype)
+    x, y = batch(dtype)
+    optimizer = optimizer_for(spec.get("optimizer", "fused"), net.parameters())
     steps = []
     for _ in range(STEPS):
         optimizer.zero_grad()
-        if scenario == "partial":  # rank 0 alone runs the extra layer
-            loss = sum(loss_of(net, net, x[s], y[s], use_extra=r == 0) for r, s in enumerate(shards)) / world
-        else:
-            loss = loss_of(net, net, x, y, autocast=scenario == "bf16")
+        loss = 0
+        for r, s in enumerate(shards(world)):
+            args = (
+                x[s],
+                y[s],
+                times[r] if times else 0,
+                spec.get("autocast", False),
+                spec.get("penalize_extra", False),
+            )
+            loss = loss + loss_of(net, net, *args) / world
         loss.backward()
         optimizer.step()
         steps.append(snapshot(net))
@@ -87,11 +112,15 @@ def reference(scenario: str, world: int) -> list[dict[str, torch.Tensor]]:
 
 
 def train(scenario: str, rank: int, world: int) -> dict:
-    net = make(scenario in WITH_EXTRA)
-    x, y = batch()
-    shard = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
-    model = DistributedDataParallel(net, find_unused_parameters=scenario in WITH_EXTRA)
-    optimizer = optimizer_for(scenario, model.parameters())
+    spec = SCENARIOS[scenario]
+    dtype = spec.get("dtype", torch.float32)
+    times = spec.get("extra_times")
+    net = make(times is not None, dtype)
+    x, y = batch(dtype)
+    shard = shards(world)[rank]
+    # (A layer unused on a rank leaves its bias to torch's reducer: find_unused_parameters.)
+    model = DistributedDataParallel(net, find_unused_parameters=times is not None, bucket_cap_mb=spec.get("buckets_mb"))
+    optimizer = optimizer_for(spec.get("optimizer", "fused"), model.parameters())
     reducer_elements = []
 
     def counting_hook(state, bucket):  # what torch's reducer (the other parameters) all-reduces
@@ -100,17 +129,17 @@ def train(scenario: str, rank: int, world: int) -> dict:
 
     model.register_comm_hook(None, counting_hook)
     steps, grads_none = [], []
+    options = dict(autocast=spec.get("autocast", False), penalize_extra=spec.get("penalize_extra", False))
     for _ in range(STEPS):
         optimizer.zero_grad()
-        if scenario == "no_sync":  # two micro-batches per step, the first one's backward local
+        if spec.get("micro_batches"):  # the first micro-batch's backward local, under no_sync()
             half = (shard.stop - shard.start) // 2
             first, second = slice(shard.start, shard.start + half), slice(shard.start + half, shard.stop)
             with model.no_sync():
-                (loss_of(model, net, x[first], y[first]) / 2).backward()
-            (loss_of(model, net, x[second], y[second]) / 2).backward()
+                (loss_of(model, net, x[first], y[first], **options) / 2).backward()
+            (loss_of(model, net, x[second], y[second], **options) / 2).backward()
         else:
-            use_extra = scenario == "partial" and rank == 0
-            loss_of(model, net, x[shard], y[shard], use_extra, autocast=scenario == "bf16").backward()
+            loss_of(model, net, x[shard], y[shard], times[rank] if times else 0, **options).backward()
         if net.extra is not None:
             grads_none.append(net.extra.factors.grad is None)
         optimizer.step()
@@ -121,6 +150,35 @@ def train(scenario: str, rank: int, world: int) -> dict:
         "dwf_reduced": model.dwf_reduced,
         "reducer_elements": sum(reducer_elements) // STEPS,
     }
+
+
+def joined(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """Uneven inputs under `model.join()`: rank r has STEPS - r batches (its shard each time). The
+    ranks end with the same parameters, those of one process whose last steps average over the ranks
+    still training (divided by the initial world size, as torch's DDP does)."""
+    net = make()
+    x, y = batch()
+    model = DistributedDataParallel(net, bucket_cap_mb=1e-4)
+    optimizer = optimizer_for("fused", model.parameters())
+    shard = shards(world)[rank]
+    with model.join():
+        for _ in range(STEPS - rank):
+            optimizer.zero_grad()
+            loss_of(model, net, x[shard], y[shard]).backward()
+            optimizer.step()
+    return snapshot(net)
+
+
+def joined_reference(world: int) -> dict[str, torch.Tensor]:
+    net = make()
+    x, y = batch()
+    optimizer = optimizer_for("fused", net.parameters())
+    for step in range(STEPS):
+        optimizer.zero_grad()
+        training = [s for r, s in enumerate(shards(world)) if step < STEPS - r]
+        sum(loss_of(net, net, x[s], y[s]) / world for s in training).backward()
+        optimizer.step()
+    return snapshot(net)
 
 
 def overlap(rank: int, world: int) -> list[str]:
@@ -176,6 +234,16 @@ def refusals(rank: int, world: int) -> dict[str, str]:
         DistributedDataParallel(factorize(nn.Sequential(nn.Linear(4, 4, bias=False)), DEPTH))
     except ValueError as e:
         errors["only_factors"] = str(e)
+    try:
+        DistributedDataParallel(model)
+    except ValueError as e:
+        errors["nested"] = str(e)
+    # Wrapped again while the first wrapper lives: the new one reduces, the old one stands aside.
+    again = DistributedDataParallel(net)
+    optimizer.zero_grad()
+    loss_of(again, net, x, y).backward()
+    optimizer.step()
+    errors["rewrapped_trains"] = "yes" if model is not None else "no"
     errors["ignore_list_left"] = str(hasattr(net, "_ddp_params_and_buffers_to_ignore"))
     return errors
 
@@ -184,8 +252,10 @@ def run(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         results = {}
-        for scenario in ("fused", "fused_again", "sgd", "bf16", "no_sync", "partial", "unused"):
-            results[scenario] = train("fused" if scenario == "fused_again" else scenario, rank, world)
+        for scenario in SCENARIOS:
+            results[scenario] = train(scenario, rank, world)
+        results["fused_again"] = train("fused", rank, world)
+        results["joined"] = joined(rank, world)
         results["overlap"] = overlap(rank, world)
         results["refusals"] = refusals(rank, world)
         torch.save(results, f"{out_dir}/results.{rank}.pt")
