@@ -14,28 +14,32 @@ that is not DWF factors (biases, norms, unfactorized weights) exactly as there; 
 factors are left to a second reducer here, which:
 
 - keeps the layers' factor gradient lazy (dwf_kernels._lazy_grad: the backward leaves dL/dw and
-  dL/dsumsq in `factors.grad`), as a live FusedSGD does;
+  dL/dsumsq in `factors.grad`), as a live FusedSGD does, parts of one backward pass (a layer used
+  twice, tied factors, several forwards) summed as dL/dw;
 - packs each layer's dL/dw, once its gradient is accumulated, into fixed buckets of float32 (float64
   for float64 factors) whatever the autocast dtype, and starts an asynchronous all-reduce of a bucket
-  as soon as all its layers are in, in a fixed bucket order (the same collectives in the same order
-  on every rank), while the backward pass goes on;
+  as soon as all its layers are in, in a fixed bucket order on a process group of its own (the same
+  collectives in the same order on every rank, whatever torch's reducer does), while the backward
+  pass goes on;
 - at the end of the backward pass starts one small all-reduce of a header (per layer: dL/dsumsq and
-  whether the rank had a gradient at all, dL/dw, dL/dsumsq), waits for all of them and gives every
-  layer the averaged dL/dw and dL/dsumsq as its (lazy) gradient.
+  how many ranks had a gradient, a dL/dw, a dL/dsumsq), waits for all of them and gives every layer
+  the averaged dL/dw and dL/dsumsq as its (lazy) gradient.
 
 `FusedSGD.step()` then applies that gradient with the fused kernel; any other reader
 (torch.optim.SGD, clipping, GradScaler) forms the factor gradient from it. The average is the mean
 over ranks as in torch's DDP, so a K-rank run with per-rank batch B (mean loss) equals one process
 with batch K*B to rounding, and every rank gets bitwise the same reduced values, hence the same
-factors after the step. A layer without a gradient on some ranks (unused in their forward, and no
-penalty) counts as zero there, as with find_unused_parameters=True; on no rank, it keeps no
-gradient.
+factors after the step. A layer without a gradient on some ranks (unused in their forward, and not
+penalized) counts as zero there, as with find_unused_parameters=True; on no rank, it keeps no
+gradient. Uneven inputs: `with model.join():` as with torch's DDP.
 
 Refused, with the same error on every rank (never a hang or a silently wrong average): a factor
-gradient that is already dense when it is reduced (a backward with create_graph=True, or a gradient
-read and then accumulated into during `no_sync()`), or one FusedSGD already applied and was not
-cleared. Also refused at construction: a module whose only trainable parameters are DWF factors
-(torch's DistributedDataParallel refuses a module with nothing for its reducer).
+gradient that is already dense when it is reduced (a backward with create_graph=True, a gradient
+read and then accumulated into during `no_sync()`, another DistributedDataParallel around this
+one), or one FusedSGD already applied and was not cleared; a backward pass with no forward through
+the wrapper since the last reduction. At construction: a module already wrapped, and a module whose
+only trainable parameters are DWF factors (torch's DistributedDataParallel refuses a module with
+nothing for its reducer). docs/data-parallel.md says more.
 """
 
 from __future__ import annotations
