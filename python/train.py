@@ -92,8 +92,11 @@ def parse_args(argv: list[str] | None = None) -> DWFConfig:
         progress=not a.no_progress,
         dist_timeout=a.dist_timeout,
     )
-    if distributed.restarted() and a.output_dir and os.path.exists(os.path.join(a.output_dir, CHECKPOINT)):
-        cfg.resume = True  # torchrun restarted the workers after a failure: continue, do not start over
+    if not cfg.resume and distributed.restarted() and os.path.exists(os.path.join(a.output_dir, CHECKPOINT)):
+        # torchrun restarted the workers after a failure (--max-restarts): continue, do not start over.
+        cfg.resume = True
+        if os.environ.get("RANK", "0") == "0":
+            print(f"train.py: the workers were restarted: resuming from {a.output_dir}/{CHECKPOINT}", file=sys.stderr)
     try:
         cfg.check()
     except ConfigError as exc:

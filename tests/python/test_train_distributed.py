@@ -126,3 +126,32 @@ def test_a_dead_rank_stops_the_other_and_the_run_resumes(tmp_path):
     outputs = [p.communicate(timeout=240) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     assert len(history(out)) == 40 and json.loads((out / "results.json").read_text())["completed"]
+
+
+def test_torchrun_max_restarts_resumes_from_the_checkpoint(tmp_path):
+    """A worker killed mid-run: torchrun --max-restarts=1 starts both ranks again, which continue from
+    the last checkpoint and end as an uninterrupted run."""
+    whole, out = tmp_path / "whole", tmp_path / "run"
+    args = ["--epochs", "30", "--dist-timeout", "20"]
+    assert torchrun(*args, "--output-dir", str(whole)).returncode == 0
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=1"]
+    launcher = subprocess.Popen(
+        [*command, TRAIN_PY, *COMMON, *args, "--output-dir", str(out)],
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not (out / CHECKPOINT).exists():
+        assert time.monotonic() < deadline and launcher.poll() is None, launcher.communicate()
+        time.sleep(0.1)
+    workers = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2, workers
+    os.kill(int(workers[1]), signal.SIGKILL)
+    _, err = launcher.communicate(timeout=240)
+    assert launcher.returncode == 0, err[-3000:]
+    assert "the workers were restarted: resuming from" in err
+    a, b = state(whole), state(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [h["train_loss"] for h in history(out)] == [h["train_loss"] for h in history(whole)]
