@@ -21,6 +21,7 @@ import argparse
 import sys
 
 import torch
+from _table import emit  # bench/ is the script's folder, first on sys.path
 from torch import nn
 
 import dwf_kernels
@@ -110,10 +111,7 @@ def main(argv=None) -> int:
     p.add_argument("--markdown", help="write the table here")
     args = p.parse_args(argv)
     table = markdown({name: measure(make) for name, make in MODELS.items()})
-    print(table)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(table)
+    emit([table.rstrip("\n")], [], args.markdown)
     return 0
 
 

@@ -28,6 +28,7 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _table import emit  # bench/ is the script's folder, first on sys.path
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel as TorchDDP
@@ -157,11 +158,7 @@ def main(argv=None) -> int:
         "| ratio | max param diff |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    text = "\n".join(head + rows) + "\n"
-    print(text)
-    if a.markdown:
-        with open(a.markdown, "w") as f:
-            f.write(text)
+    emit(head, rows, a.markdown)
     return 0
 
 

@@ -22,6 +22,7 @@ import sys
 import time
 
 import torch
+from _table import emit  # bench/ is the script's folder, first on sys.path
 from torch import nn
 
 import dwf_kernels
@@ -107,11 +108,7 @@ def main(argv=None) -> int:
         "| model | reader | FusedSGD, fused readers | FusedSGD, gradient formed first | torch.optim.SGD |",
         "|---|---|---|---|---|",
     ]
-    text = "\n".join(head + rows) + "\n"
-    print(text)
-    if a.markdown:
-        with open(a.markdown, "w") as f:
-            f.write(text)
+    emit(head, rows, a.markdown)
     return 0
 
 

@@ -23,6 +23,7 @@ import sys
 import time
 
 import torch
+from _table import emit  # bench/ is the script's folder, first on sys.path
 from torch import nn
 
 import dwf_kernels
@@ -130,11 +131,7 @@ def main(argv=None) -> int:
         "| model | DWF layers | multi_tensor=True | multi_tensor=False | speed-up |",
         "|---|---|---|---|---|",
     ]
-    text = "\n".join(head + rows) + "\n"
-    print(text)
-    if a.markdown:
-        with open(a.markdown, "w") as f:
-            f.write(text)
+    emit(head, rows, a.markdown)
     return 0
 
 
