@@ -102,6 +102,8 @@ def test_train_py_command(tmp_path):
         (["--lr", "0"], "--lr must be > 0; got 0"),
         (["--device", "gpu"], "--device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got 'gpu'"),
         (["--epochs", "ten"], "argument --epochs: invalid int value: 'ten'"),
+        (["--dist-timeout", "0"], "--dist-timeout must be > 0; got 0"),
+        (["--dist-timeout", "inf"], "--dist-timeout must be a finite number; got inf"),
     ],
 )
 def test_train_py_refuses_bad_arguments_in_one_line(args, message, capsys, tmp_path):
@@ -114,6 +116,17 @@ def test_train_py_refuses_bad_arguments_in_one_line(args, message, capsys, tmp_p
     assert len(err.splitlines()) == 1 and err.startswith("train.py: error: ")
     assert re.search(message, err), err
     assert not (tmp_path / "run").exists()  # refused before anything ran
+
+
+def test_global_batch_smaller_than_the_ranks_is_refused(capsys, monkeypatch, tmp_path):
+    import train
+
+    monkeypatch.setenv("WORLD_SIZE", "4")  # as torchrun sets it for 4 ranks
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--batch-size", "3", "--output-dir", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--batch-size must be at least the number of ranks (4): it is the global batch" in err
 
 
 def test_train_py_refuses_cuda_without_cuda(capsys, monkeypatch):
