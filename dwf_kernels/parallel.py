@@ -151,7 +151,13 @@ class _FactorReducer:
     def __init__(self, factors: list[torch.Tensor], group, bucket_mb: float) -> None:
         # A process group of its own (the same ranks): the order of its collectives is fixed, while
         # torch's reducer starts its own buckets as they fill, in an order that can differ per rank.
-        self.group = dist.new_group(dist.get_process_group_ranks(group), use_local_synchronization=True)
+        device = factors[0].device if factors else torch.device("cpu")
+        self.group = dist.new_group(
+            dist.get_process_group_ranks(group),
+            timeout=_timeout_of(group, device),  # a rank that stops is noticed as soon as torch's reducer notices
+            backend=dist.get_backend(group),
+            use_local_synchronization=True,
+        )
         self.world = dist.get_world_size(self.group)
         # Reverse order of registration, as torch's reducer: the last layers' gradients come first.
         self.factors = list(reversed(factors))
@@ -408,6 +414,15 @@ def _why_not_reducible(state: _State | None) -> str:
             "another DistributedDataParallel wrapping this one"
         )
     return "a factor gradient FusedSGD already applied, or one computed before the factors changed, was not cleared"
+
+
+def _timeout_of(group, device: torch.device):
+    """The collectives' timeout of `group` (torch keeps it with the group's backend; None where this
+    torch does not say: the default)."""
+    try:
+        return group._get_backend(device).options._timeout
+    except (AttributeError, RuntimeError):
+        return None
 
 
 def _on_grad(reducer_ref, p: torch.Tensor) -> None:

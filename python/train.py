@@ -8,8 +8,9 @@ Under torchrun every rank trains on its slice of each (global) batch and the gra
 (dwf_kernels.parallel.DistributedDataParallel: the DWF layers all-reduce dL/dw only); the result
 equals a single-process run with the same --batch-size, to rounding. Rank 0 alone prints and writes
 the files (--output-dir must be one folder all ranks can read for --resume: on several machines, a
-shared file system). A rank that stops makes the others stop within --dist-timeout seconds; torchrun
---max-restarts (or running the command again with --resume) continues from the last checkpoint.
+shared file system). A rank that stops makes the others stop within --dist-timeout seconds; running
+the command again with --resume continues from the last checkpoint, as do workers that torchrun
+restarts (--max-restarts).
 
 Writes results.json, checkpoint.pt (every epoch) and model.dwfz (the model collapsed at |w| < 1e-4,
 its nonzeros only: dwf_kernels.load_compressed) into --output-dir; --resume continues an

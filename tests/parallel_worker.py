@@ -7,6 +7,8 @@ saves what the test checks to `<out_dir>/<scenario>.<rank>.pt`.
 
 from __future__ import annotations
 
+import datetime
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -18,6 +20,7 @@ from dwf_kernels.optim import FusedSGD
 from dwf_kernels.parallel import DistributedDataParallel
 
 DEPTH, BATCH, STEPS, LR, MOMENTUM, LAM = 3, 16, 3, 0.1, 0.9, 1e-2
+TIMEOUT_S = 123
 
 
 class Net(nn.Module):
@@ -245,11 +248,14 @@ def refusals(rank: int, world: int) -> dict[str, str]:
     optimizer.step()
     errors["rewrapped_trains"] = "yes" if model is not None else "no"
     errors["ignore_list_left"] = str(hasattr(net, "_ddp_params_and_buffers_to_ignore"))
+    # The DWF reducer's own process group waits as long as torch's does for a rank that stops.
+    errors["timeout_s"] = str(model._dwf.group._get_backend(torch.device("cpu")).options._timeout.total_seconds())
     return errors
 
 
 def run(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    timeout = datetime.timedelta(seconds=TIMEOUT_S)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timeout)
     try:
         results = {}
         for scenario in SCENARIOS:

@@ -96,3 +96,4 @@ def test_refused_patterns_fail_alike_on_every_rank(ranks):
         assert "already wrapped in a DistributedDataParallel" in refusals["nested"]
         assert refusals["rewrapped_trains"] == "yes"
         assert refusals["ignore_list_left"] == "False"
+        assert float(refusals["timeout_s"]) == worker.TIMEOUT_S
