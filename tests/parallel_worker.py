@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-from dwf_kernels import factorize, penalty
+from dwf_kernels import factorize, penalty, use_backend
 from dwf_kernels.nn import DWFLinear
 from dwf_kernels.optim import FusedSGD
 from dwf_kernels.parallel import DistributedDataParallel
@@ -41,7 +41,8 @@ class Net(nn.Module):
 
 # What each scenario changes: the optimizer, bf16 autocast, two micro-batches per step (the first
 # under no_sync()), the model's `extra` layer and how often each rank applies it, whether the penalty
-# covers it, the bucket size (1e-4 MB: one bucket per layer, in both reducers), float64 factors.
+# covers it, the bucket size (1e-4 MB: one bucket per layer, in both reducers), float64 factors, the
+# dwf_kernels backend (default: the fastest, the C++ extension's).
 SCENARIOS = {
     "fused": {},
     "sgd": {"optimizer": "sgd"},
@@ -52,6 +53,8 @@ SCENARIOS = {
     "unused": {"extra_times": (0, 0)},
     "reused": {"extra_times": (2, 2), "penalize_extra": True},
     "fp64": {"dtype": torch.float64},
+    "reference_backend": {"backend": "reference"},
+    "triton_backend": {"backend": "triton"},  # Triton's interpreter on CPU (TRITON_INTERPRET=1, conftest.py)
 }
 
 
@@ -95,22 +98,17 @@ def reference(scenario: str, world: int) -> list[dict[str, torch.Tensor]]:
     net = make(times is not None, dtype)
     x, y = batch(dtype)
     optimizer = optimizer_for(spec.get("optimizer", "fused"), net.parameters())
+    options = dict(autocast=spec.get("autocast", False), penalize_extra=spec.get("penalize_extra", False))
     steps = []
-    for _ in range(STEPS):
-        optimizer.zero_grad()
-        loss = 0
-        for r, s in enumerate(shards(world)):
-            args = (
-                x[s],
-                y[s],
-                times[r] if times else 0,
-                spec.get("autocast", False),
-                spec.get("penalize_extra", False),
-            )
-            loss = loss + loss_of(net, net, *args) / world
-        loss.backward()
-        optimizer.step()
-        steps.append(snapshot(net))
+    with use_backend(spec.get("backend")):
+        for _ in range(STEPS):
+            optimizer.zero_grad()
+            losses = [
+                loss_of(net, net, x[s], y[s], times[r] if times else 0, **options) for r, s in enumerate(shards(world))
+            ]
+            (sum(losses) / world).backward()
+            optimizer.step()
+            steps.append(snapshot(net))
     return steps
 
 
@@ -133,20 +131,21 @@ def train(scenario: str, rank: int, world: int) -> dict:
     model.register_comm_hook(None, counting_hook)
     steps, grads_none = [], []
     options = dict(autocast=spec.get("autocast", False), penalize_extra=spec.get("penalize_extra", False))
-    for _ in range(STEPS):
-        optimizer.zero_grad()
-        if spec.get("micro_batches"):  # the first micro-batch's backward local, under no_sync()
-            half = (shard.stop - shard.start) // 2
-            first, second = slice(shard.start, shard.start + half), slice(shard.start + half, shard.stop)
-            with model.no_sync():
-                (loss_of(model, net, x[first], y[first], **options) / 2).backward()
-            (loss_of(model, net, x[second], y[second], **options) / 2).backward()
-        else:
-            loss_of(model, net, x[shard], y[shard], times[rank] if times else 0, **options).backward()
-        if net.extra is not None:
-            grads_none.append(net.extra.factors.grad is None)
-        optimizer.step()
-        steps.append(snapshot(net))
+    with use_backend(spec.get("backend")):
+        for _ in range(STEPS):
+            optimizer.zero_grad()
+            if spec.get("micro_batches"):  # the first micro-batch's backward local, under no_sync()
+                half = (shard.stop - shard.start) // 2
+                first, second = slice(shard.start, shard.start + half), slice(shard.start + half, shard.stop)
+                with model.no_sync():
+                    (loss_of(model, net, x[first], y[first], **options) / 2).backward()
+                (loss_of(model, net, x[second], y[second], **options) / 2).backward()
+            else:
+                loss_of(model, net, x[shard], y[shard], times[rank] if times else 0, **options).backward()
+            if net.extra is not None:
+                grads_none.append(net.extra.factors.grad is None)
+            optimizer.step()
+            steps.append(snapshot(net))
     return {
         "steps": steps,
         "extra_grad_none": grads_none,

@@ -35,7 +35,8 @@ def test_training_equals_one_process_on_the_whole_batch(ranks, scenario):
     """K ranks with per-rank batch B give one process's result with batch K*B, and every rank holds
     bitwise the same parameters after every step: FusedSGD or torch.optim.SGD; no_sync()
     accumulation; a layer only rank 0 applies, penalized or not, with one bucket per layer; a layer
-    no rank applies; a layer applied twice; bf16 autocast (to its rounding); float64."""
+    no rank applies; a layer applied twice; bf16 autocast (to its rounding); float64; the reference and
+    Triton backends."""
     for a, b in zip(ranks[0][scenario]["steps"], ranks[1][scenario]["steps"], strict=True):
         for name in a:
             assert torch.equal(a[name], b[name]), f"{scenario}: the ranks differ in {name}"
