@@ -78,12 +78,28 @@ def stop(ranks: Ranks) -> None:
 
 
 def is_collective_failure(exc: BaseException) -> bool:
-    """Whether `exc` is a collective that failed because another rank is gone or silent (torch's
-    distributed errors, and the transport errors gloo and NCCL raise as plain RuntimeError)."""
-    if isinstance(exc, dist.DistError):
+    """Whether `exc` is a collective that failed because another rank is gone or silent: torch's
+    distributed errors, and the plain RuntimeError that gloo and NCCL raise from a collective (or
+    from waiting on one: torch.distributed's code or the DWF reducer's, the innermost frame)."""
+    if isinstance(exc, dist.DistError) or any(mark in str(exc) for mark in _TRANSPORT_ERRORS):
         return True
-    text = str(exc)
-    return any(mark in text for mark in ("gloo", "NCCL", "ProcessGroup", "c10d", "Connection closed by peer"))
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    code = tb.tb_frame.f_code
+    where = code.co_filename.replace(os.sep, "/")
+    if where.endswith("/dwf_kernels/parallel.py"):
+        return code.co_name in _REDUCER_COLLECTIVES
+    return "/torch/distributed/" in where
+
+
+# What gloo's and NCCL's errors say (raised as plain RuntimeError, e.g. from torch's reducer, which
+# waits in C++ at the end of the backward pass).
+_TRANSPORT_ERRORS = ("/gloo/", "NCCL", "ProcessGroup", "pair closure", "Connection reset by peer")
+# The DWF reducer's methods that start or wait for collectives (dwf_kernels/parallel.py).
+_REDUCER_COLLECTIVES = ("launch", "finish", "shadow", "broadcast_from_first_rank", "post_hook")
 
 
 def restarted() -> bool:

@@ -42,6 +42,18 @@ def history(output_dir) -> list[dict]:
         return json.load(f)["history"]
 
 
+def test_what_counts_as_another_rank_failing():
+    from paper.distributed import is_collective_failure
+
+    assert is_collective_failure(torch.distributed.DistBackendError("NCCL watchdog timeout"))
+    assert is_collective_failure(RuntimeError("Application timeout caused pair closure"))
+    assert is_collective_failure(RuntimeError("[gloo/transport/tcp/pair.cc:545] Connection reset by peer"))
+    try:
+        torch.zeros(2) + torch.zeros(3)
+    except RuntimeError as error:  # a bug of the training code stays itself
+        assert not is_collective_failure(error)
+
+
 def test_two_ranks_equal_one_process_with_the_same_global_batch(tmp_path):
     # The 5000 training examples in batches of 100, split 50/50.
     one, two = tmp_path / "one", tmp_path / "two"
