@@ -11,7 +11,19 @@ from __future__ import annotations
 
 import torch
 
-from ._lazy_grad import _LAZY, _ZERO, LazyFactorGrad, _grad_w_or_zeros, _run_materialized, _State, dense_of
+from ._lazy_grad import (
+    _LAZY,
+    _ZERO,
+    LazyFactorGrad,
+    _autograd_excluded,
+    _grad_w_or_zeros,
+    _run_materialized,
+    _State,
+    dense_of,
+)
+from ._validate import acc_dtype
+from .backends import resolve_backend
+from .backends.reference import dwf_backward_differentiable
 from .ops import dwf_grad_sumsq
 
 aten = torch.ops.aten
@@ -62,7 +74,15 @@ def _norm_of(t: LazyFactorGrad) -> torch.Tensor:
     if state.kind == _ZERO:
         return torch.zeros((), dtype=t.dtype, device=t.device)
     factors = state.factors()
-    sumsq = dwf_grad_sumsq(factors, _grad_w_or_zeros(state.grad_w, factors), state.grad_sumsq, backend=state.backend)
+    grad_w = _grad_w_or_zeros(state.grad_w, factors)
+    if resolve_backend(factors.device.type, state.backend) == "reference" and _autograd_excluded():
+        # Inside __torch_dispatch__ autograd is off, and the reference backward differentiates its
+        # forward: its explicit formula instead, in the accumulation dtype (as materialize does).
+        acc = acc_dtype(factors.dtype)
+        grad = dwf_backward_differentiable(factors.detach().to(acc), grad_w.to(acc), state.grad_sumsq)
+        sumsq = (grad * grad).sum()
+    else:
+        sumsq = dwf_grad_sumsq(factors, grad_w, state.grad_sumsq, backend=state.backend)
     return sumsq.sqrt().to(t.dtype)
 
 

@@ -127,20 +127,22 @@ def _factor_grads(model):
 
 @pytest.mark.parametrize("foreach", [None, False], ids=["foreach-default", "per-tensor"])
 @pytest.mark.parametrize("max_norm", [0.05, 100.0], ids=["clipping", "under-the-limit"])
-def test_clip_grad_norm_keeps_the_step_fused_and_equals_torch_sgd(foreach, max_norm):
+@pytest.mark.parametrize("backend", [None, "reference"], ids=["default-backend", "reference"])
+def test_clip_grad_norm_keeps_the_step_fused_and_equals_torch_sgd(foreach, max_norm, backend):
     runs = []
     for sgd in (FusedSGD, lambda *a, **k: torch.optim.SGD(*a, foreach=False, **k)):
         model = _model()
         optimizer = sgd(model.parameters(), lr=0.1, momentum=0.9)
         x, y = _batch()
         norms, statuses = [], []
-        for _ in range(4):
-            optimizer.zero_grad()
-            _loss(model, x, y).backward()
-            norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, foreach=foreach))
-            grads = _factor_grads(model)
-            optimizer.step()
-            statuses.append({getattr(g, "status", "dense") for g in grads})
+        with dwf_kernels.use_backend(backend):
+            for _ in range(4):
+                optimizer.zero_grad()
+                _loss(model, x, y).backward()
+                norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, foreach=foreach))
+                grads = _factor_grads(model)
+                optimizer.step()
+                statuses.append({getattr(g, "status", "dense") for g in grads})
         runs.append((model, norms, statuses))
     (fused, fused_norms, statuses), (plain, plain_norms, _) = runs
     assert all(s == {"consumed"} for s in statuses), statuses  # applied fused, never formed
