@@ -127,6 +127,10 @@ def test_global_batch_smaller_than_the_ranks_is_refused(capsys, monkeypatch, tmp
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "--batch-size must be at least the number of ranks (4): it is the global batch" in err
+    monkeypatch.setenv("RANK", "2")  # the other ranks exit alike, silently: rank 0 says it once
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--batch-size", "3", "--output-dir", str(tmp_path / "run")])
+    assert exit_info.value.code == 2 and capsys.readouterr().err == ""
 
 
 def test_train_py_refuses_cuda_without_cuda(capsys, monkeypatch):
