@@ -251,6 +251,13 @@ def _autograd_excluded() -> bool:
         return (torch.ones((), requires_grad=True) * 1).grad_fn is None
 
 
+def reference_without_autograd(state: _State, factors: torch.Tensor) -> bool:
+    """Whether the gradient is to be formed by the reference backend where autograd is off (inside
+    __torch_dispatch__): its backward differentiates its forward, so the readers take its explicit
+    formula (dwf_backward_differentiable, plain tensor ops) instead."""
+    return resolve_backend(factors.device.type, state.backend) == "reference" and _autograd_excluded()
+
+
 def materialize(grad: LazyFactorGrad) -> torch.Tensor:
     """The dense gradient behind `grad` (computed once, then kept: the gradient is now dense)."""
     state = grad._state
@@ -270,9 +277,7 @@ def materialize(grad: LazyFactorGrad) -> torch.Tensor:
         raise stale_gradient_error("was computed by a backward pass before its factors were changed in place")
     grad_w = _grad_w_or_zeros(state.grad_w, factors)
     with torch.no_grad():
-        if resolve_backend(factors.device.type, state.backend) == "reference" and _autograd_excluded():
-            # Inside __torch_dispatch__ autograd is off, and the reference backward differentiates
-            # its forward: take its explicit formula instead (plain tensor ops).
+        if reference_without_autograd(state, factors):
             dense = dwf_backward_differentiable(factors.detach(), grad_w, state.grad_sumsq)
         else:
             dense = dwf_product_backward(factors, grad_w, state.grad_sumsq, backend=state.backend)

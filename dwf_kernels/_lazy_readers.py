@@ -15,14 +15,13 @@ from ._lazy_grad import (
     _LAZY,
     _ZERO,
     LazyFactorGrad,
-    _autograd_excluded,
     _grad_w_or_zeros,
     _run_materialized,
     _State,
     dense_of,
+    reference_without_autograd,
 )
 from ._validate import acc_dtype
-from .backends import resolve_backend
 from .backends.reference import dwf_backward_differentiable
 from .ops import dwf_grad_sumsq
 
@@ -75,9 +74,7 @@ def _norm_of(t: LazyFactorGrad) -> torch.Tensor:
         return torch.zeros((), dtype=t.dtype, device=t.device)
     factors = state.factors()
     grad_w = _grad_w_or_zeros(state.grad_w, factors)
-    if resolve_backend(factors.device.type, state.backend) == "reference" and _autograd_excluded():
-        # Inside __torch_dispatch__ autograd is off, and the reference backward differentiates its
-        # forward: its explicit formula instead, in the accumulation dtype (as materialize does).
+    if reference_without_autograd(state, factors):  # in the accumulation dtype, as the kernels
         acc = acc_dtype(factors.dtype)
         grad = dwf_backward_differentiable(factors.detach().to(acc), grad_w.to(acc), state.grad_sumsq)
         sumsq = (grad * grad).sum()

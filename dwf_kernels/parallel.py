@@ -65,10 +65,6 @@ _PER_LAYER = 4  # header entries per layer
 _REDUCER = "_dwf_data_parallel"  # on a factors Parameter: a weak reference to the reducer that reduces it
 
 
-def _no_reducer() -> None:
-    return None
-
-
 class DistributedDataParallel(_TorchDDP):
     """torch.nn.parallel.DistributedDataParallel whose DWF layers all-reduce dL/dw (N elements per
     weight) instead of the D factor gradients (D x N); see the module docstring.
@@ -90,7 +86,7 @@ class DistributedDataParallel(_TorchDDP):
             )
         factors = [(name, p) for name, p in module.named_parameters() if _fusion.link_of(p) is not None]
         names = [name for name, _ in factors]
-        others = [p for name, p in module.named_parameters() if name not in set(names)]
+        others = [p for name, p in module.named_parameters() if _fusion.link_of(p) is None]
         if not any(p.requires_grad for p in others):
             raise ValueError(
                 "dwf_kernels.parallel.DistributedDataParallel needs a trainable parameter besides the DWF "
@@ -234,7 +230,8 @@ class _FactorReducer:
             Variable._execution_engine.queue_callback(self.finish)
 
     def on_grad(self, p: torch.Tensor) -> None:
-        if p.__dict__.get(_REDUCER, _no_reducer)() is not self:
+        current = p.__dict__.get(_REDUCER)
+        if current is None or current() is not self:
             return  # a later wrapper of these layers reduces them
         if self.mode == "local":
             return  # no_sync(): the gradient accumulates locally, lazily
