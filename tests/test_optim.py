@@ -746,7 +746,10 @@ def test_create_graph_gives_the_ordinary_differentiable_gradient():
             (loss + 0.1 * sum(g.square().sum() for g in grads)).backward()
             optimizer.step()
 
-    _both(loop)
+    # Bitwise where the C++ CPU kernels serve. Without them (no extension built) the reference
+    # backend's differentiable gradient sums the second-order terms in another order than plain
+    # autograd does: equal to rounding (a few ulp).
+    _both(loop, exact=CPU_FMA and "cpu" in dwf_kernels._extension.KERNEL_DEVICES)
 
 
 def test_the_lazy_gradient_reads_like_the_dense_one(tmp_path):
