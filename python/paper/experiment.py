@@ -279,11 +279,9 @@ def _on_ranks(results: dict) -> str:
 
 
 @dataclass
-class BaselineConfig:
-    """A pruning-at-initialization baseline (random, snip, synflow) trained with its mask."""
+class TrainingConfig:
+    """How the baselines train their dense weights (SGD with momentum, cosine annealing, weight decay)."""
 
-    method: str = "random"
-    compression: float = 10.0
     model: str = "lenet300"
     dataset: str = "mnist5k"
     lr: float = 0.05
@@ -291,7 +289,6 @@ class BaselineConfig:
     momentum: float = 0.9
     epochs: int = 100
     batch_size: int = 128
-    snip_batch: int = 512
     seed: int = 0
     device: str = "auto"
     data_root: str = "data"
@@ -301,8 +298,6 @@ class BaselineConfig:
 
     def check(self) -> None:
         """Refuses a configuration that cannot train, naming the field (before any data is loaded)."""
-        _check_choice("method", self.method, PRUNING_METHODS)
-        _check_number("compression", self.compression, minimum=1.0)
         _check_choice("model", self.model, MODELS)
         _check_choice("dataset", self.dataset, DATASETS)
         _check_number("lr", self.lr, minimum=0.0, inclusive=False)
@@ -310,9 +305,23 @@ class BaselineConfig:
         _check_number("momentum", self.momentum, minimum=0.0)
         _check_int("epochs", self.epochs, 1)
         _check_int("batch_size", self.batch_size, 1)
-        _check_int("snip_batch", self.snip_batch, 1)
         _check_int("num_workers", self.num_workers, 0)
         resolve_device(self.device)
+
+
+@dataclass
+class BaselineConfig(TrainingConfig):
+    """A pruning-at-initialization baseline (random, snip, synflow) trained with its mask."""
+
+    method: str = "random"
+    compression: float = 10.0
+    snip_batch: int = 512
+
+    def check(self) -> None:
+        _check_choice("method", self.method, PRUNING_METHODS)
+        _check_number("compression", self.compression, minimum=1.0)
+        _check_int("snip_batch", self.snip_batch, 1)
+        super().check()
 
 
 PRUNING_METHODS = ("random", "snip", "synflow")
