@@ -29,7 +29,6 @@ the mask keeps can be that small too), and the epochs trained for it.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -38,8 +37,6 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
-
-import dwf_kernels
 
 from . import baselines
 from .experiment import (
@@ -50,6 +47,7 @@ from .experiment import (
     _check_int,
     _check_number,
     _seeded_data,
+    measure_pruned,
 )
 from .models import build_model
 from .training import CHECKPOINT, LoopConfig, evaluate, fit
@@ -194,16 +192,6 @@ def _load(cfg: TrainingConfig, path: str):
     return model, data
 
 
-def _measure(model: nn.Module, data, threshold: float) -> dict:
-    """Compression and accuracy with the prunable weights below `threshold` set to zero."""
-    model = copy.deepcopy(model)
-    with torch.no_grad():
-        for w in baselines.prunable_weights(model).values():
-            w.masked_fill_(w.abs() < threshold, 0.0)
-    report = dwf_kernels.sparsity_report(model, threshold)
-    return {"compression": report.total.compression, "test_acc": evaluate(model, data)}
-
-
 def _row(cfg: RecipeConfig, method: str, target: float, measured: dict, epochs: int, variant: str = "") -> dict:
     return {"method": method, "variant": variant, "seed": cfg.seed, "target": target, "epochs": epochs, **measured}
 
@@ -217,9 +205,9 @@ def _magnitude(cfg: RecipeConfig, dense: dict, folder: str) -> list[dict]:
             model, data = _load(cfg, dense["final"])
             masks = baselines.magnitude_masks(model, target)
             baselines.apply_masks(model, masks)
-            one_shot = _measure(model, data, cfg.threshold)
+            one_shot = measure_pruned(model, data, cfg.threshold)
             _train(model, data, cfg, stage, cfg.finetune_epochs, cfg.lr / 10, masks=masks)
-            done = _record(stage, {"one_shot": one_shot, "finetuned": _measure(model, data, cfg.threshold)})
+            done = _record(stage, {"one_shot": one_shot, "finetuned": measure_pruned(model, data, cfg.threshold)})
         rows.append(_row(cfg, "magnitude", target, done["one_shot"], cfg.epochs))
         rows.append(_row(cfg, "magnitude-ft", target, done["finetuned"], cfg.epochs + cfg.finetune_epochs))
     return rows
@@ -241,9 +229,9 @@ def _imp(cfg: RecipeConfig, dense: dict, folder: str) -> list[dict]:
             baselines.apply_masks(model, masks)
             _train(model, data, cfg, stage, retrain, cfg.lr, masks=masks)
             torch.save(model.state_dict(), final)
-            done = _record(stage, _measure(model, data, cfg.threshold))
+            done = _record(stage, measure_pruned(model, data, cfg.threshold))
         if compression in cfg.targets:
-            rows.append(_row(cfg, "imp", compression, done, epochs, variant=f"rewind {cfg.rewind_epoch}"))
+            rows.append(_row(cfg, "imp", compression, done, epochs, variant=f"rewound to epoch {cfg.rewind_epoch}"))
         previous = final
     return rows
 
@@ -287,7 +275,6 @@ def _powerprop(cfg: RecipeConfig, output_dir: str) -> list[dict]:
     for target in sorted(cfg.targets):
         model, data = _load(cfg, final)
         baselines.apply_masks(model, baselines.magnitude_masks(model, target))
-        rows.append(
-            _row(cfg, "powerprop", target, _measure(model, data, cfg.threshold), cfg.epochs, f"alpha {cfg.alpha:g}")
-        )
+        measured = measure_pruned(model, data, cfg.threshold)
+        rows.append(_row(cfg, "powerprop", target, measured, cfg.epochs, f"alpha {cfg.alpha:g}"))
     return rows

@@ -88,8 +88,8 @@ def test_imp_prunes_only_survivors_and_rewinds_them(tmp_path, monkeypatch):
     monkeypatch.setattr(recipes, "_train", train)
     rows = run_recipe(_cfg(tmp_path, recipe="imp"), str(tmp_path))
     assert [(r["method"], r["target"], r["variant"]) for r in rows] == [
-        ("imp", 10.0, "rewind 1"),
-        ("imp", 100.0, "rewind 1"),
+        ("imp", 10.0, "rewound to epoch 1"),
+        ("imp", 100.0, "rewound to epoch 1"),
     ]
     assert [r["epochs"] for r in rows] == [3 + 2 * 2, 3 + 4 * 2]  # rounds 3.16x, 10x | 31.6x, 100x
     folder = tmp_path / "imp-seed0-rewind1-step4"
