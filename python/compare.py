@@ -178,7 +178,7 @@ def write_results(cfg: compare.CompareConfig, results: dict, out: str, seconds: 
             "",
             *[f"- {v}" for v in compare.verdicts(cfg, rows)],
             *([f"\nDiverged (no result): {', '.join(diverged)}"] if diverged else []),
-            *([f"\nWall time of this invocation: {seconds / 60:.1f} min"] if seconds is not None else []),
+            *([f"\nWall time of this invocation: {seconds / 60:.1f} min"] if seconds else []),
         ]
     )
     with open(os.path.join(out, "summary.md"), "w") as f:
@@ -194,11 +194,13 @@ def main(argv=None) -> int:
     try:
         load_data(cfg.dataset, batch_size=cfg.batch_size, seed=0, data_root=cfg.data_root)  # missing? say so now
         _claim(cfg, out)
+        before = compare.finished(out)
         results = compare.run_all(cfg, out, workers, log=lambda line: print(line, flush=True))
     except (DatasetMissingError, SearchError) as exc:
         print(f"compare.py: error: {exc}", file=sys.stderr)
         return 1
-    print("\n" + write_results(cfg, results, out, time.perf_counter() - started))
+    ran = any(name not in before for name in results)
+    print("\n" + write_results(cfg, results, out, time.perf_counter() - started if ran else None))
     return 0
 
 

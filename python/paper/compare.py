@@ -20,6 +20,7 @@ import json
 import math
 import os
 import statistics
+import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
@@ -138,6 +139,7 @@ def seed_units(cfg: CompareConfig, search_result: dict) -> list[Unit]:
 def run_unit(cfg: CompareConfig, unit: Unit, out: str) -> dict:
     """Runs `unit` (in a worker process) and writes units/<name>.json; returns its result."""
     torch.set_num_threads(cfg.threads)
+    started = time.perf_counter()
     if unit.kind == "search":
         result = _search(cfg, unit.args[0], out)
     elif unit.kind == "dwf":
@@ -175,6 +177,7 @@ def run_unit(cfg: CompareConfig, unit: Unit, out: str) -> dict:
         except TrainingDiverged as exc:
             result = {"diverged": str(exc)}
     result["unit"] = unit.name
+    result["seconds"] = round(time.perf_counter() - started, 1)  # of this invocation's part of the unit
     _write_json(os.path.join(out, "units", unit.name + ".json"), result)
     return result
 
@@ -265,19 +268,19 @@ def rows(cfg: CompareConfig, results: dict[str, dict]) -> list[dict]:
     for name, result in results.items():
         if name.startswith("search-"):
             for t in result["targets"]:
-                out.append(_dwf_row(result["depth"], cfg.seeds[0], t["target"], t))
+                out.append(_dwf_row(result["depth"], cfg.seeds[0], t["target"], t, cfg.epochs))
         elif name.startswith("dwf-") and "diverged" not in result:
             depth, seed = result["depth"], result["seed"]
             search = results.get(f"search-D{depth}", {"targets": []})
             for t in search["targets"]:
                 if t["lam"] == result["lam"]:
-                    out.append(_dwf_row(depth, seed, t["target"], result))
+                    out.append(_dwf_row(depth, seed, t["target"], result, cfg.epochs))
         elif "rows" in result:
             out += result["rows"]
     return [r for r in out if r["target"] in cfg.targets]
 
 
-def _dwf_row(depth: int, seed: int, t: float, run: dict) -> dict:
+def _dwf_row(depth: int, seed: int, t: float, run: dict, epochs: int) -> dict:
     return {
         "method": "dwf",
         "variant": f"D={depth}",
@@ -286,6 +289,7 @@ def _dwf_row(depth: int, seed: int, t: float, run: dict) -> dict:
         "lam": run["lam"],
         "compression": run["compression"],
         "test_acc": run["test_acc"],
+        "epochs": epochs,
     }
 
 
@@ -348,7 +352,15 @@ def verdicts(cfg: CompareConfig, table_rows: list[dict]) -> list[str]:
         (a, ka), (b, kb) = max(dwf), max(base)
         diff = a - b
         verdict = "DWF wins" if diff > WIN_MARGIN else ("DWF loses" if diff < -WIN_MARGIN else "within 2 points")
-        out.append(f"{t:g}x: {_label(*ka)} {a:.1f}% vs {_label(*kb)} {b:.1f}% ({diff:+.1f}): {verdict}")
+        ca, cb = c[ka][t]["compression"], c[kb][t]["compression"]
+        out.append(
+            f"{t:g}x: {_label(*ka)} {a:.1f}% @{ca:.0f}x vs {_label(*kb)} {b:.1f}% @{cb:.0f}x ({diff:+.1f}): {verdict}"
+            + (
+                f" (DWF's seeds compress {ca / t:.2f}x the target on average)"
+                if abs(ca / t - 1) > cfg.tolerance
+                else ""
+            )
+        )
     return out
 
 
@@ -377,7 +389,11 @@ def plot(cfg: CompareConfig, table_rows: list[dict], path: str) -> None:
 
     c = cells(table_rows)
     fig, ax = plt.subplots(figsize=(8, 5))
-    for key in sorted(c, key=lambda k: (ORDER.index(k[0]) if k[0] in ORDER else 99, k[1])):
+    # Up to 20 distinct colours (tab20's strong shades first), markers by family.
+    colours = plt.cm.tab20.colors[::2] + plt.cm.tab20.colors[1::2]
+    markers = {"dwf": "o", "magnitude": "v", "magnitude-ft": "^", "imp": "s", "powerprop": "D"}
+    keys = sorted(c, key=lambda k: (ORDER.index(k[0]) if k[0] in ORDER else 99, k[1]))
+    for i, key in enumerate(keys):
         ts = sorted(c[key])
         means = [c[key][t]["mean"] for t in ts]
         err = [
@@ -385,7 +401,16 @@ def plot(cfg: CompareConfig, table_rows: list[dict], path: str) -> None:
             [c[key][t]["max"] - m for t, m in zip(ts, means, strict=True)],
         ]
         style = "-" if key[0] == "dwf" else "--"
-        ax.errorbar(ts, means, yerr=err, marker="o", linestyle=style, capsize=3, label=_label(*key))
+        ax.errorbar(
+            ts,
+            means,
+            yerr=err,
+            marker=markers.get(key[0], "x"),
+            color=colours[i % len(colours)],
+            linestyle=style,
+            capsize=3,
+            label=_label(*key),
+        )
     ax.set_xscale("log")
     ax.set_xlabel(f"target compression ratio (|w| < {PRACTICAL_THRESHOLD:g} is zero)")
     ax.set_ylabel("test accuracy (%), mean and min-max over seeds")

@@ -74,7 +74,12 @@ def test_a_win_or_loss_needs_more_than_two_points(dwf, baseline, verdict):
         {"method": "random", "variant": "", "seed": 0, "target": 100.0, "compression": 100.0, "test_acc": 10.0},
     ]
     (line,) = compare.verdicts(cfg, rows)
-    assert line.startswith(f"100x: DWF (D=3) {dwf:.1f}% vs SNIP {baseline:.1f}% ") and line.endswith(verdict)
+    assert line.startswith(f"100x: DWF (D=3) {dwf:.1f}% @100x vs SNIP {baseline:.1f}% @100x ") and line.endswith(
+        verdict
+    )
+    rows[0]["compression"] = 70.0  # off the target by more than the tolerance: said so
+    (line,) = compare.verdicts(cfg, rows)
+    assert line.endswith(f"{verdict} (DWF's seeds compress 0.70x the target on average)")
 
 
 def test_compare_py_runs_every_method_and_continues(tmp_path):
