@@ -27,7 +27,6 @@ depths or methods can be added later.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import sys
@@ -38,6 +37,7 @@ from paper.cli import ArgumentParser
 from paper.data import DATASETS, DatasetMissingError, load_data
 from paper.models import MODELS
 from paper.target import SearchError
+from paper.training import recorded_difference, write_json
 
 
 def _list(p, flag: str, text: str, convert, ok, expectation: str) -> tuple:
@@ -140,17 +140,12 @@ FIELDS = ["method", "variant", "seed", "target", "lam", "compression", "test_acc
 def _claim(cfg: compare.CompareConfig, out: str) -> None:
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "compare.json")
-    identity = cfg.identity()
-    if os.path.exists(path):
-        with open(path) as f:
-            before = json.load(f)
-        diff = {k: (before.get(k), v) for k, v in identity.items() if before.get(k) != v}
-        if diff:
-            raise SearchError(
-                f"{out} holds a comparison with other settings (there vs now: {diff}); use another --output-dir"
-            )
-    with open(path, "w") as f:
-        json.dump(identity, f, indent=1)
+    diff = recorded_difference(path, cfg.identity())
+    if diff:
+        raise SearchError(
+            f"{out} holds a comparison with other settings (there vs now: {diff}); use another --output-dir"
+        )
+    write_json(path, cfg.identity())
 
 
 def write_results(cfg: compare.CompareConfig, results: dict, out: str, seconds: float | None) -> str:

@@ -15,7 +15,6 @@ counts for no compression ratio.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -41,7 +40,7 @@ from paper.experiment import (
 )
 from paper.models import MODELS, build_model
 from paper.sweep_results import FIELDS, RowWriter, plot, read_rows, row_key, summary_table  # noqa: F401
-from paper.training import TrainingDiverged
+from paper.training import TrainingDiverged, recorded_difference, write_json
 
 CSV_NAME, CONFIG_NAME, BEST_DENSE_NAME = "sweep.csv", "sweep.json", "best-dense.pt"
 # What every run of one sweep must share for --resume to mix old and new rows.
@@ -241,16 +240,13 @@ def _check_output_dir(args) -> list[dict]:
             raise SweepError(f"{csv_path} exists: pass --resume to continue that sweep, or choose another --output-dir")
         if os.path.exists(os.path.join(args.output_dir, BEST_DENSE_NAME)):
             os.remove(os.path.join(args.output_dir, BEST_DENSE_NAME))  # of another sweep
-    elif os.path.exists(config_path):
-        with open(config_path) as f:
-            before = json.load(f)
-        diff = {k: (before.get(k), v) for k, v in identity.items() if before.get(k) != v}
+    else:
+        diff = recorded_difference(config_path, identity)
         if diff:
             raise SweepError(
                 f"--resume: the sweep in {args.output_dir} was run with other settings (then vs now: {diff})"
             )
-    with open(config_path, "w") as f:
-        json.dump(identity, f, indent=2)
+    write_json(config_path, identity)
     return read_rows(csv_path) if args.resume and os.path.exists(csv_path) else []
 
 

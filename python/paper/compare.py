@@ -30,7 +30,7 @@ import torch
 
 from . import recipes, target
 from .experiment import PRACTICAL_THRESHOLD, BaselineConfig, DWFConfig, run_dwf, run_pruned_at_init
-from .training import TrainingDiverged
+from .training import TrainingDiverged, write_json
 
 DWF_METHODS = ("dwf",)
 RECIPE_METHODS = ("magnitude-ft", "imp", "powerprop")
@@ -78,34 +78,25 @@ class Unit:
     args: tuple
 
 
-def _dwf_config(cfg: CompareConfig, depth: int, lam: float, seed: int) -> DWFConfig:
-    return DWFConfig(
-        model=cfg.model,
-        dataset=cfg.dataset,
-        depth=depth,
-        lam=lam,
-        lr=cfg.lr,
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        seed=seed,
-        device=cfg.device,
-        data_root=cfg.data_root,
-        progress=False,
-    )
-
-
-def _training(cfg: CompareConfig, seed: int) -> dict:
+def _common(cfg: CompareConfig, seed: int) -> dict:
+    """What every training run of the comparison shares, DWF or baseline."""
     return dict(
         model=cfg.model,
         dataset=cfg.dataset,
-        lr=cfg.dense_lr,
-        weight_decay=cfg.weight_decay,
         epochs=cfg.epochs,
         batch_size=cfg.batch_size,
         seed=seed,
         device=cfg.device,
         data_root=cfg.data_root,
     )
+
+
+def _dwf_config(cfg: CompareConfig, depth: int, lam: float, seed: int) -> DWFConfig:
+    return DWFConfig(depth=depth, lam=lam, lr=cfg.lr, progress=False, **_common(cfg, seed))
+
+
+def _training(cfg: CompareConfig, seed: int) -> dict:
+    return dict(lr=cfg.dense_lr, weight_decay=cfg.weight_decay, **_common(cfg, seed))
 
 
 def first_units(cfg: CompareConfig) -> list[Unit]:
@@ -178,7 +169,8 @@ def run_unit(cfg: CompareConfig, unit: Unit, out: str) -> dict:
             result = {"diverged": str(exc)}
     result["unit"] = unit.name
     result["seconds"] = round(time.perf_counter() - started, 1)  # of this invocation's part of the unit
-    _write_json(os.path.join(out, "units", unit.name + ".json"), result)
+    os.makedirs(os.path.join(out, "units"), exist_ok=True)
+    write_json(os.path.join(out, "units", unit.name + ".json"), result)
     return result
 
 
@@ -203,13 +195,6 @@ def _search(cfg: CompareConfig, depth: int, out: str) -> dict:
             }
         )
     return {"depth": depth, "targets": found, "runs": len(target.finished_runs(folder))}
-
-
-def _write_json(path: str, payload: dict) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(path + ".tmp", path)
 
 
 def finished(out: str) -> dict[str, dict]:

@@ -50,7 +50,7 @@ from .experiment import (
     measure_pruned,
 )
 from .models import build_model
-from .training import CHECKPOINT, LoopConfig, evaluate, fit
+from .training import CHECKPOINT, LoopConfig, evaluate, fit, write_json
 
 RECIPES = ("magnitude-ft", "imp", "powerprop")  # "magnitude" comes with "magnitude-ft" (no training of its own)
 RESULT = "result.json"
@@ -121,10 +121,7 @@ def _done(folder: str) -> dict | None:
 
 
 def _record(folder: str, result: dict) -> dict:
-    tmp = os.path.join(folder, RESULT + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, os.path.join(folder, RESULT))
+    write_json(os.path.join(folder, RESULT), result)
     return result
 
 

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from .experiment import DWFConfig, run_dwf
-from .training import TrainingDiverged
+from .training import TrainingDiverged, recorded_difference, write_json
 
 SEARCH_FILE = "search.json"
 RESULTS = "results.json"
@@ -112,24 +112,13 @@ def check_folder(folder: str, cfg: DWFConfig) -> None:
     """Claims `folder` for cfg's configuration, or refuses it when it holds another's runs."""
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, SEARCH_FILE)
-    identity = _identity(cfg)
-    if os.path.exists(path):
-        with open(path) as f:
-            recorded = json.load(f)["identity"]
-        if recorded != identity:
-            diff = {
-                k: (recorded.get(k), identity.get(k))
-                for k in set(recorded) | set(identity)
-                if recorded.get(k) != identity.get(k)
-            }
-            raise SearchError(
-                f"{folder} holds the runs of another configuration (there vs now: {diff}); "
-                "use another output folder, or the configuration recorded in its search.json"
-            )
-        return
-    with open(path + ".tmp", "w") as f:
-        json.dump({"identity": identity}, f, indent=1)
-    os.replace(path + ".tmp", path)
+    diff = recorded_difference(path, _identity(cfg), key="identity")
+    if diff:
+        raise SearchError(
+            f"{folder} holds the runs of another configuration (there vs now: {diff}); "
+            "use another output folder, or the configuration recorded in its search.json"
+        )
+    write_json(path, {"identity": _identity(cfg)})
 
 
 def finished_runs(folder: str) -> list[Run]:

@@ -290,5 +290,20 @@ def sparsity_metrics(thresholds: dict[str, float]) -> Callable[[nn.Module], dict
 
 
 def write_json(path: str, payload: dict) -> None:
-    with open(path, "w") as f:
+    """Writes `payload` whole or not at all (a temporary file renamed over `path`)."""
+    with open(path + ".tmp", "w") as f:
         json.dump(payload, f, indent=2, default=str)
+    os.replace(path + ".tmp", path)
+
+
+def recorded_difference(path: str, identity: dict, key: str | None = None) -> dict:
+    """{field: (recorded, now)} for each field where the JSON file at `path` (its `key` entry, if
+    given) differs from `identity`; {} when there is no such file. How the programs check that an
+    output folder holds the work of the same settings."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        recorded = json.load(f)
+    if key is not None:
+        recorded = recorded[key]
+    return {k: (recorded.get(k), identity.get(k)) for k in recorded | identity if recorded.get(k) != identity.get(k)}
