@@ -26,8 +26,9 @@ from . import (
 )
 from .backends import BACKENDS, available_backends, current_backend, use_backend
 from .compressed import CompressedFileError, load_compressed, load_compressed_into, save_compressed
-from .model import DEFAULT_THRESHOLD, collapse, factorize, penalty, sparsity_report
+from .model import DEFAULT_THRESHOLD, collapse, factorize, penalty
 from .ops import dwf_grad_sumsq, dwf_product, dwf_product_backward, dwf_sgd_step, dwf_sgd_step_multi
+from .report import sparsity_report
 from .sparse import SparseConv1d, SparseConv2d, SparseLinear, sparsify
 
 __all__ = [

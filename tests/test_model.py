@@ -123,7 +123,7 @@ def test_penalty_uses_the_last_forward_without_another_pass(monkeypatch):
     def no_second_pass(*args, **kwargs):
         raise AssertionError("penalty ran another pass over the factors")
 
-    monkeypatch.setattr(dwf_kernels.model, "dwf_product", no_second_pass)
+    monkeypatch.setattr(dwf_kernels._holder, "_product_and_sumsq", no_second_pass)  # what a fresh sum would run
     torch.testing.assert_close(penalty(model, 0.1), expected)
 
 
