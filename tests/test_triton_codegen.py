@@ -30,14 +30,14 @@ SCRIPT = textwrap.dedent(
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from dwf_kernels.backends import _triton_kernels as K, _triton_multi_step as M
+    from dwf_kernels.backends import _triton_kernels as K, _triton_multi_step as M, _triton_sgd as S
 
     CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     DIVISIBLE = [["tt.divisibility", 16]]  # what Triton's launcher specializes for aligned pointers and sizes
     cases = json.loads(sys.argv[1])
     out = []
     for case in cases:
-        kernel = getattr(K, case["kernel"], None) or getattr(M, case["kernel"])
+        kernel = next(getattr(m, case["kernel"]) for m in (K, S, M) if hasattr(m, case["kernel"]))
         kinds = list(case["signature"].values())
         aligned = [i for i, kind in enumerate(kinds) if kind.startswith("*")]
         src = ASTSource(fn=kernel, signature=case["signature"], constexprs=case["constexprs"],

@@ -1,6 +1,6 @@
 """The Triton multi-layer SGD step: the fused backward + SGD step of several layers in one launch.
 
-Imported only when triton is installed (see triton.py), after _triton_kernels, whose per-block
+Imported only when triton is installed (see triton.py), after _triton_sgd, whose per-block
 step (`_sgd_step_block`) each slot runs: every layer gets exactly the single-layer kernel's
 arithmetic. Under TRITON_INTERPRET=1 the kernel runs on CPU tensors for the tests.
 """
@@ -13,15 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_kernels import (
-    _device_guard,
-    _extent,
-    _f64_bits,
-    _f64_from_bits,
-    _sgd_step_block,
-    gradient_launch,
-    row_align,
-)
+from ._triton_kernels import _device_guard, _extent, gradient_launch, row_align
+from ._triton_sgd import _f64_bits, _f64_from_bits, _sgd_step_block
 
 # Layers per launch of the multi-layer step: each slot's pointers and sizes are kernel arguments (no
 # device-side table to build and copy per step, so CUDA-graph capture of the step still works).

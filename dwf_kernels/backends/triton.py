@@ -1,4 +1,4 @@
-"""The `triton` backend: the Triton kernels (_triton_kernels.py, _triton_multi_step.py), as custom ops
+"""The `triton` backend: the Triton kernels (_triton_kernels.py, _triton_sgd.py, _triton_multi_step.py), as custom ops
 dwf_triton::dwf_forward/backward/sgd_step/grad_sumsq and as direct launches.
 
 Registered with torch.library.custom_op + register_fake, so torch.compile(fullgraph=True) sees one
@@ -29,7 +29,7 @@ INTERPRETED: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 IMPORT_ERROR: str | None = None
 
 try:
-    from . import _triton_kernels, _triton_multi_step
+    from . import _triton_kernels, _triton_multi_step, _triton_sgd
 except ImportError as exc:
     AVAILABLE = False
     IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
@@ -74,7 +74,7 @@ else:
             (("factors", factors), ("momentum_buffer", momentum_buffer)),
             (("grad_w", grad_w), ("grad_sumsq", grad_sumsq)),
         )
-        _triton_kernels.sgd_step(
+        _triton_sgd.sgd_step(
             factors,
             momentum_buffer,
             grad_w,
@@ -145,7 +145,7 @@ else:
         if not direct_call_ok(factors, momentum_buffer, grad_w, grad_sumsq):
             _sgd_step_op(factors, momentum_buffer, grad_w, grad_sumsq, *hyper)  # mutates_args bumps versions
             return
-        _triton_kernels.sgd_step(factors, momentum_buffer, grad_w, grad_sumsq, *hyper)
+        _triton_sgd.sgd_step(factors, momentum_buffer, grad_w, grad_sumsq, *hyper)
         # What the op's mutates_args does: autograd must see that these tensors changed.
         torch.autograd.graph.increment_version(factors if momentum_buffer is None else (factors, momentum_buffer))
 
