@@ -1,5 +1,5 @@
 """The DWFWeight parametrization (torch.nn.utils.parametrize): any named weight of any module held as
-D factors, whose product the module's own forward reads (docs/design.md, Layers)."""
+D factors, whose product the module's own forward reads (docs/design.md, Layers and conversion)."""
 
 from __future__ import annotations
 
