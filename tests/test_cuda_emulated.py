@@ -1,9 +1,8 @@
 """The CUDA kernels, executed without a GPU.
 
-tests/cuda_emulation/ compiles csrc/cuda/dwf_cuda_kernels.cuh and dwf_cuda_multi_step.cuh (the kernels
-and the host code that picks the pack width and grid and launches them, unchanged) with g++ against a
-host emulation of
-CUDA's threads, barriers and warp shuffles. These tests run that build on CPU tensors:
+tests/cuda_emulation/ compiles csrc/cuda/dwf_cuda_kernels.cuh, dwf_cuda_run.cuh and dwf_cuda_multi_step.cuh
+(the kernels and the host code that picks the pack width and grid and launches them, unchanged) with g++
+against a host emulation of CUDA's threads, barriers and warp shuffles. These tests run that build on CPU tensors:
 
 - w, the factor gradients and the SGD step equal the CPU backend's exactly: both evaluate
   dwf_math.h's per-element templates in the same order with the same roundings (the SGD step's
@@ -299,8 +298,10 @@ def test_emulation_builds_the_cuda_sources_unchanged():
     """The emulated ops include the very headers dwf_cuda.cu launches from (no copy to drift)."""
     cu = (ROOT / "csrc" / "cuda" / "dwf_cuda.cu").read_text()
     emu = (ROOT / "tests" / "cuda_emulation" / "emulated_ops.cpp").read_text()
-    for header in ("dwf_cuda_kernels.cuh", "dwf_cuda_multi_step.cuh"):
+    for header in ("dwf_cuda_run.cuh", "dwf_cuda_multi_step.cuh"):
         assert f'#include "{header}"' in cu and f'#include "cuda/{header}"' in emu, header
+    run = (ROOT / "csrc" / "cuda" / "dwf_cuda_run.cuh").read_text()
+    assert '#include "dwf_cuda_kernels.cuh"' in run  # the kernels come with the host code that launches them
     assert "__global__" not in cu, "kernels belong in the headers, where the emulation runs them"
 
 

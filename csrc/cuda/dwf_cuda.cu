@@ -8,7 +8,7 @@
 #include <mutex>
 #include <vector>
 
-#include "dwf_cuda_kernels.cuh"
+#include "dwf_cuda_run.cuh"
 #include "dwf_cuda_multi_step.cuh"
 
 namespace dwf {

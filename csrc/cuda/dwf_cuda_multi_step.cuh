@@ -5,7 +5,7 @@
 
 #include <vector>
 
-#include "dwf_cuda_kernels.cuh"
+#include "dwf_cuda_run.cuh"
 
 namespace dwf {
 namespace cuda_impl {

@@ -10,7 +10,7 @@
 
 #include "cuda_on_host.h"
 // After the emulation, so the kernels see its __global__, threadIdx, __syncthreads, ...
-#include "cuda/dwf_cuda_kernels.cuh"
+#include "cuda/dwf_cuda_run.cuh"
 #include "cuda/dwf_cuda_multi_step.cuh"
 
 namespace {
