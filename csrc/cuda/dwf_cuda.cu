@@ -1,4 +1,4 @@
-// The CUDA build of the fused DWF ops: dwf_cuda_kernels.cuh's kernels and host code, launched on
+// The CUDA build of the fused DWF ops: dwf_cuda_kernels.cuh's kernels and dwf_cuda_run.cuh's host code, launched on
 // the current CUDA stream of the tensors' device, registered for the CUDA dispatch key.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
