@@ -140,12 +140,13 @@ FIELDS = ["method", "variant", "seed", "target", "lam", "compression", "test_acc
 def _claim(cfg: compare.CompareConfig, out: str) -> None:
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "compare.json")
-    diff = recorded_difference(path, cfg.identity())
+    identity = cfg.identity()
+    diff = recorded_difference(path, identity)
     if diff:
         raise SearchError(
             f"{out} holds a comparison with other settings (there vs now: {diff}); use another --output-dir"
         )
-    write_json(path, cfg.identity())
+    write_json(path, identity)
 
 
 def write_results(cfg: compare.CompareConfig, results: dict, out: str, seconds: float | None) -> str:

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ._triton_kernels import _device_guard, _extent, gradient_launch, row_align
-from ._triton_sgd import _f64_bits, _f64_from_bits, _sgd_step_block
+from ._triton_sgd import _f64_from_bits, _sgd_step_block, hyper_arguments
 
 # Layers per launch of the multi-layer step: each slot's pointers and sizes are kernel arguments (no
 # device-side table to build and copy per step, so CUDA-graph capture of the step still works).
@@ -301,9 +301,8 @@ def sgd_step_multi(
     with _device_guard(factors[0]):
         for (depth, dtype, _, has_penalty), layers in sets.items():
             is_fp64 = dtype == torch.float64
-            values = (-float(lr), float(momentum), 1.0 - float(dampening), float(weight_decay))
-            if is_fp64:  # each set its own: a call may mix fp64 and narrower factors
-                values = tuple(_f64_bits(v) for v in values)
+            # Each set its own: a call may mix fp64 and narrower factors.
+            values = hyper_arguments(lr, momentum, dampening, weight_decay, is_fp64)
             block, options = gradient_launch(depth, factors[layers[0]].element_size(), sgd=True)
             for start in range(0, len(layers), MULTI_SLOTS):
                 chunk = layers[start : start + MULTI_SLOTS]

@@ -126,6 +126,13 @@ def _f64_bits(x: float) -> int:
     return struct.unpack("<q", struct.pack("<d", x))[0]
 
 
+def hyper_arguments(lr: float, momentum: float, dampening: float, weight_decay: float, is_fp64: bool) -> tuple:
+    """The step kernels' four hyper-parameter arguments (-lr, momentum, 1 - dampening, weight_decay):
+    floats, or for fp64 factors their bit patterns (see _f64_from_bits)."""
+    values = (-float(lr), float(momentum), 1.0 - float(dampening), float(weight_decay))
+    return tuple(_f64_bits(v) for v in values) if is_fp64 else values
+
+
 def sgd_step(
     factors: torch.Tensor,
     momentum_buffer: torch.Tensor | None,
@@ -147,9 +154,7 @@ def sgd_step(
         return
     is_fp64 = factors.dtype == torch.float64
     has_penalty = grad_sumsq is not None
-    values = (-float(lr), float(momentum), 1.0 - float(dampening), float(weight_decay))
-    if is_fp64:
-        values = tuple(_f64_bits(v) for v in values)
+    values = hyper_arguments(lr, momentum, dampening, weight_decay, is_fp64)
     block, options = gradient_launch(depth, factors.element_size(), sgd=True)
     align = row_align(n, factors.element_size(), grad_w.element_size())
     with _device_guard(factors):

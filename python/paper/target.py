@@ -112,13 +112,14 @@ def check_folder(folder: str, cfg: DWFConfig) -> None:
     """Claims `folder` for cfg's configuration, or refuses it when it holds another's runs."""
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, SEARCH_FILE)
-    diff = recorded_difference(path, _identity(cfg), key="identity")
+    identity = _identity(cfg)
+    diff = recorded_difference(path, identity, key="identity")
     if diff:
         raise SearchError(
             f"{folder} holds the runs of another configuration (there vs now: {diff}); "
             "use another output folder, or the configuration recorded in its search.json"
         )
-    write_json(path, {"identity": _identity(cfg)})
+    write_json(path, {"identity": identity})
 
 
 def finished_runs(folder: str) -> list[Run]:
