@@ -122,9 +122,9 @@ void forward_kernel(const T* F, O* W, int64_t n, int depth, bool with_sumsq, acc
   constexpr int64_t kLanes = 128 / sizeof(acc_t);
   constexpr int kPairs = kLanes / IO::kStep;  // register pairs per group of kLanes elements
   static_assert(kLanes % IO::kStep == 0 && kSumBlock % kLanes == 0, "lanes must tile the SIMD steps");
-  const int D = resolve_depth<kD>(depth);
 
   at::parallel_for(0, num_chunks(n), 1, [&](int64_t c0, int64_t c1) {
+    const int D = resolve_depth<kD>(depth);
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t begin = c * kChunk;
       const int64_t end = std::min(n, begin + kChunk);
@@ -185,10 +185,19 @@ void for_each_gradient(const T* F, const G* GW, int64_t n, int depth, bool has_p
   constexpr int kSlots = DepthSlots<kD>::value;
   constexpr int64_t kGroup = kLaneBytes / sizeof(acc_t);
   static_assert(kGroup % IO::kStep == 0, "a lane group must tile the SIMD steps");
-  const int D = resolve_depth<kD>(depth);
   const Vec two_s_vec(two_s);
 
-  at::parallel_for(0, num_chunks(n), 1, [&](int64_t c0, int64_t c1) {
+  // What the element loop reads lives in this body: the depth as the compile-time constant it is
+  // for kD > 0, the pointers and sizes copied in, the callers' callbacks copied (with the values
+  // they capture). at::parallel_for calls the body through a pointer, so a value it reads through a
+  // reference capture is a load from memory, which every SIMD store (may alias anything) forces to
+  // repeat: with the depth read that way the per-depth loops stayed loops over arrays spilled to
+  // the stack, at several times the cost of the arithmetic. The kernels' other lambdas likewise
+  // take the depth inside.
+  at::parallel_for(0, num_chunks(n), 1, [&, F, GW, n, has_penalty](int64_t c0, int64_t c1) {
+    const int D = resolve_depth<kD>(depth);
+    auto vec_fn = on_vec;
+    auto scalar_fn = on_scalar;
     Vec fa[kSlots], fb[kSlots], ga[kSlots], gb[kSlots];
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t begin = c * kChunk;
@@ -205,14 +214,14 @@ void for_each_gradient(const T* F, const G* GW, int64_t n, int depth, bool has_p
           add_penalty_grads<kD>(fa, depth, two_s_vec, ga);
           add_penalty_grads<kD>(fb, depth, two_s_vec, gb);
         }
-        on_vec(i, fa, fb, ga, gb);
+        vec_fn(i, fa, fb, ga, gb);
       }
       for (; i < end; ++i) {
         acc_t f[kSlots], g[kSlots];
         for (int d = 0; d < D; ++d) f[d] = static_cast<acc_t>(F[d * n + i]);
         factor_grads<kD>(f, depth, static_cast<acc_t>(GW[i]), g);
         if (has_penalty) add_penalty_grads<kD>(f, depth, two_s, g);
-        on_scalar(i, f, g);
+        scalar_fn(i, f, g);
       }
       on_chunk(c);
     }
@@ -234,7 +243,6 @@ void grad_sumsq_kernel(const T* F, const G* GW, int64_t n, int depth, bool has_p
   using Vec = typename IO::Vec;
   constexpr int64_t kGroup = kLaneBytes / sizeof(acc_t);
   static_assert(kSumBlock % kGroup == 0, "blocks must hold whole lane groups");
-  const int D = resolve_depth<kD>(depth);
   const int64_t chunks = num_chunks(n);
   // Per chunk: kGroup block lanes, then kGroup total lanes.
   std::vector<acc_t> lanes(chunks * 2 * kGroup, acc_t(0)), tails(chunks, acc_t(0));
@@ -247,6 +255,7 @@ void grad_sumsq_kernel(const T* F, const G* GW, int64_t n, int depth, bool has_p
   for_each_gradient<kD>(
       F, GW, n, depth, has_penalty, two_s,
       [&](int64_t i, const Vec*, const Vec*, const Vec* ga, const Vec* gb) {
+        const int D = resolve_depth<kD>(depth);
         const int64_t offset = (i - i / kChunk * kChunk);
         acc_t* block = lanes.data() + (i / kChunk) * 2 * kGroup;
         acc_t* lane = block + offset % kGroup;
@@ -260,6 +269,7 @@ void grad_sumsq_kernel(const T* F, const G* GW, int64_t n, int depth, bool has_p
         if ((offset + IO::kStep) % kSumBlock == 0) flush_block(block);
       },
       [&](int64_t i, const acc_t*, const acc_t* g) {
+        const int D = resolve_depth<kD>(depth);
         acc_t& tail = tails[i / kChunk];
         for (int d = 0; d < D; ++d) tail = tail + g[d] * g[d];
       },
@@ -279,13 +289,14 @@ void backward_kernel(const T* F, const G* GW, T* GF, int64_t n, int depth, bool 
   using IO = VecIO<T>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
-  const int D = resolve_depth<kD>(depth);
   for_each_gradient<kD>(
       F, GW, n, depth, has_penalty, two_s,
       [&](int64_t i, const Vec*, const Vec*, const Vec* ga, const Vec* gb) {
+        const int D = resolve_depth<kD>(depth);
         for (int d = 0; d < D; ++d) IO::store(GF + d * n + i, ga[d], gb[d]);
       },
       [&](int64_t i, const acc_t*, const acc_t* g) {
+        const int D = resolve_depth<kD>(depth);
         for (int d = 0; d < D; ++d) GF[d * n + i] = static_cast<T>(g[d]);
       },
       kNoChunkWork);
@@ -300,7 +311,6 @@ void sgd_step_kernel(T* F, T* B, const G* GW, int64_t n, int depth, bool has_pen
   using IO = VecIO<T>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
-  const int D = resolve_depth<kD>(depth);
   const SgdStep<Vec> vstep{Vec(step.neg_lr),       Vec(step.momentum), Vec(step.one_minus_dampening),
                            Vec(step.weight_decay), Vec(step.minus_one), step.has_momentum,
                            step.has_weight_decay,  step.nesterov,       step.maximize,
@@ -308,7 +318,9 @@ void sgd_step_kernel(T* F, T* B, const G* GW, int64_t n, int depth, bool has_pen
   const bool read_buffer = step.has_momentum && !step.init_buffer;
   for_each_gradient<kD>(
       F, GW, n, depth, has_penalty, two_s,
-      [&](int64_t i, Vec* fa, Vec* fb, const Vec* ga, const Vec* gb) {
+      // By value: for_each_gradient keeps its copy of this callback, and so the step's constants, local.
+      [=](int64_t i, Vec* fa, Vec* fb, const Vec* ga, const Vec* gb) {
+        const int D = resolve_depth<kD>(depth);
         for (int d = 0; d < D; ++d) {
           Vec ba, bb;
           if (read_buffer) IO::load(B + d * n + i, ba, bb);
@@ -319,6 +331,7 @@ void sgd_step_kernel(T* F, T* B, const G* GW, int64_t n, int depth, bool has_pen
         }
       },
       [&](int64_t i, acc_t* f, const acc_t* g) {
+        const int D = resolve_depth<kD>(depth);
         for (int d = 0; d < D; ++d) {
           acc_t b = read_buffer ? static_cast<acc_t>(B[d * n + i]) : acc_t(0);
           sgd_update(step, g[d], f[d], b);
