@@ -187,14 +187,13 @@ void for_each_gradient(const T* F, const G* GW, int64_t n, int depth, bool has_p
   static_assert(kGroup % IO::kStep == 0, "a lane group must tile the SIMD steps");
   const Vec two_s_vec(two_s);
 
-  // What the element loop reads lives in this body: the depth as the compile-time constant it is
-  // for kD > 0, the pointers and sizes copied in, the callers' callbacks copied (with the values
-  // they capture). at::parallel_for calls the body through a pointer, so a value it reads through a
-  // reference capture is a load from memory, which every SIMD store (may alias anything) forces to
-  // repeat: with the depth read that way the per-depth loops stayed loops over arrays spilled to
-  // the stack, and the backward and the SGD step ran 1.3-2x slower (docs/design.md). The kernels'
-  // other lambdas likewise take the depth inside.
-  at::parallel_for(0, num_chunks(n), 1, [&, F, GW, n, has_penalty](int64_t c0, int64_t c1) {
+  // The depth (a compile-time constant for kD > 0) and copies of the callers' callbacks (with the
+  // values they capture) live in this body. at::parallel_for calls the body through a pointer, so
+  // a value it reads through a reference capture is a load from memory, which every SIMD store (may
+  // alias anything) forces to repeat: with the depth read that way the per-depth loops stayed loops
+  // over arrays spilled to the stack, and the backward and the SGD step ran 1.3-2x slower
+  // (docs/design.md). The kernels' other lambdas likewise take the depth inside.
+  at::parallel_for(0, num_chunks(n), 1, [&](int64_t c0, int64_t c1) {
     const int D = resolve_depth<kD>(depth);
     auto vec_fn = on_vec;
     auto scalar_fn = on_scalar;
