@@ -92,6 +92,16 @@ std::tuple<at::Tensor, at::Tensor> dwf_forward_cpu(const at::Tensor& factors_arg
   return {w, sumsq};
 }
 
+// A one-element tensor's value as A: read in place when it holds an A (item() is an op call, about
+// half a microsecond per layer of a multi-layer step), else converted by item().
+template <typename A>
+A scalar_value(const at::Tensor& t) {
+  if (t.scalar_type() == c10::CppTypeToScalarType<A>::value && !t.is_neg() && !t._is_zerotensor()) {
+    return *t.const_data_ptr<A>();
+  }
+  return t.item<A>();
+}
+
 // The gradient ops' common part: the operands contiguous, and body(T*, G*, factors, grad_w, n, depth,
 // has_penalty, two_s) called with the element types' tags (the arguments are already checked).
 template <typename Body>
@@ -104,7 +114,7 @@ void with_gradient_operands(const at::Tensor& factors_arg, const at::Tensor& gra
   dispatch_io_types(factors.scalar_type(), grad_w.scalar_type(), [&](auto* t_tag, auto* g_tag) {
     using acc_t = acc_type<std::remove_pointer_t<decltype(t_tag)>>;
     const bool has_penalty = grad_sumsq.has_value();
-    const acc_t two_s = has_penalty ? acc_t(2) * grad_sumsq->item<acc_t>() : acc_t(0);
+    const acc_t two_s = has_penalty ? acc_t(2) * scalar_value<acc_t>(*grad_sumsq) : acc_t(0);
     body(t_tag, g_tag, factors, grad_w, n, static_cast<int>(depth), has_penalty, two_s);
   });
 }

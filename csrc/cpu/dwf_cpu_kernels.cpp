@@ -167,22 +167,62 @@ void forward_kernel(const T* F, O* W, int64_t n, int depth, bool with_sumsq, acc
   });
 }
 
+// for_each_gradient's SIMD step: kRegs registers of acc_t per step, as its caller asks (kWanted)
+// for fp32/fp64 factors; always two for bf16/fp16, which convert one register of T to and from two
+// of fp32. Which is faster depends on the work per element: the SGD step, at D = 4 with its
+// constants and the momentum buffer, fills AVX2's 16 registers with one register's worth of
+// elements and spills to the stack with two (1.4x slower with momentum, 2x without); the backward,
+// which only stores its gradients, runs faster on two (docs/design.md).
+template <typename T, int kWanted>
+struct GradIO {
+  static_assert(kWanted == 1 || kWanted == 2, "one or two registers per step");
+  using acc_t = acc_type<T>;
+  using Vec = Vectorized<acc_t>;
+  static constexpr int kRegs = std::is_same_v<T, acc_t> ? kWanted : 2;
+  static constexpr int64_t kStep = kRegs * Vec::size();
+  // One step's factors or gradients at depth policy kD: [register][factor].
+  template <int kD>
+  using Regs = Vec[kRegs][DepthSlots<kD>::value];
+
+  // kRegs registers from p, of T (the factors and buffers) or of G (grad_w, which for fp32 factors
+  // may be bf16/fp16).
+  template <typename E>
+  static void load(const E* p, Vec* r) {
+    if constexpr (kRegs == 2) {
+      VecIO<E>::load(p, r[0], r[1]);
+    } else if constexpr (std::is_same_v<E, acc_t>) {
+      r[0] = Vec::loadu(p);
+    } else {
+      at::vec::load_to_float(p, r[0]);
+    }
+  }
+  static void store(T* p, const Vec* r) {
+    if constexpr (kRegs == 2) {
+      VecIO<T>::store(p, r[0], r[1]);
+    } else {
+      r[0].store(p);
+    }
+  }
+};
+
 // The fused backward's pass over all n elements: loads the D factors and grad_w, forms the D
 // factor gradients GW[i] * prod_{k != d} F[k, i] (+ two_s * F[d, i] when has_penalty) in registers,
-// and hands them on: on_vec(i, fa, fb, ga, gb) for the two registers' worth of elements at i,
-// on_scalar(i, f, g) for each tail element, on_chunk(c) after chunk c's last element. What is done
-// with them is the caller's. Registers cover whole groups of kLaneBytes of elements (a multiple of
-// every variant's step), the rest of a chunk goes through the scalar tail: so every variant hands
-// the same elements to on_scalar, and a reduction over lanes of i % group adds alike in all of them.
+// and hands them on: on_vec(i, f, g) for the GradIO<T, kWanted>::kStep elements at i, whose factors and
+// gradients are f[r][d] and g[r][d] (register r, factor d), on_scalar(i, f, g) for each tail
+// element, on_chunk(c) after chunk c's last element. What is done with them is the caller's.
+// Registers cover whole groups of kLaneBytes of elements (a multiple of every variant's step), the
+// rest of a chunk goes through the scalar tail: so every variant hands the same elements to
+// on_scalar, and a reduction over lanes of i % group adds alike in all of them.
 constexpr int64_t kLaneBytes = 128;
 
-template <int kD, typename T, typename G, typename OnVec, typename OnScalar, typename OnChunk>
+template <int kD, int kWanted, typename T, typename G, typename OnVec, typename OnScalar, typename OnChunk>
 void for_each_gradient(const T* F, const G* GW, int64_t n, int depth, bool has_penalty, acc_type<T> two_s,
                        OnVec&& on_vec, OnScalar&& on_scalar, OnChunk&& on_chunk) {
-  using IO = VecIO<T>;
+  using IO = GradIO<T, kWanted>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
   constexpr int kSlots = DepthSlots<kD>::value;
+  constexpr int kRegs = IO::kRegs;
   constexpr int64_t kGroup = kLaneBytes / sizeof(acc_t);
   static_assert(kGroup % IO::kStep == 0, "a lane group must tile the SIMD steps");
   const Vec two_s_vec(two_s);
@@ -197,30 +237,32 @@ void for_each_gradient(const T* F, const G* GW, int64_t n, int depth, bool has_p
     const int D = resolve_depth<kD>(depth);
     auto vec_fn = on_vec;
     auto scalar_fn = on_scalar;
-    Vec fa[kSlots], fb[kSlots], ga[kSlots], gb[kSlots];
+    typename IO::template Regs<kD> f, g;
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t begin = c * kChunk;
       const int64_t end = std::min(n, begin + kChunk);
       const int64_t vec_end = begin + (end - begin) / kGroup * kGroup;
       int64_t i = begin;
       for (; i < vec_end; i += IO::kStep) {
-        for (int d = 0; d < D; ++d) IO::load(F + d * n + i, fa[d], fb[d]);
-        Vec gwa, gwb;
-        VecIO<G>::load(GW + i, gwa, gwb);
-        factor_grads<kD>(fa, depth, gwa, ga);
-        factor_grads<kD>(fb, depth, gwb, gb);
-        if (has_penalty) {
-          add_penalty_grads<kD>(fa, depth, two_s_vec, ga);
-          add_penalty_grads<kD>(fb, depth, two_s_vec, gb);
+        for (int d = 0; d < D; ++d) {
+          Vec regs[kRegs];
+          IO::load(F + d * n + i, regs);
+          for (int r = 0; r < kRegs; ++r) f[r][d] = regs[r];
         }
-        vec_fn(i, fa, fb, ga, gb);
+        Vec gw[kRegs];
+        IO::load(GW + i, gw);
+        for (int r = 0; r < kRegs; ++r) {
+          factor_grads<kD>(f[r], depth, gw[r], g[r]);
+          if (has_penalty) add_penalty_grads<kD>(f[r], depth, two_s_vec, g[r]);
+        }
+        vec_fn(i, f, g);
       }
       for (; i < end; ++i) {
-        acc_t f[kSlots], g[kSlots];
-        for (int d = 0; d < D; ++d) f[d] = static_cast<acc_t>(F[d * n + i]);
-        factor_grads<kD>(f, depth, static_cast<acc_t>(GW[i]), g);
-        if (has_penalty) add_penalty_grads<kD>(f, depth, two_s, g);
-        scalar_fn(i, f, g);
+        acc_t fs[kSlots], gs[kSlots];
+        for (int d = 0; d < D; ++d) fs[d] = static_cast<acc_t>(F[d * n + i]);
+        factor_grads<kD>(fs, depth, static_cast<acc_t>(GW[i]), gs);
+        if (has_penalty) add_penalty_grads<kD>(fs, depth, two_s, gs);
+        scalar_fn(i, fs, gs);
       }
       on_chunk(c);
     }
@@ -237,7 +279,8 @@ constexpr auto kNoChunkWork = [](int64_t) {};
 template <int kD, typename T, typename G>
 void grad_sumsq_kernel(const T* F, const G* GW, int64_t n, int depth, bool has_penalty, acc_type<T> two_s,
                        acc_type<T>* partials) {
-  using IO = VecIO<T>;
+  using IO = GradIO<T, 2>;
+  using Regs = typename IO::template Regs<kD>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
   constexpr int64_t kGroup = kLaneBytes / sizeof(acc_t);
@@ -251,20 +294,18 @@ void grad_sumsq_kernel(const T* F, const G* GW, int64_t n, int depth, bool has_p
       block[k] = 0;
     }
   };
-  for_each_gradient<kD>(
+  for_each_gradient<kD, 2>(
       F, GW, n, depth, has_penalty, two_s,
-      [&](int64_t i, const Vec*, const Vec*, const Vec* ga, const Vec* gb) {
+      [&](int64_t i, const Regs&, const Regs& g) {
         const int D = resolve_depth<kD>(depth);
         const int64_t offset = (i - i / kChunk * kChunk);
         acc_t* block = lanes.data() + (i / kChunk) * 2 * kGroup;
         acc_t* lane = block + offset % kGroup;
-        Vec sa = Vec::loadu(lane), sb = Vec::loadu(lane + Vec::size());
-        for (int d = 0; d < D; ++d) {
-          sa = sa + ga[d] * ga[d];
-          sb = sb + gb[d] * gb[d];
+        for (int r = 0; r < IO::kRegs; ++r) {
+          Vec sum = Vec::loadu(lane + r * Vec::size());
+          for (int d = 0; d < D; ++d) sum = sum + g[r][d] * g[r][d];
+          sum.store(lane + r * Vec::size());
         }
-        sa.store(lane);
-        sb.store(lane + Vec::size());
         if ((offset + IO::kStep) % kSumBlock == 0) flush_block(block);
       },
       [&](int64_t i, const acc_t*, const acc_t* g) {
@@ -285,14 +326,19 @@ void grad_sumsq_kernel(const T* F, const G* GW, int64_t n, int depth, bool has_p
 // GF[d, i] = the gradients of for_each_gradient, written out.
 template <int kD, typename T, typename G>
 void backward_kernel(const T* F, const G* GW, T* GF, int64_t n, int depth, bool has_penalty, acc_type<T> two_s) {
-  using IO = VecIO<T>;
+  using IO = GradIO<T, 2>;
+  using Regs = typename IO::template Regs<kD>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
-  for_each_gradient<kD>(
+  for_each_gradient<kD, 2>(
       F, GW, n, depth, has_penalty, two_s,
-      [&](int64_t i, const Vec*, const Vec*, const Vec* ga, const Vec* gb) {
+      [&](int64_t i, const Regs&, const Regs& g) {
         const int D = resolve_depth<kD>(depth);
-        for (int d = 0; d < D; ++d) IO::store(GF + d * n + i, ga[d], gb[d]);
+        for (int d = 0; d < D; ++d) {
+          Vec regs[IO::kRegs];
+          for (int r = 0; r < IO::kRegs; ++r) regs[r] = g[r][d];
+          IO::store(GF + d * n + i, regs);
+        }
       },
       [&](int64_t i, const acc_t*, const acc_t* g) {
         const int D = resolve_depth<kD>(depth);
@@ -307,7 +353,8 @@ void backward_kernel(const T* F, const G* GW, T* GF, int64_t n, int depth, bool 
 template <int kD, typename T, typename G>
 void sgd_step_kernel(T* F, T* B, const G* GW, int64_t n, int depth, bool has_penalty, acc_type<T> two_s,
                      const SgdStep<acc_type<T>>& step) {
-  using IO = VecIO<T>;
+  using IO = GradIO<T, 1>;
+  using Regs = typename IO::template Regs<kD>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
   const SgdStep<Vec> vstep{Vec(step.neg_lr),       Vec(step.momentum), Vec(step.one_minus_dampening),
@@ -315,18 +362,20 @@ void sgd_step_kernel(T* F, T* B, const G* GW, int64_t n, int depth, bool has_pen
                            step.has_weight_decay,  step.nesterov,       step.maximize,
                            step.init_buffer};
   const bool read_buffer = step.has_momentum && !step.init_buffer;
-  for_each_gradient<kD>(
+  for_each_gradient<kD, 1>(
       F, GW, n, depth, has_penalty, two_s,
       // By value: for_each_gradient keeps its copy of this callback, and so the step's constants, local.
-      [=](int64_t i, Vec* fa, Vec* fb, const Vec* ga, const Vec* gb) {
+      [=](int64_t i, Regs& f, const Regs& g) {
         const int D = resolve_depth<kD>(depth);
         for (int d = 0; d < D; ++d) {
-          Vec ba, bb;
-          if (read_buffer) IO::load(B + d * n + i, ba, bb);
-          sgd_update(vstep, ga[d], fa[d], ba);
-          sgd_update(vstep, gb[d], fb[d], bb);
-          IO::store(F + d * n + i, fa[d], fb[d]);
-          if (step.has_momentum) IO::store(B + d * n + i, ba, bb);
+          Vec p[IO::kRegs], b[IO::kRegs];
+          if (read_buffer) IO::load(B + d * n + i, b);
+          for (int r = 0; r < IO::kRegs; ++r) {
+            p[r] = f[r][d];
+            sgd_update(vstep, g[r][d], p[r], b[r]);
+          }
+          IO::store(F + d * n + i, p);
+          if (step.has_momentum) IO::store(B + d * n + i, b);
         }
       },
       [&](int64_t i, acc_t* f, const acc_t* g) {
