@@ -207,3 +207,33 @@ def test_sgd_step_under_torch_compile_fullgraph(device, backend):
     torch._dynamo.reset()
     assert_close(f, expected, torch.float32, "factors")
     assert_close(buffer, expected_buffer, torch.float32, "momentum_buffer")
+
+
+@pytest.mark.skipif("cpu" not in _extension.KERNEL_DEVICES, reason="CPU kernels not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_sgd_step_reads_every_form_of_grad_sumsq(dtype):
+    """dL/dsumsq as the CPU op reads it in place (a one-element tensor of the arithmetic dtype, at a
+    storage offset too) and as it converts it (another dtype, a negative view): the step of its
+    value, bit for bit (0.375 is exact in every dtype)."""
+    factors = make_factors(4, (1031,), dtype, "cpu", seed=31)
+    grad_w = make_factors(1, (1031,), dtype, "cpu", seed=32)[0]
+    buffer = make_factors(4, (1031,), dtype, "cpu", seed=33)
+    options = {"lr": 0.1, "momentum": 0.9}
+    acc = _acc(dtype)
+    value = torch.tensor(0.375, dtype=acc)
+    expected = factors.clone()
+    dwf_sgd_step(expected, grad_w, value, buffer.clone(), backend="cpu", **options)
+    unchanged = factors.clone()
+    dwf_sgd_step(unchanged, grad_w, torch.tensor(0.0, dtype=acc), buffer.clone(), backend="cpu", **options)
+    assert not torch.equal(expected, unchanged)  # the value matters
+    forms = {
+        "0-d": value.clone(),
+        "(1,) at an offset": torch.tensor([5.0, 0.375, 7.0], dtype=acc)[1:2],
+        "other dtype": value.to(torch.float64 if acc == torch.float32 else torch.float32),
+        "negative view": torch._neg_view(-value),
+    }
+    for name, grad_sumsq in forms.items():
+        assert grad_sumsq.item() == 0.375, name
+        f = factors.clone()
+        dwf_sgd_step(f, grad_w, grad_sumsq, buffer.clone(), backend="cpu", **options)
+        assert torch.equal(f, expected), name
