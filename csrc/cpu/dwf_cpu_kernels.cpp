@@ -203,6 +203,19 @@ struct GradIO {
       r[0].store(p);
     }
   }
+  // Factor d's column of a step's Regs, from or to its kStep elements at p.
+  template <int kD>
+  static void load_column(const T* p, Regs<kD>& regs, int d) {
+    Vec r[kRegs];
+    load(p, r);
+    for (int k = 0; k < kRegs; ++k) regs[k][d] = r[k];
+  }
+  template <int kD>
+  static void store_column(T* p, const Regs<kD>& regs, int d) {
+    Vec r[kRegs];
+    for (int k = 0; k < kRegs; ++k) r[k] = regs[k][d];
+    store(p, r);
+  }
 };
 
 // The fused backward's pass over all n elements: loads the D factors and grad_w, forms the D
@@ -237,18 +250,14 @@ void for_each_gradient(const T* F, const G* GW, int64_t n, int depth, bool has_p
     const int D = resolve_depth<kD>(depth);
     auto vec_fn = on_vec;
     auto scalar_fn = on_scalar;
-    typename IO::template Regs<kD> f, g;
+    typename IO::template Regs<kD> f, g;  // [register][factor]
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t begin = c * kChunk;
       const int64_t end = std::min(n, begin + kChunk);
       const int64_t vec_end = begin + (end - begin) / kGroup * kGroup;
       int64_t i = begin;
       for (; i < vec_end; i += IO::kStep) {
-        for (int d = 0; d < D; ++d) {
-          Vec regs[kRegs];
-          IO::load(F + d * n + i, regs);
-          for (int r = 0; r < kRegs; ++r) f[r][d] = regs[r];
-        }
+        for (int d = 0; d < D; ++d) IO::template load_column<kD>(F + d * n + i, f, d);
         Vec gw[kRegs];
         IO::load(GW + i, gw);
         for (int r = 0; r < kRegs; ++r) {
@@ -334,11 +343,7 @@ void backward_kernel(const T* F, const G* GW, T* GF, int64_t n, int depth, bool 
       F, GW, n, depth, has_penalty, two_s,
       [&](int64_t i, const Regs&, const Regs& g) {
         const int D = resolve_depth<kD>(depth);
-        for (int d = 0; d < D; ++d) {
-          Vec regs[IO::kRegs];
-          for (int r = 0; r < IO::kRegs; ++r) regs[r] = g[r][d];
-          IO::store(GF + d * n + i, regs);
-        }
+        for (int d = 0; d < D; ++d) IO::template store_column<kD>(GF + d * n + i, g, d);
       },
       [&](int64_t i, const acc_t*, const acc_t* g) {
         const int D = resolve_depth<kD>(depth);
@@ -368,13 +373,10 @@ void sgd_step_kernel(T* F, T* B, const G* GW, int64_t n, int depth, bool has_pen
       [=](int64_t i, Regs& f, const Regs& g) {
         const int D = resolve_depth<kD>(depth);
         for (int d = 0; d < D; ++d) {
-          Vec p[IO::kRegs], b[IO::kRegs];
+          Vec b[IO::kRegs];
           if (read_buffer) IO::load(B + d * n + i, b);
-          for (int r = 0; r < IO::kRegs; ++r) {
-            p[r] = f[r][d];
-            sgd_update(vstep, g[r][d], p[r], b[r]);
-          }
-          IO::store(F + d * n + i, p);
+          for (int r = 0; r < IO::kRegs; ++r) sgd_update(vstep, g[r][d], f[r][d], b[r]);
+          IO::template store_column<kD>(F + d * n + i, f, d);
           if (step.has_momentum) IO::store(B + d * n + i, b);
         }
       },
