@@ -4,7 +4,10 @@
 // autograd formula in dwf_autograd.cpp; the fake (meta) kernels are registered from Python by the
 // extension backend (dwf_kernels/backends/extension.py), whose registry is dwf_kernels/backends/__init__.py.
 #include <Python.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
+
+#include <vector>
 
 // setup.py builds the module for Python's stable ABI (named _C.abi3.so, wheels tagged cpXY-abi3):
 // the tag is true only if this file compiles under the Py_LIMITED_API version it names.
@@ -76,4 +79,41 @@ TORCH_LIBRARY(dwf_kernels, m) {
       "sparse_conv2d(Tensor input, Tensor row_ptr, Tensor col, Tensor values, Tensor? bias, int[2] kernel_size, "
       "int[2] stride, int[2] padding, int[2] dilation, int groups) -> Tensor",
       {at::Tag::pt2_compliant_tag});
+}
+
+namespace {
+
+// The ADInplaceOrView kernel of the ops that update tensors in place (the arguments their schema
+// marks written, `Tensor(a!)` and `Tensor(a!)[]`): runs the op below this key, then bumps the
+// version counter of every tensor it wrote, as ATen's generated kernel does for its own in-place
+// ops. So autograd refuses a backward through a saved tensor the op changed, and the lazy factor
+// gradients see the update, whoever calls the op (FusedSGD, dwf_kernels.dwf_sgd_step, torch.ops
+// directly). Inference tensors have no counter and are skipped. Under InferenceMode the dispatcher
+// skips this key for inference tensors; normal ones are still counted, as for ATen's ops.
+void count_in_place_update(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  const std::vector<c10::Argument>& arguments = op.schema().arguments();
+  const size_t first = stack->size() - arguments.size();
+  std::vector<at::Tensor> written;
+  for (size_t i = 0; i < arguments.size(); ++i) {
+    const c10::AliasInfo* alias = arguments[i].alias_info();
+    if (alias == nullptr || !alias->isWrite()) continue;
+    const c10::IValue& value = (*stack)[first + i];
+    if (value.isTensor()) {
+      written.push_back(value.toTensor());
+    } else if (value.isTensorList()) {
+      for (const at::Tensor& t : value.toTensorList()) written.push_back(t);
+    }  // None (an optional tensor not given) writes nothing
+  }
+  op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+  for (const at::Tensor& t : written) {
+    if (t.defined() && !t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dwf_kernels, ADInplaceOrView, m) {
+  for (const char* name : {"dwf_sgd_step", "dwf_sgd_step_multi", "sgd_step_multi"}) {
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&count_in_place_update>());
+  }
 }

@@ -237,3 +237,49 @@ def test_sgd_step_reads_every_form_of_grad_sumsq(dtype):
         f = factors.clone()
         dwf_sgd_step(f, grad_w, grad_sumsq, buffer.clone(), backend="cpu", **options)
         assert torch.equal(f, expected), name
+
+
+@pytest.mark.skipif("cpu" not in _extension.KERNEL_DEVICES, reason="CPU kernels not built")
+def test_in_place_ops_count_their_update_whoever_calls_them():
+    """The C++ ops that update in place bump the version counters of what they write in the
+    dispatcher, as torch's own in-place ops do: a direct torch.ops call is seen by autograd too."""
+    ops = torch.ops.dwf_kernels
+    hyper = (0.1, 0.9, 0.0, 0.0, False, False, True)
+    factors, buffer, grad_w = torch.randn(3, 4, 5), torch.zeros(3, 4, 5), torch.randn(4, 5)
+    param, plain_buffer, grad = torch.randn(7), torch.zeros(7), torch.randn(7)
+    calls = [
+        (lambda: ops.dwf_sgd_step(factors, buffer, grad_w, None, *hyper), [factors, buffer], [grad_w]),
+        (lambda: ops.dwf_sgd_step_multi([factors], [buffer], [grad_w], [None], *hyper), [factors, buffer], [grad_w]),
+        (lambda: ops.sgd_step_multi([param], [plain_buffer], [grad], *hyper), [param, plain_buffer], [grad]),
+    ]
+    for call, written, read in calls:
+        before_written, before_read = [t._version for t in written], [t._version for t in read]
+        call()
+        assert all(t._version > v for t, v in zip(written, before_written, strict=True)), "written: counted"
+        assert [t._version for t in read] == before_read, "read only: not counted"
+    # Under no_grad and inference_mode as well (normal tensors keep counting there, as for torch's ops).
+    for mode in (torch.no_grad, torch.inference_mode):
+        version = factors._version
+        with mode():
+            ops.dwf_sgd_step(factors, buffer, grad_w, None, *hyper)
+        assert factors._version > version
+    # A refused call changes nothing, its version counters included.
+    version = factors._version
+    with pytest.raises(RuntimeError, match="momentum_buffer"):
+        ops.dwf_sgd_step(factors, torch.zeros(2), grad_w, None, *hyper)
+    assert factors._version == version
+    # Inference tensors have no version counter: updated, not counted, no error.
+    with torch.inference_mode():
+        frozen, frozen_buffer = torch.randn(3, 4, 5), torch.zeros(3, 4, 5)
+    start = frozen.clone()
+    with torch.no_grad():
+        ops.dwf_sgd_step(frozen, frozen_buffer, grad_w, None, *hyper)
+    assert not torch.equal(frozen, start)
+    # What the counters are for: a backward through a tensor the op changed since is refused.
+    leaf = torch.randn(3, 4, 5, requires_grad=True)
+    saved = leaf * 1
+    out = (saved * saved).sum()
+    with torch.no_grad():
+        ops.dwf_sgd_step(saved, buffer, grad_w, None, *hyper)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward()

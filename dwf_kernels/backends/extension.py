@@ -20,43 +20,16 @@ if _extension.LOADED:
     forward = OPS.forward
     backward = OPS.backward
     grad_sumsq = OPS.grad_sumsq
-    _sgd_step_op = OPS.sgd_step
-    _sgd_step_multi_op = torch.ops.dwf_kernels.dwf_sgd_step_multi
-    _plain_sgd_step_multi_op = torch.ops.dwf_kernels.sgd_step_multi
+    # The in-place ops bump the version counters of what they write in their ADInplaceOrView kernel
+    # (csrc/dwf_ops.cpp), as torch's own in-place ops do: the ops themselves serve.
+    sgd_step = OPS.sgd_step
+    sgd_step_multi = torch.ops.dwf_kernels.dwf_sgd_step_multi
+    # torch.optim.SGD's step on plain float32/float64 CPU parameters, one op call for the list (its
+    # checks are the op's).
+    plain_sgd_step_multi = torch.ops.dwf_kernels.sgd_step_multi
 else:
     OPS = None
-    forward = backward = grad_sumsq = _sgd_step_op = _sgd_step_multi_op = _plain_sgd_step_multi_op = None
-
-
-def _count_update(tensors) -> None:
-    # The ops update in place below autograd, which does not count it: bump the version counters,
-    # so that autograd and lazy factor gradients see the change.
-    if torch.compiler.is_compiling():
-        return
-    tensors = [t for t in tensors if t is not None]
-    try:
-        torch.autograd.graph.increment_version(tensors)
-    except RuntimeError:
-        # Inference tensors have no version counter. Counting the others again is harmless: a
-        # version only has to change.
-        torch.autograd.graph.increment_version([t for t in tensors if not t.is_inference()])
-
-
-def sgd_step(factors, momentum_buffer, *args) -> None:
-    _sgd_step_op(factors, momentum_buffer, *args)
-    _count_update((factors, momentum_buffer))
-
-
-def sgd_step_multi(factors, momentum_buffers, *args) -> None:
-    _sgd_step_multi_op(factors, momentum_buffers, *args)
-    _count_update((*factors, *momentum_buffers))
-
-
-def plain_sgd_step_multi(params, momentum_buffers, grads, *args) -> None:
-    """torch.optim.SGD's step on plain float32/float64 CPU parameters, one op call for the list
-    (torch.ops.dwf_kernels.sgd_step_multi; its checks are the op's)."""
-    _plain_sgd_step_multi_op(params, momentum_buffers, grads, *args)
-    _count_update((*params, *momentum_buffers))
+    forward = backward = grad_sumsq = sgd_step = sgd_step_multi = plain_sgd_step_multi = None
 
 
 def _backend(device_type: str) -> Backend:
@@ -86,7 +59,7 @@ def _backend(device_type: str) -> Backend:
         backward=backward,
         sgd_step=sgd_step,
         grad_sumsq=grad_sumsq,
-        sgd_step_multi=sgd_step_multi if _extension.LOADED else None,
+        sgd_step_multi=sgd_step_multi,
         serves=serves,
         why_not=why_not,
         ops=OPS,
