@@ -172,7 +172,7 @@ class FusedSGD(torch.optim.SGD):
         params, grads = [], []  # for torch's own update
         # set key -> [factors, dL/dw, dL/dsumsq, momentum buffers, optimizer states, lazy gradient states]
         fused = {}
-        plain = {}  # (dtype, has buffers) -> [params, grads, momentum buffers, optimizer states]
+        plain = {}  # has buffers -> [params, grads, momentum buffers, optimizer states]
         for p in group["params"]:
             grad = p.grad
             if grad is None:
@@ -183,9 +183,13 @@ class FusedSGD(torch.optim.SGD):
                     grad_w = _grad_w_or_zeros(lazy.grad_w, p)
                     p_state = state[p] if with_state else _NO_STATE
                     buffer = p_state.get("momentum_buffer")
-                    # What one multi-layer launch serves: device, factor dtype, dL/dw dtype, depth,
-                    # and whether the momentum buffers exist yet.
-                    key = (p.device, p.dtype, grad_w.dtype, p.shape[0], buffer is not None)
+                    # What one op call serves: one device, and whether the momentum buffers exist
+                    # yet; on a GPU also one factor dtype, dL/dw dtype and depth (one launch). On
+                    # CPU every backend takes any mix of dtypes and depths in one call.
+                    if p.is_cpu:
+                        key = _CPU_KEYS[buffer is not None]
+                    else:
+                        key = (p.device, p.dtype, grad_w.dtype, p.shape[0], buffer is not None)
                     lists = fused.get(key)
                     if lists is None:
                         lists = fused[key] = ([], [], [], [], [], [])
@@ -203,10 +207,10 @@ class FusedSGD(torch.optim.SGD):
                 p_state = state[p] if with_state else _NO_STATE
                 buffer = p_state.get("momentum_buffer")
                 if buffer is None or (buffer.dtype is p.dtype and buffer.is_contiguous()):
-                    key = (p.dtype, buffer is not None)
-                    lists = plain.get(key)
+                    has_buffers = buffer is not None  # float32 and float64 in one call
+                    lists = plain.get(has_buffers)
                     if lists is None:
-                        lists = plain[key] = ([], [], [], [])
+                        lists = plain[has_buffers] = ([], [], [], [])
                     lists[0].append(p)
                     lists[1].append(grad)
                     lists[2].append(buffer)
@@ -216,7 +220,7 @@ class FusedSGD(torch.optim.SGD):
             grads.append(grad)
         for key, lists in fused.items():
             _step_fused_together(select(key[0].type, self._backend), lists, key[-1], op_hyper, per_layer=not multi)
-        for (_, has_buffers), lists in plain.items():
+        for has_buffers, lists in plain.items():
             _step_plain_together(lists, has_buffers, op_hyper)
         if not params:
             return
@@ -316,6 +320,7 @@ def _step_plain_together(lists, has_buffers: bool, hyper: dict) -> None:
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 _PLAIN_DTYPES = (torch.float32, torch.float64)
 _STRIDED = torch.strided
+_CPU_KEYS = ((torch.device("cpu"), False), (torch.device("cpu"), True))  # indexed by: has buffers
 _NO_STATE: dict = {}  # the state of every parameter without momentum (read, never written)
 # The one-call update of plain parameters: the C++ extension's CPU op, where it is loaded and rounds
 # as torch does, i.e. where ATen's CPU kernels run with FMA (AVX2, AVX-512): its a + x * b is one

@@ -153,25 +153,39 @@ def test_fused_sgd_steps_all_layers_in_one_call_with_the_per_layer_results(monke
     assert optimizers[0].state_dict()["state"].keys() == optimizers[1].state_dict()["state"].keys()
 
 
-def test_layers_of_different_depths_and_dtypes_form_separate_sets(monkeypatch):
+def test_cpu_layers_of_different_depths_and_dtypes_step_in_one_call(monkeypatch):
+    # On CPU every backend takes any mix of depths and dtypes in one call (each layer its own
+    # kernel), so the sets are only "with momentum buffers" and "without"; results as layer by layer.
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8))
-    model[0] = dwf_kernels.nn.DWFLinear.from_dense(model[0], 2)
-    model[1] = dwf_kernels.nn.DWFLinear.from_dense(model[1], 3)
-    model[2] = dwf_kernels.nn.DWFLinear.from_dense(model[2], 3).double()
+
+    def make():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8))
+        model[0] = dwf_kernels.nn.DWFLinear.from_dense(model[0], 2)
+        model[1] = dwf_kernels.nn.DWFLinear.from_dense(model[1], 3)
+        model[2] = dwf_kernels.nn.DWFLinear.from_dense(model[2], 3).double()
+        return model
+
     sets = []
     original = dwf_kernels.optim._run_sgd_step_multi
 
     def record(chosen, factors, *args, **kwargs):
-        sets.append([(f.shape[0], str(f.dtype)) for f in factors])
+        sets.append(sorted((f.shape[0], str(f.dtype)) for f in factors))
         return original(chosen, factors, *args, **kwargs)
 
     monkeypatch.setattr(dwf_kernels.optim, "_run_sgd_step_multi", record)
-    optimizer = FusedSGD(model.parameters(), lr=0.1)
+    models = [make(), make()]
+    optimizers = [FusedSGD(models[0].parameters(), lr=0.1, momentum=0.9)]
+    optimizers.append(FusedSGD(models[1].parameters(), lr=0.1, momentum=0.9, multi_tensor=False))
     x = torch.randn(4, 8)
-    model[2](model[1](model[0](x)).double()).sum().backward()
-    optimizer.step()
-    assert sorted(sets) == [[(2, "torch.float32")], [(3, "torch.float32")], [(3, "torch.float64")]]
+    for _ in range(3):  # the first step makes the momentum buffers, the next ones read them
+        for model, optimizer in zip(models, optimizers, strict=True):
+            optimizer.zero_grad()
+            model[2](model[1](model[0](x)).double()).sum().backward()
+            optimizer.step()
+    assert sets == [[(2, "torch.float32"), (3, "torch.float32"), (3, "torch.float64")]] * 3
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters(), strict=True):
+        assert torch.equal(a, b), name
 
 
 def test_multi_tensor_must_be_a_bool():
@@ -316,12 +330,14 @@ needs_plain_step = pytest.mark.skipif(
 
 
 def _plain_params(dtype, seed=0):
+    """dtype None: float32 and float64 in turn (one op call takes both)."""
     gen = torch.Generator().manual_seed(seed)
-    return [nn.Parameter(torch.randn(s, generator=gen, dtype=dtype)) for s in PLAIN_SHAPES]
+    dtypes = [dtype] * len(PLAIN_SHAPES) if dtype else [(torch.float32, torch.float64)[i % 2] for i in range(len(PLAIN_SHAPES))]
+    return [nn.Parameter(torch.randn(s, generator=gen, dtype=t)) for s, t in zip(PLAIN_SHAPES, dtypes, strict=True)]
 
 
 @needs_plain_step
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, None], ids=["float32", "float64", "mixed"])
 @pytest.mark.parametrize("options", PLAIN_OPTIONS)
 @pytest.mark.parametrize("foreach", [False, True], ids=["per-tensor", "foreach"])
 def test_plain_parameters_step_in_one_call_as_torch_sgd(dtype, options, foreach):
@@ -332,7 +348,7 @@ def test_plain_parameters_step_in_one_call_as_torch_sgd(dtype, options, foreach)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(4):  # the first step makes the buffers, the next ones read them
             for a, b in zip(ours, theirs, strict=True):
-                a.grad = torch.randn(a.shape, generator=gen, dtype=dtype)
+                a.grad = torch.randn(a.shape, generator=gen, dtype=a.dtype)
                 b.grad = a.grad.clone()
             fused.step()
             reference.step()
