@@ -60,10 +60,12 @@ TORCH_LIBRARY(dwf_kernels, m) {
   // torch.optim.SGD's step on a list of plain parameters and their gradients (CPU, float32 and
   // float64, contiguous), in one call, with torch's roundings: FusedSGD's update of the parameters
   // that are not DWF factors (biases, norms), where torch's own runs several ops per tensor.
+  // Returns the indices (int64) of the params it cannot update so (another dtype, not contiguous,
+  // a gradient or buffer of another shape or dtype), left alone for torch's own update.
   m.def(
       "sgd_step_multi(Tensor(a!)[] params, Tensor(b!)[] momentum_buffers, Tensor[] grads, "
       "float lr, float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, "
-      "bool init_buffer) -> ()",
+      "bool init_buffer) -> Tensor",
       {at::Tag::pt2_compliant_tag});
   // The squared L2 norm of dwf_backward's result, read-only (the gradient is not stored): for
   // clipping by the global gradient norm. A 0-dim tensor in sumsq's dtype (fp32; fp64 for fp64).

@@ -203,25 +203,26 @@ class FusedSGD(torch.optim.SGD):
                 # Formed already (read by other code, e.g. an element-wise read or DDP): applied
                 # as a dense gradient.
                 grad = dense_of(grad)
-            if plain_in_one_call and _plain_step_serves(p, grad):
+            if plain_in_one_call and _plain_step_takes(p, grad):
                 p_state = state[p] if with_state else _NO_STATE
                 buffer = p_state.get("momentum_buffer")
-                if buffer is None or (buffer.dtype is p.dtype and buffer.is_contiguous()):
-                    has_buffers = buffer is not None  # float32 and float64 in one call
-                    lists = plain.get(has_buffers)
-                    if lists is None:
-                        lists = plain[has_buffers] = ([], [], [], [])
-                    lists[0].append(p)
-                    lists[1].append(grad)
-                    lists[2].append(buffer)
-                    lists[3].append(p_state)
-                    continue
+                has_buffers = buffer is not None
+                lists = plain.get(has_buffers)
+                if lists is None:
+                    lists = plain[has_buffers] = ([], [], [], [])
+                lists[0].append(p)
+                lists[1].append(grad)
+                lists[2].append(buffer)
+                lists[3].append(p_state)
+                continue
             params.append(p)
             grads.append(grad)
         for key, lists in fused.items():
             _step_fused_together(select(key[0].type, self._backend), lists, key[-1], op_hyper, per_layer=not multi)
         for has_buffers, lists in plain.items():
-            _step_plain_together(lists, has_buffers, op_hyper)
+            for i in _step_plain_together(lists, has_buffers, op_hyper):  # those it left to torch's update
+                params.append(lists[0][i])
+                grads.append(lists[1][i])
         if not params:
             return
         buffers = [state[p].get("momentum_buffer") for p in params]
@@ -273,26 +274,26 @@ def _group_hyper(group: dict) -> tuple[dict, dict]:
     return hyper, op_hyper
 
 
-def _plain_step_serves(p: torch.Tensor, grad: torch.Tensor) -> bool:
-    """Whether sgd_step_multi updates p as torch.optim.SGD does, bit for bit: a plain float32 or
-    float64 CPU tensor with a dense gradient of its dtype, both contiguous (torch rounds each op of
-    a half-precision update separately, which the one-pass update does not)."""
+def _plain_step_takes(p: torch.Tensor, grad: torch.Tensor) -> bool:
+    """Whether p goes to the one-call update of plain parameters (sgd_step_multi): a plain float32
+    or float64 CPU tensor with a dense CPU gradient, which the op's CPU kernel receives (torch
+    rounds each op of a half-precision update separately, which the one-pass update does not). The
+    op updates those it can update as torch.optim.SGD does, bit for bit (contiguous, with a
+    gradient and buffer of its shape and dtype), and returns the others for torch's own update."""
     return (
         type(grad) is torch.Tensor
-        and grad.dtype is p.dtype
+        and type(p) in _PLAIN_TYPES
         and p.dtype in _PLAIN_DTYPES
         and p.is_cpu
         and grad.is_cpu
+        and p.layout is _STRIDED
         and grad.layout is _STRIDED
-        and type(p) in _PLAIN_TYPES
-        and p.is_contiguous()
-        and grad.is_contiguous()
     )
 
 
-def _step_plain_together(lists, has_buffers: bool, hyper: dict) -> None:
+def _step_plain_together(lists, has_buffers: bool, hyper: dict) -> list[int]:
     """torch.optim.SGD's update of plain CPU parameters (biases, norms), one op call for the set
-    (lists as _step_group sorts them)."""
+    (lists as _step_group sorts them). Returns the indices of those it left alone."""
     params, grads, buffers, states = lists
     momentum = hyper["momentum"]
     init_buffer = momentum != 0 and not has_buffers
@@ -300,7 +301,7 @@ def _step_plain_together(lists, has_buffers: bool, hyper: dict) -> None:
         buffers = []
     elif init_buffer:
         buffers = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in params]
-    _PLAIN_SGD_STEP_MULTI(
+    left = _PLAIN_SGD_STEP_MULTI(
         params,
         buffers,
         grads,
@@ -312,9 +313,13 @@ def _step_plain_together(lists, has_buffers: bool, hyper: dict) -> None:
         bool(hyper["maximize"]),
         init_buffer,
     )
+    left = left.tolist() if left.numel() else []
     if init_buffer:
-        for p_state, buffer in zip(states, buffers, strict=True):
-            p_state["momentum_buffer"] = buffer
+        skip = set(left)
+        for i, (p_state, buffer) in enumerate(zip(states, buffers, strict=True)):
+            if i not in skip:  # a buffer of a param left alone was never written
+                p_state["momentum_buffer"] = buffer
+    return left
 
 
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)

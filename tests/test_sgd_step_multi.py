@@ -374,8 +374,10 @@ def _assert_as_torch(ours, theirs):
 
 @needs_plain_step
 def test_plain_parameters_the_one_call_cannot_serve_take_torch_sgd():
-    # bf16 (torch rounds each op of its update), a non-contiguous parameter, a sparse gradient, a
-    # non-contiguous gradient: torch's own update, with its results.
+    # bf16 (torch rounds each op of its update) and a sparse gradient: never handed to the op; a
+    # non-contiguous parameter, a non-contiguous gradient, a momentum buffer made non-contiguous
+    # (state edited between steps): left alone by the op. All get torch's own update, with its
+    # results; the first step makes their buffers as torch does.
     gen = torch.Generator().manual_seed(0)
     ours = [
         nn.Parameter(torch.randn(8, generator=gen).bfloat16()),
@@ -383,24 +385,33 @@ def test_plain_parameters_the_one_call_cannot_serve_take_torch_sgd():
         nn.Parameter(torch.randn(5, 3, generator=gen)),
         nn.Parameter(torch.randn(4, generator=gen)),
         nn.Parameter(torch.randn(4, generator=gen)),
+        nn.Parameter(torch.randn(3, 4, generator=gen)),
     ]
     theirs = [nn.Parameter(p.detach().clone()) for p in ours]
     fused, reference = FusedSGD(ours, lr=0.1, momentum=0.9), torch.optim.SGD(theirs, lr=0.1, momentum=0.9)
-    for _ in range(3):
+    for step in range(3):
         grads = [
             torch.randn(8, generator=gen).bfloat16(),
             torch.randn(4, 6, generator=gen),
             torch.randn(5, 3, generator=gen).to_sparse(),
             torch.randn(8, generator=gen)[::2],
             torch.randn(4, generator=gen),
+            torch.randn(3, 4, generator=gen),
         ]
         for a, b, g in zip(ours, theirs, grads, strict=True):
             a.grad, b.grad = g.clone(), g.clone()  # clone keeps the strides
+        if step == 2:
+            for optimizer, p in ((fused, ours[5]), (reference, theirs[5])):
+                buffer = optimizer.state[p]["momentum_buffer"]
+                optimizer.state[p]["momentum_buffer"] = torch.empty(4, 3).t().copy_(buffer)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             fused.step()
         reference.step()
         calls = {e.key: e.count for e in prof.key_averages() if e.key.startswith("dwf_kernels::")}
-        assert calls == {"dwf_kernels::sgd_step_multi": 1}, calls  # the last parameter only
+        assert calls == {"dwf_kernels::sgd_step_multi": 1}, calls
+        for a, b in zip(ours, theirs, strict=True):
+            buffers = [optimizer.state[p]["momentum_buffer"] for optimizer, p in ((fused, a), (reference, b))]
+            _assert_as_torch(*([t.to_dense()] for t in buffers))  # the sparse gradient's buffer is sparse
     _assert_as_torch(ours, theirs)
 
 
@@ -412,21 +423,54 @@ def test_plain_step_op_refuses_bad_arguments_and_passes_opcheck():
     buffers = [torch.zeros(s) for s in PLAIN_SHAPES]
     torch.library.opcheck(op.default, (params, buffers, grads, 0.1, 0.9, 0.0, 0.0, False, False, True))
     torch.library.opcheck(op.default, (params, [], grads, 0.1, 0.0, 0.0, 0.01, False, True, False))
+    left = [*params[:6], params[6].bfloat16()]  # opcheck on a call that leaves one alone too
+    torch.library.opcheck(op.default, (left, buffers, grads, 0.1, 0.9, 0.0, 0.0, False, False, True))
     before = [p.clone() for p in params]
     hyper = (0.1, 0.9, 0.0, 0.0, False, False, False)
     bad = [
         ("grads", (params, buffers, grads[:2]), r"grads \(2\) must have one entry per param \(7\)"),
         ("buffers", (params, buffers[:1], grads), "momentum_buffers must have one entry per param"),
-        ("dtype", ([*params[:6], params[6].bfloat16()], buffers, grads), "param 6 is BFloat16"),
-        ("layout", ([*params[:6], torch.randn(2, 5, 3).transpose(0, 1)], buffers, grads), "not contiguous"),
-        ("grad shape", (params, buffers, [*grads[:6], torch.randn(30)]), r"grads\[6\] must be .* shape \[3, 5, 2\]"),
-        ("buffer dtype", (params, [*buffers[:6], buffers[6].double()], grads), r"momentum_buffers\[6\] must be"),
         ("aliased", (params, [*buffers[:6], params[6]], grads), "momentum_buffer and param share memory"),
     ]
     for name, args, message in bad:
         with pytest.raises(RuntimeError, match=message):
             op(*args, *hyper)
         assert all(torch.equal(a, b) for a, b in zip(params, before, strict=True)), f"{name}: nothing may be updated"
+
+
+@needs_cpu_kernels
+def test_plain_step_op_leaves_alone_what_it_cannot_update_as_torch_does():
+    """A param of another dtype or not contiguous, a gradient or momentum buffer not a contiguous
+    tensor of its shape and dtype: left alone and its index returned (an int64 tensor, for torch's
+    own update); the others updated exactly as without it."""
+    op = torch.ops.dwf_kernels.sgd_step_multi
+    hyper = (0.1, 0.9, 0.0, 0.0, False, False, False)
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=gen) for s in PLAIN_SHAPES]
+    grads = [torch.randn(s, generator=gen) for s in PLAIN_SHAPES]
+    buffers = [torch.randn(s, generator=gen) for s in PLAIN_SHAPES]
+    expected = [p.clone() for p in params[:6]]
+    expected_buffers = [b.clone() for b in buffers[:6]]
+    assert op(expected, expected_buffers, grads[:6], *hyper).tolist() == []
+    shape = PLAIN_SHAPES[6]
+    cases = [
+        ("param dtype", torch.randn(shape).bfloat16(), grads[6], buffers[6]),
+        ("param layout", torch.randn(2, 5, 3).transpose(0, 1), torch.randn(5, 2, 3), torch.zeros(5, 2, 3)),
+        ("grad shape", params[6], torch.randn(30), buffers[6]),
+        ("grad dtype", params[6], grads[6].double(), buffers[6]),
+        ("grad layout", params[6], torch.randn(2, 5, 3).transpose(0, 1), buffers[6]),
+        ("buffer dtype", params[6], grads[6], buffers[6].double()),
+        ("buffer layout", params[6], grads[6], torch.randn(2, 5, 3).transpose(0, 1)),
+    ]
+    for name, param, grad, buffer in cases:
+        ps, bs = [p.clone() for p in params[:6]] + [param], [b.clone() for b in buffers[:6]] + [buffer]
+        untouched, untouched_buffer = param.clone(), buffer.clone()
+        assert op(ps, bs, [*grads[:6], grad], *hyper).tolist() == [6], name
+        assert torch.equal(ps[6], untouched) and torch.equal(bs[6], untouched_buffer), name
+        assert all(torch.equal(a, b) for a, b in zip(ps[:6], expected, strict=True)), name
+        assert all(torch.equal(a, b) for a, b in zip(bs[:6], expected_buffers, strict=True)), name
+    # Without momentum the buffers are not read: only param and gradient decide.
+    assert op([params[6].clone()], [], [grads[6]], 0.1, 0.0, 0.0, 0.0, False, False, False).tolist() == []
 
 
 @needs_plain_step

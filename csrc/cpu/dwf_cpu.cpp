@@ -7,6 +7,7 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -230,42 +231,49 @@ void dwf_sgd_step_multi_cpu(at::TensorList factors, at::TensorList momentum_buff
 // torch.optim.SGD's step on a list of plain float32/float64 parameters, in one op call: the
 // fused step's update (sgd_update, torch's order and roundings) with the gradient given, which is
 // the fused step of a depth-1 factorization without penalty (a factor gradient of one factor is
-// dL/dw itself). Results equal torch.optim.SGD's bit for bit where the DWF step's do.
-void sgd_step_multi_cpu(at::TensorList params, at::TensorList momentum_buffers, at::TensorList grads, double lr,
-                        double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
-                        bool init_buffer) {
+// dL/dw itself). Results equal torch.optim.SGD's bit for bit where the DWF step's do. A param it
+// cannot update so (not a contiguous float32/float64 tensor; a gradient or momentum buffer not a
+// contiguous tensor of its shape and dtype) is left alone and its index returned (an int64 tensor,
+// which functionalization can carry where a list could not), for the caller to update with torch's
+// own code: FusedSGD hands every dense float32/float64 CPU parameter here, and the checks cost
+// nothing beside the update. Lists of the wrong lengths and memory shared with the param are
+// refused; nothing is updated then.
+at::Tensor sgd_step_multi_cpu(at::TensorList params, at::TensorList momentum_buffers, at::TensorList grads,
+                              double lr, double momentum, double dampening, double weight_decay, bool nesterov,
+                              bool maximize, bool init_buffer) {
   const size_t count = params.size();
   TORCH_CHECK(grads.size() == count, "sgd_step_multi: grads (", grads.size(), ") must have one entry per param (",
               count, ")");
   TORCH_CHECK(momentum_buffers.size() == (momentum != 0 ? count : 0), "sgd_step_multi: momentum_buffers must have ",
               momentum != 0 ? "one entry per param" : "no entries when momentum is 0", " (", count, " params); got ",
               momentum_buffers.size());
+  const auto like_param = [](const at::Tensor& t, const at::Tensor& p) {
+    return t.sizes() == p.sizes() && t.scalar_type() == p.scalar_type() && t.device() == p.device() &&
+           t.layout() == at::kStrided && t.is_contiguous();
+  };
+  std::vector<int64_t> left;  // the indices of the params left alone
+  std::vector<size_t> served;
   for (size_t i = 0; i < count; ++i) {
     const at::Tensor& p = params[i];
     const at::Tensor& g = grads[i];
-    TORCH_CHECK(p.device().is_cpu() && (p.scalar_type() == at::kFloat || p.scalar_type() == at::kDouble) &&
-                    p.is_contiguous(),
-                "sgd_step_multi: params must be contiguous float32 or float64 CPU tensors; param ", i, " is ",
-                p.scalar_type(), " on ", p.device(), p.is_contiguous() ? "" : ", not contiguous");
-    TORCH_CHECK(g.sizes() == p.sizes() && g.scalar_type() == p.scalar_type() && g.device() == p.device() &&
-                    g.is_contiguous() && g.layout() == at::kStrided,
-                "sgd_step_multi: grads[", i, "] must be a contiguous dense tensor with its param's shape ", p.sizes(),
-                ", dtype and device; got shape ", g.sizes(), ", ", g.scalar_type(), ", ", g.device());
+    if (!(p.device().is_cpu() && (p.scalar_type() == at::kFloat || p.scalar_type() == at::kDouble) &&
+          p.layout() == at::kStrided && p.is_contiguous() && like_param(g, p) &&
+          (momentum == 0 || like_param(momentum_buffers[i], p)))) {
+      left.push_back(static_cast<int64_t>(i));
+      continue;
+    }
     check_not_aliased(p, "param", g, "grad");
     if (momentum != 0) {
-      const at::Tensor& b = momentum_buffers[i];
-      TORCH_CHECK(b.sizes() == p.sizes() && b.scalar_type() == p.scalar_type() && b.device() == p.device() &&
-                      b.is_contiguous(),
-                  "sgd_step_multi: momentum_buffers[", i, "] must be a contiguous tensor with its param's shape ",
-                  p.sizes(), ", dtype and device; got shape ", b.sizes(), ", ", b.scalar_type(), ", ", b.device());
-      check_not_aliased(b, "momentum_buffer", p, "param");
-      check_not_aliased(b, "momentum_buffer", g, "grad");
+      check_not_aliased(momentum_buffers[i], "momentum_buffer", p, "param");
+      check_not_aliased(momentum_buffers[i], "momentum_buffer", g, "grad");
     }
+    served.push_back(i);
   }
   const SgdOptions args{lr, momentum, dampening, weight_decay, nesterov, maximize, init_buffer};
   std::vector<int64_t> rows;
-  for (const at::Tensor& p : params) rows.push_back(p.numel());
-  step_each(rows, [&](size_t i) {
+  for (size_t i : served) rows.push_back(params[i].numel());
+  step_each(rows, [&](size_t k) {
+    const size_t i = served[k];
     const at::Tensor& p = params[i];
     AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "sgd_step_multi", [&] {
       scalar_t* B = momentum != 0 ? momentum_buffers[i].mutable_data_ptr<scalar_t>() : nullptr;
@@ -276,6 +284,9 @@ void sgd_step_multi_cpu(at::TensorList params, at::TensorList momentum_buffers, 
       });
     });
   });
+  at::Tensor result = at::empty({static_cast<int64_t>(left.size())}, at::TensorOptions().dtype(at::kLong));
+  std::copy(left.begin(), left.end(), result.mutable_data_ptr<int64_t>());
+  return result;
 }
 
 }  // namespace

@@ -43,6 +43,27 @@ def fake_sgd_step_multi(factors, momentum_buffers, *args) -> None:
     return None  # updates its inputs in place; no outputs
 
 
+def fake_plain_sgd_step_multi(params, momentum_buffers, grads, lr, momentum, *hyper) -> torch.Tensor:
+    """The indices (int64) of the params sgd_step_multi leaves alone (csrc/cpu/dwf_cpu.cpp): they
+    follow from the metadata alone."""
+
+    def like_param(t, p):
+        return t.shape == p.shape and t.dtype == p.dtype and t.device == p.device and t.is_contiguous()
+
+    left = [
+        i
+        for i, (p, g) in enumerate(zip(params, grads, strict=True))
+        if not (
+            p.device.type == "cpu"
+            and p.dtype in (torch.float32, torch.float64)
+            and p.is_contiguous()
+            and like_param(g, p)
+            and (momentum == 0 or like_param(momentum_buffers[i], p))
+        )
+    ]
+    return torch.tensor(left, dtype=torch.int64)
+
+
 def fake_grad_sumsq(factors: torch.Tensor, grad_w: torch.Tensor, grad_sumsq: torch.Tensor | None) -> torch.Tensor:
     return factors.new_empty((), dtype=acc_dtype(factors.dtype))
 
@@ -55,7 +76,7 @@ def register_fakes(namespace: str) -> None:
     torch.library.register_fake(f"{namespace}::dwf_grad_sumsq")(fake_grad_sumsq)
     if namespace == "dwf_kernels":  # the multi-tensor steps are the C++ family's (docs/design.md, Backends)
         torch.library.register_fake(f"{namespace}::dwf_sgd_step_multi")(fake_sgd_step_multi)
-        torch.library.register_fake(f"{namespace}::sgd_step_multi")(fake_sgd_step_multi)
+        torch.library.register_fake(f"{namespace}::sgd_step_multi")(fake_plain_sgd_step_multi)
 
 
 def setup_context(ctx, inputs, output) -> None:
