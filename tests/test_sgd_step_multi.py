@@ -332,7 +332,8 @@ needs_plain_step = pytest.mark.skipif(
 def _plain_params(dtype, seed=0):
     """dtype None: float32 and float64 in turn (one op call takes both)."""
     gen = torch.Generator().manual_seed(seed)
-    dtypes = [dtype] * len(PLAIN_SHAPES) if dtype else [(torch.float32, torch.float64)[i % 2] for i in range(len(PLAIN_SHAPES))]
+    alternating = [(torch.float32, torch.float64)[i % 2] for i in range(len(PLAIN_SHAPES))]
+    dtypes = [dtype] * len(PLAIN_SHAPES) if dtype else alternating
     return [nn.Parameter(torch.randn(s, generator=gen, dtype=t)) for s, t in zip(PLAIN_SHAPES, dtypes, strict=True)]
 
 
