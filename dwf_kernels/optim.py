@@ -63,8 +63,8 @@ class FusedSGD(torch.optim.SGD):
     Arguments are torch.optim.SGD's (`foreach` applies to the parameters torch.optim.SGD updates; `lr` may be a
     one-element tensor, as there; `differentiable=True` and `fused=True` are refused, saying why);
     `backend` picks the dwf_kernels backend of the fused step (None: the fastest for the factors'
-    device). `multi_tensor` (default True) steps the layers of a param group that share device,
-    dtypes, depth and buffer state with one `dwf_sgd_step_multi` call, and the group's plain
+    device). `multi_tensor` (default True) steps the layers of a param group that share device and
+    buffer state (on a GPU also dtypes and depth) with one `dwf_sgd_step_multi` call, and the group's plain
     float32/float64 CPU parameters with one `sgd_step_multi` call; False steps the layers one
     `dwf_sgd_step` call each and the other parameters with torch.optim.SGD's code (the same
     results, bitwise on CPU).

@@ -48,7 +48,13 @@ def fake_plain_sgd_step_multi(params, momentum_buffers, grads, lr, momentum, *hy
     follow from the metadata alone."""
 
     def like_param(t, p):
-        return t.shape == p.shape and t.dtype == p.dtype and t.device == p.device and t.is_contiguous()
+        return (
+            t.shape == p.shape
+            and t.dtype == p.dtype
+            and t.device == p.device
+            and t.layout == torch.strided
+            and t.is_contiguous()
+        )
 
     left = [
         i
@@ -56,12 +62,13 @@ def fake_plain_sgd_step_multi(params, momentum_buffers, grads, lr, momentum, *hy
         if not (
             p.device.type == "cpu"
             and p.dtype in (torch.float32, torch.float64)
+            and p.layout == torch.strided
             and p.is_contiguous()
             and like_param(g, p)
             and (momentum == 0 or like_param(momentum_buffers[i], p))
         )
     ]
-    return torch.tensor(left, dtype=torch.int64)
+    return torch.tensor(left, dtype=torch.int64, device="cpu")  # the op's result is a CPU tensor
 
 
 def fake_grad_sumsq(factors: torch.Tensor, grad_w: torch.Tensor, grad_sumsq: torch.Tensor | None) -> torch.Tensor:
