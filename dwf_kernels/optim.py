@@ -225,11 +225,13 @@ class FusedSGD(torch.optim.SGD):
                 grads.append(lists[1][i])
         if not params:
             return
-        buffers = [state[p].get("momentum_buffer") for p in params]
+        # state[p] would create an empty entry (state is a defaultdict): torch.optim.SGD keeps none
+        # without momentum, and its state_dict lists none.
+        buffers = [state[p].get("momentum_buffer") for p in params] if with_state else [None] * len(params)
         # foreach=None (the default) lets torch choose as torch.optim.SGD would: its foreach and
         # per-tensor updates round bfloat16 differently.
         _torch_sgd(params, grads, buffers, foreach=group["foreach"], **hyper)
-        if group["momentum"] != 0:
+        if with_state:
             for p, buffer in zip(params, buffers, strict=True):
                 state[p]["momentum_buffer"] = buffer
 

@@ -109,6 +109,33 @@ def test_state_dict_is_torch_sgds():
     _assert_same_parameters(third, reference, exact=CPU_FMA)
 
 
+@pytest.mark.parametrize("multi_tensor", [True, False], ids=["multi", "per-layer"])
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_optimizer_state_holds_what_torch_sgds_holds(momentum, multi_tensor):
+    """Per-parameter state as torch.optim.SGD keeps it, whichever update a parameter takes (fused
+    DWF layer, the plain one-call update, torch's own for bfloat16, no gradient): none without
+    momentum, a momentum buffer for each parameter that had a gradient with it."""
+    states = []
+    for cls, options in ((FusedSGD, {"multi_tensor": multi_tensor}), (torch.optim.SGD, {"foreach": False})):
+        model = _model("cpu")
+        extra = nn.Linear(5, 3).to(torch.bfloat16)  # torch's own update
+        unused = nn.Parameter(torch.zeros(4))  # never gets a gradient
+        params = [*model.parameters(), *extra.parameters(), unused]
+        optimizer = cls(params, lr=0.1, momentum=momentum, **options)
+        x, y = _batch("cpu")
+        for _ in range(2):
+            optimizer.zero_grad()
+            out = model(x)
+            loss = nn.functional.cross_entropy(out, y) + extra(out.to(torch.bfloat16)).float().square().mean()
+            loss.backward()
+            optimizer.step()
+        state = optimizer.state_dict()["state"]
+        states.append({i: sorted(s) for i, s in state.items()})
+        assert len(optimizer.state) == len(state)
+    assert states[0] == states[1]
+    assert states[0] == ({} if momentum == 0 else {i: ["momentum_buffer"] for i in range(len(params) - 1)})
+
+
 def test_gradient_accumulation_and_a_layer_used_twice():
     """Several backward passes before one step, and one layer applied twice, sum like autograd."""
     layers = []
