@@ -39,14 +39,17 @@ class Net(nn.Module):
         return out
 
 
-# What each scenario changes: the optimizer, bf16 autocast, two micro-batches per step (the first
-# under no_sync()), the model's `extra` layer and how often each rank applies it, whether the penalty
-# covers it, the bucket size (1e-4 MB: one bucket per layer, in both reducers), float64 factors, the
-# dwf_kernels backend (default: the fastest, the C++ extension's).
+# What each scenario changes: the optimizer, autocast (bf16; fp16 with torch.amp.GradScaler, whose
+# first step overflows and is skipped), torch.compile of the wrapped model, two micro-batches per step
+# (the first under no_sync()), the model's `extra` layer and how often each rank applies it, whether
+# the penalty covers it, the bucket size (1e-4 MB: one bucket per layer, in both reducers), float64
+# factors, the dwf_kernels backend (default: the fastest, the C++ extension's).
 SCENARIOS = {
     "fused": {},
     "sgd": {"optimizer": "sgd"},
-    "bf16": {"autocast": True},
+    "bf16": {"autocast": torch.bfloat16},
+    "fp16_grad_scaler": {"autocast": torch.float16, "scaler": True},
+    "compiled": {"compile": True},
     "no_sync": {"micro_batches": 2},
     "partial": {"extra_times": (1, 0), "buckets_mb": 1e-4},
     "partial_penalized": {"extra_times": (1, 0), "penalize_extra": True},
@@ -68,9 +71,10 @@ def batch(dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tenso
     return torch.randn(BATCH, 1, 8, 8, generator=gen).to(dtype), torch.randint(0, 10, (BATCH,), generator=gen)
 
 
-def loss_of(model, net: Net, x, y, extra_times=0, autocast=False, penalize_extra=False) -> torch.Tensor:
-    """Mean cross-entropy plus the penalty of the body (and of `extra` if asked)."""
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+def loss_of(model, net: Net, x, y, extra_times=0, autocast=None, penalize_extra=False) -> torch.Tensor:
+    """Mean cross-entropy plus the penalty of the body (and of `extra` if asked), the forward under
+    autocast to the dtype `autocast` (None: not)."""
+    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
         out = model(x, extra_times)
     return nn.functional.cross_entropy(out.float(), y) + penalty(net if penalize_extra else net.body, LAM)
 
@@ -81,6 +85,12 @@ def optimizer_for(kind: str, params):
     return FusedSGD(params, lr=LR, momentum=MOMENTUM)
 
 
+def scaler_for(spec: dict) -> torch.amp.GradScaler:
+    """A GradScaler (a pass-through unless the scenario asks for one) whose first step overflows in
+    fp16: skipped, the scale cut to 1/256, the next steps applied."""
+    return torch.amp.GradScaler("cpu", init_scale=2.0**20, backoff_factor=2.0**-8, enabled=spec.get("scaler", False))
+
+
 def snapshot(net: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in net.named_parameters()}
 
@@ -89,27 +99,31 @@ def shards(world: int) -> list[slice]:
     return [slice(r * BATCH // world, (r + 1) * BATCH // world) for r in range(world)]
 
 
-def reference(scenario: str, world: int) -> list[dict[str, torch.Tensor]]:
-    """The single-process run a scenario must equal: the whole batch, the same steps. A rank's loss is
-    the mean over its shard; the gradient is the ranks' average, that of the ranks' mean loss."""
+def reference(scenario: str, world: int) -> tuple[list[dict[str, torch.Tensor]], list[float]]:
+    """The single-process run a scenario must equal: the whole batch, the same steps (the parameters
+    after each, and the GradScaler's scale). A rank's loss is the mean over its shard; the gradient
+    is the ranks' average, that of the ranks' mean loss."""
     spec = SCENARIOS[scenario]
     dtype = spec.get("dtype", torch.float32)
     times = spec.get("extra_times")
     net = make(times is not None, dtype)
     x, y = batch(dtype)
     optimizer = optimizer_for(spec.get("optimizer", "fused"), net.parameters())
-    options = dict(autocast=spec.get("autocast", False), penalize_extra=spec.get("penalize_extra", False))
-    steps = []
+    scaler = scaler_for(spec)
+    options = dict(autocast=spec.get("autocast"), penalize_extra=spec.get("penalize_extra", False))
+    steps, scales = [], []
     with use_backend(spec.get("backend")):
         for _ in range(STEPS):
             optimizer.zero_grad()
             losses = [
                 loss_of(net, net, x[s], y[s], times[r] if times else 0, **options) for r, s in enumerate(shards(world))
             ]
-            (sum(losses) / world).backward()
-            optimizer.step()
+            scaler.scale(sum(losses) / world).backward()
+            scaler.step(optimizer)
+            scaler.update()
             steps.append(snapshot(net))
-    return steps
+            scales.append(scaler.get_scale())
+    return steps, scales
 
 
 def train(scenario: str, rank: int, world: int) -> dict:
@@ -129,27 +143,39 @@ def train(scenario: str, rank: int, world: int) -> dict:
         return allreduce_hook(state, bucket)
 
     model.register_comm_hook(None, counting_hook)
-    steps, grads_none = [], []
-    options = dict(autocast=spec.get("autocast", False), penalize_extra=spec.get("penalize_extra", False))
+    ddp = model
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    if spec.get("compile"):
+        model = torch.compile(ddp)
+    scaler = scaler_for(spec)
+    steps, grads_none, scales, statuses = [], [], [], []
+    options = dict(autocast=spec.get("autocast"), penalize_extra=spec.get("penalize_extra", False))
     with use_backend(spec.get("backend")):
         for _ in range(STEPS):
             optimizer.zero_grad()
             if spec.get("micro_batches"):  # the first micro-batch's backward local, under no_sync()
                 half = (shard.stop - shard.start) // 2
                 first, second = slice(shard.start, shard.start + half), slice(shard.start + half, shard.stop)
-                with model.no_sync():
-                    (loss_of(model, net, x[first], y[first], **options) / 2).backward()
-                (loss_of(model, net, x[second], y[second], **options) / 2).backward()
+                with ddp.no_sync():
+                    scaler.scale(loss_of(model, net, x[first], y[first], **options) / 2).backward()
+                scaler.scale(loss_of(model, net, x[second], y[second], **options) / 2).backward()
             else:
-                loss_of(model, net, x[shard], y[shard], times[rank] if times else 0, **options).backward()
+                loss = loss_of(model, net, x[shard], y[shard], times[rank] if times else 0, **options)
+                scaler.scale(loss).backward()
             if net.extra is not None:
                 grads_none.append(net.extra.factors.grad is None)
-            optimizer.step()
+            scaler.step(optimizer)
+            statuses.append(getattr(net.body[0].factors.grad, "status", "dense"))  # "consumed": stepped fused
+            scaler.update()
             steps.append(snapshot(net))
+            scales.append(scaler.get_scale())
     return {
         "steps": steps,
+        "scales": scales,
+        "statuses": statuses,
+        "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before,
         "extra_grad_none": grads_none,
-        "dwf_reduced": model.dwf_reduced,
+        "dwf_reduced": ddp.dwf_reduced,
         "reducer_elements": sum(reducer_elements) // STEPS,
     }
 

@@ -27,7 +27,7 @@ def assert_steps_equal(got, want, rtol, atol):
             )
 
 
-TOLERANCE = {"bf16": (2e-2, 2e-3), "fp64": (1e-12, 1e-14)}
+TOLERANCE = {"bf16": (2e-2, 2e-3), "fp16_grad_scaler": (2e-2, 2e-3), "fp64": (1e-12, 1e-14)}
 
 
 @pytest.mark.parametrize("scenario", list(worker.SCENARIOS))
@@ -35,13 +35,33 @@ def test_training_equals_one_process_on_the_whole_batch(ranks, scenario):
     """K ranks with per-rank batch B give one process's result with batch K*B, and every rank holds
     bitwise the same parameters after every step: FusedSGD or torch.optim.SGD; no_sync()
     accumulation; a layer only rank 0 applies, penalized or not, with one bucket per layer; a layer
-    no rank applies; a layer applied twice; bf16 autocast (to its rounding); float64; the reference and
-    Triton backends."""
+    no rank applies; a layer applied twice; bf16 autocast, and fp16 autocast with GradScaler (to
+    their rounding; the scaler skips the same steps); torch.compile of the wrapped model; float64;
+    the reference and Triton backends."""
     for a, b in zip(ranks[0][scenario]["steps"], ranks[1][scenario]["steps"], strict=True):
         for name in a:
             assert torch.equal(a[name], b[name]), f"{scenario}: the ranks differ in {name}"
     rtol, atol = TOLERANCE.get(scenario, (1e-5, 1e-6))
-    assert_steps_equal(ranks[0][scenario]["steps"], worker.reference(scenario, WORLD), rtol, atol)
+    steps, scales = worker.reference(scenario, WORLD)
+    assert_steps_equal(ranks[0][scenario]["steps"], steps, rtol, atol)
+    assert ranks[0][scenario]["scales"] == ranks[1][scenario]["scales"] == scales
+    # Every step with FusedSGD applied the DWF layers' gradients fused (consumed, never formed),
+    # but the one the scaler skipped.
+    statuses = ranks[0][scenario]["statuses"]
+    if scenario == "sgd":
+        assert statuses == ["dense"] * worker.STEPS
+    elif scenario == "fp16_grad_scaler":
+        assert statuses == ["lazy"] + ["consumed"] * (worker.STEPS - 1)
+    else:
+        assert statuses == ["consumed"] * worker.STEPS
+    assert (ranks[0][scenario]["graphs"] > 0) == (scenario == "compiled")
+    if scenario == "fp16_grad_scaler":
+        # The first step overflowed (an inf in either rank's dL/dw reaches both through the
+        # all-reduce): skipped on both, the parameters as they were; the next ones applied.
+        assert scales[0] < 2.0**20 and scales[1:] == [scales[0]] * (worker.STEPS - 1)
+        initial = worker.snapshot(worker.make())
+        assert_steps_equal(ranks[0][scenario]["steps"][:1], [initial], 0, 0)
+        assert not torch.equal(steps[1]["body.0.factors"], initial["body.0.factors"])
 
 
 def test_uneven_inputs_under_join(ranks):
