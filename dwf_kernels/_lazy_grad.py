@@ -293,9 +293,10 @@ def take_for_fused_step(grad: LazyFactorGrad, factors: torch.Tensor) -> _State |
     if state.kind != _LAZY:
         if state.kind == _CONSUMED:
             raise RuntimeError(
-                "FusedSGD.step() was called again without clearing the gradients and running a new backward "
-                "pass: it already applied this DWF factor gradient and released it (torch.optim.SGD would apply "
-                "it again). Call optimizer.zero_grad() after each step and run a backward pass before the next"
+                "FusedSGD.step() found a DWF factor gradient it already applied and released: step() was called "
+                "again on the same backward pass, or a backward pass ran after step() without the gradients being "
+                "cleared (it accumulated onto the applied gradient; torch.optim.SGD would apply that one again). "
+                "Call optimizer.zero_grad() after each step and run a backward pass before the next"
             )
         return None
     if state.factors() is not factors or not factors.is_contiguous():

@@ -31,7 +31,8 @@ dense gradient with torch's own SGD: correct, only the fusion's saving is lost f
 Refused, with an error saying why: reading or accumulating into a factor gradient after the
 factors changed in place (it was computed from the old factors: clear gradients after each step),
 including calling step() twice on one backward pass (torch.optim.SGD would apply the same
-gradient twice; FusedSGD has applied and released it).
+gradient twice; FusedSGD has applied and released it), and NaN hyper-parameters (torch.optim.SGD
+accepts them), when the param group is added. A refused step changes nothing in any param group.
 
 The fusion applies to eager and compiled forwards alike: under torch.compile (fullgraph too) the
 layer's product is one opaque op whose backward leaves the same lazy gradient. The other
@@ -42,6 +43,7 @@ arithmetic, bit for bit, where torch runs several ops per tensor); otherwise wit
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 
 import torch
@@ -133,16 +135,23 @@ class FusedSGD(torch.optim.SGD):
         the link on each factors Parameter (dwf_kernels._fusion). A layer stays in fused mode while
         any FusedSGD that updates it lives: its factor gradient is then lazy, which every consumer
         reads correctly; only FusedSGD.step() saves the work."""
+        params = param_group.get("params") if isinstance(param_group, dict) else None
+        if params is not None and not isinstance(params, (torch.Tensor, set)):  # torch refuses sets itself
+            params = param_group["params"] = list(params)  # as torch does; an iterator is read once
+            if len({id(p) for p in params}) != len(params):
+                # torch only warns; stepping one parameter twice per step in one multi-layer launch
+                # would race (the per-parameter loop steps it twice in turn).
+                raise ValueError(
+                    "FusedSGD: a parameter group holds the same parameter more than once; list each parameter once"
+                )
         super().add_param_group(param_group)
-        params = self.param_groups[-1]["params"]
-        if len({id(p) for p in params}) != len(params):
-            # torch only warns; stepping one parameter twice per step in one multi-layer launch
-            # would race (the per-parameter loop steps it twice in turn).
+        try:
+            # Hyper-parameters torch.optim.SGD accepts but the step would refuse (NaN) fail here.
+            _group_hyper(self.param_groups[-1], len(self.param_groups) - 1)
+        except (TypeError, ValueError):
             self.param_groups.pop()
-            raise ValueError(
-                "FusedSGD: a parameter group holds the same parameter more than once; list each parameter once"
-            )
-        _fusion.bind(self, params)
+            raise
+        _fusion.bind(self, self.param_groups[-1]["params"])
 
     @torch.compiler.disable(
         reason="FusedSGD.step() runs eagerly: it reads each layer's lazy gradient in Python and makes one op call "
@@ -154,25 +163,31 @@ class FusedSGD(torch.optim.SGD):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # Every group's hyper-parameters are checked before any group is updated (a group edited
-        # after construction may hold bad ones): a refused step changes nothing.
-        hypers = [_group_hyper(group) for group in self.param_groups]
-        for group, hyper in zip(self.param_groups, hypers, strict=True):
-            self._step_group(group, *hyper)
+        # Every group's hyper-parameters and gradients are checked before any group is updated (a
+        # group edited after construction may hold bad ones; a DWF factor gradient may be stale or
+        # already applied): a refused step changes nothing.
+        hypers = [_group_hyper(group, i) for i, group in enumerate(self.param_groups)]
+        sorted_groups = [self._sort_group(group, hyper) for group, (hyper, _) in zip(self.param_groups, hypers)]
+        for group, (hyper, op_hyper), sets in zip(self.param_groups, hypers, sorted_groups, strict=True):
+            self._step_group(group, hyper, op_hyper, *sets)
         return loss
 
-    def _step_group(self, group: dict, hyper: dict, op_hyper: dict) -> None:
-        # One pass over the parameters sorts them into sets, each a few parallel lists that go to
-        # one op call as they are: the step's per-parameter Python is a handful of attribute reads.
+    def _sort_group(self, group: dict, hyper: dict) -> tuple[dict, dict, list, list, list]:
+        """One pass over a group's parameters, reading only, sorts them into sets, each a few parallel
+        lists that go to one op call as they are (the step's per-parameter Python is a handful of
+        attribute reads): (DWF layer sets, plain parameter sets, and the params, gradients and
+        momentum buffers for torch's own update, and the params about to get their first momentum
+        buffer)."""
         multi = self._multi_tensor
         # As torch.optim.SGD: no per-parameter state without momentum.
         with_state = hyper["momentum"] != 0
         plain_in_one_call = multi and _PLAIN_SGD_STEP_MULTI is not None
         state = self.state
-        params, grads = [], []  # for torch's own update
-        # set key -> [factors, dL/dw, dL/dsumsq, momentum buffers, optimizer states, lazy gradient states]
+        params, grads, buffers = [], [], []  # for torch's own update
+        fresh = []  # without a momentum buffer yet: their state entries are made when the step applies
+        # set key -> [factors, dL/dw, dL/dsumsq, momentum buffers, lazy gradient states]
         fused = {}
-        plain = {}  # has buffers -> [params, grads, momentum buffers, optimizer states]
+        plain = {}  # has buffers -> [params, grads, momentum buffers]
         for p in group["params"]:
             grad = p.grad
             if grad is None:
@@ -181,8 +196,11 @@ class FusedSGD(torch.optim.SGD):
                 lazy = take_for_fused_step(grad, p)
                 if lazy is not None:
                     grad_w = _grad_w_or_zeros(lazy.grad_w, p)
-                    p_state = state[p] if with_state else _NO_STATE
-                    buffer = p_state.get("momentum_buffer")
+                    buffer = None
+                    if with_state:  # (state.get: a refused step adds no entry)
+                        buffer = state.get(p, _NO_STATE).get("momentum_buffer")
+                        if buffer is None:
+                            fresh.append(p)
                     # What one op call serves: one device, and whether the momentum buffers exist
                     # yet; on a GPU also one factor dtype, dL/dw dtype and depth (one launch). On
                     # CPU every backend takes any mix of dtypes and depths in one call.
@@ -192,55 +210,64 @@ class FusedSGD(torch.optim.SGD):
                         key = (p.device, p.dtype, grad_w.dtype, p.shape[0], buffer is not None)
                     lists = fused.get(key)
                     if lists is None:
-                        lists = fused[key] = ([], [], [], [], [], [])
+                        lists = fused[key] = ([], [], [], [], [])
                     lists[0].append(p)
                     lists[1].append(grad_w)
                     lists[2].append(lazy.grad_sumsq)
                     lists[3].append(buffer)
-                    lists[4].append(p_state)
-                    lists[5].append(lazy)
+                    lists[4].append(lazy)
                     continue
                 # Formed already (read by other code, e.g. an element-wise read or DDP): applied
                 # as a dense gradient.
                 grad = dense_of(grad)
+            buffer = None
+            if with_state:
+                buffer = state.get(p, _NO_STATE).get("momentum_buffer")
+                if buffer is None:
+                    fresh.append(p)
             if plain_in_one_call and _plain_step_takes(p, grad):
-                p_state = state[p] if with_state else _NO_STATE
-                buffer = p_state.get("momentum_buffer")
                 has_buffers = buffer is not None
                 lists = plain.get(has_buffers)
                 if lists is None:
-                    lists = plain[has_buffers] = ([], [], [], [])
+                    lists = plain[has_buffers] = ([], [], [])
                 lists[0].append(p)
                 lists[1].append(grad)
                 lists[2].append(buffer)
-                lists[3].append(p_state)
                 continue
             params.append(p)
             grads.append(grad)
+            buffers.append(buffer)
+        return fused, plain, params, grads, buffers, fresh
+
+    def _step_group(self, group, hyper, op_hyper, fused, plain, params, grads, buffers, fresh) -> None:
+        """Updates one group's parameters as _sort_group sorted them."""
+        multi = self._multi_tensor
+        state = self.state
+        for p in fresh:  # their entries, in parameter order (state_dict's keys come in torch.optim.SGD's)
+            state[p]  # noqa: B018 (state is a defaultdict: the lookup makes the entry)
         for key, lists in fused.items():
-            _step_fused_together(select(key[0].type, self._backend), lists, key[-1], op_hyper, per_layer=not multi)
+            chosen = select(key[0].type, self._backend)
+            _step_fused_together(chosen, lists, key[-1], op_hyper, not multi, state)
         for has_buffers, lists in plain.items():
-            for i in _step_plain_together(lists, has_buffers, op_hyper):  # those it left to torch's update
+            for i in _step_plain_together(lists, has_buffers, op_hyper, state):  # those it left to torch's update
                 params.append(lists[0][i])
                 grads.append(lists[1][i])
+                buffers.append(lists[2][i])
         if not params:
             return
-        # state[p] would create an empty entry (state is a defaultdict): torch.optim.SGD keeps none
-        # without momentum, and its state_dict lists none.
-        buffers = [state[p].get("momentum_buffer") for p in params] if with_state else [None] * len(params)
         # foreach=None (the default) lets torch choose as torch.optim.SGD would: its foreach and
         # per-tensor updates round bfloat16 differently.
         _torch_sgd(params, grads, buffers, foreach=group["foreach"], **hyper)
-        if with_state:
+        if hyper["momentum"] != 0:
             for p, buffer in zip(params, buffers, strict=True):
                 state[p]["momentum_buffer"] = buffer
 
 
-def _step_fused_together(chosen, lists, has_buffers: bool, hyper: dict, per_layer: bool) -> None:
-    """The fused step of a set of layers that one kernel launch can serve (lists as _step_group
+def _step_fused_together(chosen, lists, has_buffers: bool, hyper: dict, per_layer: bool, state) -> None:
+    """The fused step of a set of layers that one kernel launch can serve (lists as _sort_group
     sorts them) on the backend `chosen`: one dwf_sgd_step_multi call, or with per_layer one
-    dwf_sgd_step call per layer (multi_tensor=False)."""
-    factors, grad_w, grad_sumsq, buffers, states, lazies = lists
+    dwf_sgd_step call per layer (multi_tensor=False). A first step's new buffers go to `state`."""
+    factors, grad_w, grad_sumsq, buffers, lazies = lists
     if per_layer:
         new = [
             dwf_sgd_step(f, g, s, b, backend=chosen.name, **hyper)
@@ -253,15 +280,16 @@ def _step_fused_together(chosen, lists, has_buffers: bool, hyper: dict, per_laye
             chosen, factors, grad_w, grad_sumsq, buffers if has_buffers else None, check_apart=False, **hyper
         )
     if hyper["momentum"] != 0 and not has_buffers:  # the first step made them
-        for p_state, buffer in zip(states, new, strict=True):
-            p_state["momentum_buffer"] = buffer
+        for p, buffer in zip(factors, new, strict=True):
+            state[p]["momentum_buffer"] = buffer
     for lazy in lazies:
         lazy.consume()  # applied: releases dL/dw; reading it later is refused
 
 
-def _group_hyper(group: dict) -> tuple[dict, dict]:
-    """A param group's SGD hyper-parameters, checked: as torch's SGD takes them, and as the ops take
-    them (lr a number)."""
+def _group_hyper(group: dict, index: int) -> tuple[dict, dict]:
+    """Param group `index`'s SGD hyper-parameters, checked: as torch's SGD takes them, and as the ops
+    take them (Python floats and bools; lr may be a one-element tensor, momentum a NumPy scalar, as
+    torch.optim.SGD allows)."""
     hyper = {
         "lr": group["lr"],
         "momentum": group["momentum"],
@@ -270,10 +298,30 @@ def _group_hyper(group: dict) -> tuple[dict, dict]:
         "nesterov": group["nesterov"],
         "maximize": group["maximize"],
     }
-    lr = hyper["lr"]
-    op_hyper = dict(hyper, lr=lr.item() if isinstance(lr, torch.Tensor) else lr)
-    check_sgd_hyper(op_hyper["lr"], hyper["momentum"], hyper["dampening"], hyper["weight_decay"], hyper["nesterov"])
+    op_hyper = hyper.copy()
+    try:
+        for name in _FLOAT_HYPER:
+            if type(hyper[name]) is not float:  # (the common case costs a type check)
+                op_hyper[name] = _as_float(name, hyper[name])
+        op_hyper["nesterov"], op_hyper["maximize"] = bool(hyper["nesterov"]), bool(hyper["maximize"])
+        check_sgd_hyper(
+            op_hyper["lr"], op_hyper["momentum"], op_hyper["dampening"], op_hyper["weight_decay"], op_hyper["nesterov"]
+        )
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"FusedSGD param group {index}: {e}") from None
     return hyper, op_hyper
+
+
+def _as_float(name: str, value) -> float:
+    """A hyper-parameter as the ops take it: any real number (int, bool, NumPy scalar), or for lr a
+    one-element tensor, as a Python float."""
+    if isinstance(value, torch.Tensor) and name == "lr":
+        if value.numel() != 1:
+            raise ValueError(f"lr must be a number or a one-element tensor; got a tensor of shape {tuple(value.shape)}")
+        return float(value.item())
+    if not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number; got {type(value).__name__}")
+    return float(value)
 
 
 def _plain_step_takes(p: torch.Tensor, grad: torch.Tensor) -> bool:
@@ -293,10 +341,11 @@ def _plain_step_takes(p: torch.Tensor, grad: torch.Tensor) -> bool:
     )
 
 
-def _step_plain_together(lists, has_buffers: bool, hyper: dict) -> list[int]:
+def _step_plain_together(lists, has_buffers: bool, hyper: dict, state) -> list[int]:
     """torch.optim.SGD's update of plain CPU parameters (biases, norms), one op call for the set
-    (lists as _step_group sorts them). Returns the indices of those it left alone."""
-    params, grads, buffers, states = lists
+    (lists as _sort_group sorts them; a first step's new buffers go to `state`). Returns the
+    indices of those it left alone."""
+    params, grads, buffers = lists
     momentum = hyper["momentum"]
     init_buffer = momentum != 0 and not has_buffers
     if momentum == 0:
@@ -318,12 +367,13 @@ def _step_plain_together(lists, has_buffers: bool, hyper: dict) -> list[int]:
     left = left.tolist() if left.numel() else []
     if init_buffer:
         skip = set(left)
-        for i, (p_state, buffer) in enumerate(zip(states, buffers, strict=True)):
+        for i, (p, buffer) in enumerate(zip(params, buffers, strict=True)):
             if i not in skip:  # a buffer of a param left alone was never written
-                p_state["momentum_buffer"] = buffer
+                state[p]["momentum_buffer"] = buffer
     return left
 
 
+_FLOAT_HYPER = ("lr", "momentum", "dampening", "weight_decay")  # the ops take them as Python floats
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 _PLAIN_DTYPES = (torch.float32, torch.float64)
 _STRIDED = torch.strided

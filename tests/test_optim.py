@@ -450,13 +450,106 @@ def test_a_bad_hyper_parameter_set_after_construction_changes_nothing():
         (nn.functional.cross_entropy(m(x), y) + dwf_kernels.penalty(m, 1e-2)).backward()
     before = [p.detach().clone() for p in model.parameters()]
     optimizer.param_groups[1]["lr"] = -0.1
-    with pytest.raises(ValueError, match="lr"):
+    with pytest.raises(ValueError, match="FusedSGD param group 1: lr must be >= 0; got -0.1"):
         optimizer.step()
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before, strict=True))
     optimizer.param_groups[1]["lr"] = 0.1
     optimizer.step()
     twin.step()
     _assert_same_parameters(model, reference, exact=TORCH_CPU_FMA)
+
+
+@pytest.mark.parametrize("refusal", ["stepped-twice", "stale"])
+def test_a_refused_gradient_in_a_later_group_changes_nothing(refusal):
+    """Every group's DWF gradients are checked before any group is updated: a step refused for a
+    later group's gradient (already applied, or of factors changed since) leaves the earlier groups'
+    parameters and the optimizer state as they were."""
+    model = _model("cpu")
+    biases = [p for name, p in model.named_parameters() if not name.endswith("factors")]
+    factors = [p for name, p in model.named_parameters() if name.endswith("factors")]
+    optimizer = FusedSGD([{"params": biases}, {"params": factors}], lr=0.1, momentum=0.9)
+    x, y = _batch("cpu")
+    for _ in range(2):  # the second time with momentum buffers in the state
+        optimizer.zero_grad()
+        _loss(model, x, y).backward()
+        optimizer.step()
+    if refusal == "stale":  # (else: stepped again on the backward pass just applied)
+        optimizer.zero_grad()
+        _loss(model, x, y).backward()
+        with torch.no_grad():
+            factors[-1].mul_(1.0)  # changed in place after the backward pass
+    before = [p.detach().clone() for p in model.parameters()]
+    state = copy.deepcopy(optimizer.state_dict())
+    match = "already applied" if refusal == "stepped-twice" else "were changed in place"
+    with pytest.raises(RuntimeError, match=match):
+        optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before, strict=True))
+    after = optimizer.state_dict()
+    assert after["state"].keys() == state["state"].keys()
+    for key, entry in state["state"].items():
+        assert torch.equal(after["state"][key]["momentum_buffer"], entry["momentum_buffer"])
+
+
+def test_a_refused_first_step_adds_no_state():
+    model = _model("cpu")
+    factors = [p for name, p in model.named_parameters() if name.endswith("factors")]
+    others = [p for name, p in model.named_parameters() if not name.endswith("factors")]
+    optimizer = FusedSGD([{"params": others}, {"params": factors}], lr=0.1, momentum=0.9)
+    x, y = _batch("cpu")
+    _loss(model, x, y).backward()
+    with torch.no_grad():
+        factors[0].mul_(1.0)
+    with pytest.raises(RuntimeError, match="were changed in place"):
+        optimizer.step()
+    assert len(optimizer.state) == 0 and optimizer.state_dict()["state"] == {}
+
+
+def test_hyper_parameters_are_taken_as_torch_sgd_takes_them():
+    """NumPy scalars (a schedule computing in NumPy), ints and a bool momentum, as torch.optim.SGD
+    takes them, with the same results."""
+    np = pytest.importorskip("numpy")
+
+    def loop(model, sgd):
+        optimizer = sgd(model.parameters(), lr=np.float32(0.1), momentum=np.float64(0.9), weight_decay=0)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: np.float32(0.5) ** epoch)
+        x, y = _batch("cpu")
+        for _ in range(3):
+            optimizer.zero_grad()
+            _loss(model, x, y).backward()
+            optimizer.step()
+            schedule.step()
+        assert isinstance(optimizer.param_groups[0]["lr"], np.floating)
+
+    _both(loop)
+
+    def loop_int(model, sgd):
+        optimizer = sgd(model.parameters(), lr=1, momentum=True, dampening=np.int64(0))
+        x, y = _batch("cpu")
+        for _ in range(2):
+            optimizer.zero_grad()
+            (_loss(model, x, y) * 1e-3).backward()
+            optimizer.step()
+
+    _both(loop_int)
+
+
+def test_a_hyper_parameter_the_step_would_refuse_is_refused_at_construction():
+    """NaN passes torch.optim.SGD's checks (and turns every parameter into NaN); FusedSGD refuses it
+    when the group is added, naming the group and the argument, and keeps no group it refused."""
+    params = list(_model("cpu").parameters())
+    for name in ("lr", "momentum", "weight_decay", "dampening"):
+        with pytest.raises(ValueError, match=f"FusedSGD param group 0: {name} must be >= 0; got nan"):
+            FusedSGD(params, **{"lr": 0.1, name: float("nan")})
+    optimizer = FusedSGD(params[:2], lr=0.1)
+    with pytest.raises(ValueError, match="FusedSGD param group 1: lr must be >= 0; got nan"):
+        optimizer.add_param_group({"params": params[2:], "lr": float("nan")})
+    with pytest.raises(TypeError, match="FusedSGD param group 1: momentum must be a real number; got str"):
+        optimizer.add_param_group({"params": params[2:], "momentum": "0.9"})
+    assert len(optimizer.param_groups) == 1
+    optimizer.add_param_group({"params": params[2:]})
+    optimizer.param_groups[1]["lr"] = torch.tensor([0.1, 0.2])
+    with pytest.raises(ValueError, match="param group 1: lr must be a number or a one-element tensor"):
+        optimizer.step()
 
 
 # Ordinary PyTorch patterns: the factor gradient is an ordinary (lazy) gradient, so each behaves as
@@ -658,7 +751,7 @@ def test_stepping_twice_on_one_backward_is_refused():
     x, y = _batch("cpu")
     _loss(model, x, y).backward()
     optimizer.step()
-    with pytest.raises(RuntimeError, match="called again without clearing the gradients"):
+    with pytest.raises(RuntimeError, match=r"step\(\) was called again on the same backward pass"):
         optimizer.step()
 
 
@@ -677,7 +770,7 @@ def test_a_gradient_outliving_the_step_is_refused():
     _loss(model, x, y).backward()  # adds to the applied gradient (no zero_grad()): refused when used
     with pytest.raises(RuntimeError, match="already applied by FusedSGD.step"):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    with pytest.raises(RuntimeError, match="called again without clearing the gradients"):
+    with pytest.raises(RuntimeError, match=r"a backward pass ran after step\(\) without the gradients being cleared"):
         optimizer.step()
     optimizer.zero_grad()
     _loss(model, x, y).backward()

@@ -300,15 +300,19 @@ def test_buffers_given_with_momentum_0_are_still_checked(device, backend):
     assert all(not b.any() for b in buffers), "momentum 0 leaves the buffers alone"
 
 
-@pytest.mark.filterwarnings("ignore:optimizer contains a parameter group with duplicate parameters")
+@pytest.mark.filterwarnings("error")  # refused before torch's warning that this will become an error
 def test_fused_sgd_refuses_a_parameter_listed_twice():
     model = dwf_kernels.factorize(nn.Sequential(nn.Linear(4, 4)), 3)
     with pytest.raises(ValueError, match="holds the same parameter more than once"):
         FusedSGD([model[0].factors, model[0].factors], lr=0.1)
+    with pytest.raises(ValueError, match="holds the same parameter more than once"):
+        FusedSGD(p for p in [model[0].factors, model[0].bias, model[0].factors])
     optimizer = FusedSGD([model[0].factors], lr=0.1)
     with pytest.raises(ValueError, match="holds the same parameter more than once"):
         optimizer.add_param_group({"params": [model[0].bias, model[0].bias]})
     assert len(optimizer.param_groups) == 1
+    optimizer.add_param_group({"params": (p for p in [model[0].bias])})  # an iterator, read once
+    assert optimizer.param_groups[1]["params"] == [model[0].bias]
 
 
 # The parameters that are not DWF factors (biases, norms): FusedSGD updates the plain float32 and
