@@ -130,10 +130,10 @@ def test_optimizer_state_holds_what_torch_sgds_holds(momentum, multi_tensor):
             loss.backward()
             optimizer.step()
         state = optimizer.state_dict()["state"]
-        states.append({i: sorted(s) for i, s in state.items()})
+        states.append([(i, sorted(s)) for i, s in state.items()])  # in torch's order too
         assert len(optimizer.state) == len(state)
     assert states[0] == states[1]
-    assert states[0] == ({} if momentum == 0 else {i: ["momentum_buffer"] for i in range(len(params) - 1)})
+    assert states[0] == ([] if momentum == 0 else [(i, ["momentum_buffer"]) for i in range(len(params) - 1)])
 
 
 def test_gradient_accumulation_and_a_layer_used_twice():
