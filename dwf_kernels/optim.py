@@ -32,7 +32,7 @@ Refused, with an error saying why: reading or accumulating into a factor gradien
 factors changed in place (it was computed from the old factors: clear gradients after each step),
 including calling step() twice on one backward pass (torch.optim.SGD would apply the same
 gradient twice; FusedSGD has applied and released it), and NaN hyper-parameters (torch.optim.SGD
-accepts them), when the param group is added. A refused step changes nothing in any param group.
+accepts them), when the param group is added. A step refused for these changes nothing in any param group.
 
 The fusion applies to eager and compiled forwards alike: under torch.compile (fullgraph too) the
 layer's product is one opaque op whose backward leaves the same lazy gradient. The other
@@ -138,14 +138,11 @@ class FusedSGD(torch.optim.SGD):
         params = param_group.get("params") if isinstance(param_group, dict) else None
         if params is not None and not isinstance(params, (torch.Tensor, set)):  # torch refuses sets itself
             params = param_group["params"] = list(params)  # as torch does; an iterator is read once
-            if len({id(p) for p in params}) != len(params):
-                # torch only warns; stepping one parameter twice per step in one multi-layer launch
-                # would race (the per-parameter loop steps it twice in turn).
-                raise ValueError(
-                    "FusedSGD: a parameter group holds the same parameter more than once; list each parameter once"
-                )
+            # Before torch's add_param_group, which only warns (entries may be (name, param) pairs).
+            _refuse_duplicates([p[1] if isinstance(p, tuple) and len(p) == 2 else p for p in params])
         super().add_param_group(param_group)
         try:
+            _refuse_duplicates(self.param_groups[-1]["params"])  # as torch unpacked them
             # Hyper-parameters torch.optim.SGD accepts but the step would refuse (NaN) fail here.
             _group_hyper(self.param_groups[-1], len(self.param_groups) - 1)
         except (TypeError, ValueError):
@@ -165,19 +162,19 @@ class FusedSGD(torch.optim.SGD):
                 loss = closure()
         # Every group's hyper-parameters and gradients are checked before any group is updated (a
         # group edited after construction may hold bad ones; a DWF factor gradient may be stale or
-        # already applied): a refused step changes nothing.
+        # already applied): a step refused for these changes nothing.
         hypers = [_group_hyper(group, i) for i, group in enumerate(self.param_groups)]
         sorted_groups = [self._sort_group(group, hyper) for group, (hyper, _) in zip(self.param_groups, hypers)]
         for group, (hyper, op_hyper), sets in zip(self.param_groups, hypers, sorted_groups, strict=True):
             self._step_group(group, hyper, op_hyper, *sets)
         return loss
 
-    def _sort_group(self, group: dict, hyper: dict) -> tuple[dict, dict, list, list, list]:
+    def _sort_group(self, group: dict, hyper: dict) -> tuple[list, dict, list, list, list, list]:
         """One pass over a group's parameters, reading only, sorts them into sets, each a few parallel
         lists that go to one op call as they are (the step's per-parameter Python is a handful of
-        attribute reads): (DWF layer sets, plain parameter sets, and the params, gradients and
-        momentum buffers for torch's own update, and the params about to get their first momentum
-        buffer)."""
+        attribute reads): (DWF layer sets with the backend each runs on, plain parameter sets, the
+        params, gradients and momentum buffers for torch's own update, and the params about to get
+        their first momentum buffer)."""
         multi = self._multi_tensor
         # As torch.optim.SGD: no per-parameter state without momentum.
         with_state = hyper["momentum"] != 0
@@ -237,6 +234,9 @@ class FusedSGD(torch.optim.SGD):
             params.append(p)
             grads.append(grad)
             buffers.append(buffer)
+        # The backends chosen here, where a refusal (e.g. a backend that cannot run these tensors)
+        # still changes nothing.
+        fused = [(select(key[0].type, self._backend), lists, key[-1]) for key, lists in fused.items()]
         return fused, plain, params, grads, buffers, fresh
 
     def _step_group(self, group, hyper, op_hyper, fused, plain, params, grads, buffers, fresh) -> None:
@@ -245,9 +245,8 @@ class FusedSGD(torch.optim.SGD):
         state = self.state
         for p in fresh:  # their entries, in parameter order (state_dict's keys come in torch.optim.SGD's)
             state[p]  # noqa: B018 (state is a defaultdict: the lookup makes the entry)
-        for key, lists in fused.items():
-            chosen = select(key[0].type, self._backend)
-            _step_fused_together(chosen, lists, key[-1], op_hyper, not multi, state)
+        for chosen, lists, has_buffers in fused:
+            _step_fused_together(chosen, lists, has_buffers, op_hyper, not multi, state)
         for has_buffers, lists in plain.items():
             for i in _step_plain_together(lists, has_buffers, op_hyper, state):  # those it left to torch's update
                 params.append(lists[0][i])
@@ -284,6 +283,15 @@ def _step_fused_together(chosen, lists, has_buffers: bool, hyper: dict, per_laye
             state[p]["momentum_buffer"] = buffer
     for lazy in lazies:
         lazy.consume()  # applied: releases dL/dw; reading it later is refused
+
+
+def _refuse_duplicates(params) -> None:
+    # torch only warns; stepping one parameter twice per step in one multi-layer launch would race
+    # (the per-parameter loop steps it twice in turn).
+    if len({id(p) for p in params}) != len(params):
+        raise ValueError(
+            "FusedSGD: a parameter group holds the same parameter more than once; list each parameter once"
+        )
 
 
 def _group_hyper(group: dict, index: int) -> tuple[dict, dict]:
@@ -378,7 +386,7 @@ _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 _PLAIN_DTYPES = (torch.float32, torch.float64)
 _STRIDED = torch.strided
 _CPU_KEYS = ((torch.device("cpu"), False), (torch.device("cpu"), True))  # indexed by: has buffers
-_NO_STATE: dict = {}  # the state of every parameter without momentum (read, never written)
+_NO_STATE: dict = {}  # the state of a parameter without an entry (read, never written)
 # The one-call update of plain parameters: the C++ extension's CPU op, where it is loaded and rounds
 # as torch does, i.e. where ATen's CPU kernels run with FMA (AVX2, AVX-512): its a + x * b is one
 # rounding there, two in ATen's baseline kernels.

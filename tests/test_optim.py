@@ -465,9 +465,10 @@ def test_a_refused_gradient_in_a_later_group_changes_nothing(refusal):
     later group's gradient (already applied, or of factors changed since) leaves the earlier groups'
     parameters and the optimizer state as they were."""
     model = _model("cpu")
-    biases = [p for name, p in model.named_parameters() if not name.endswith("factors")]
+    first = list(model[0].parameters())  # a DWF layer and its bias
+    rest = [p for p in model.parameters() if all(p is not q for q in first)]
+    optimizer = FusedSGD([{"params": first}, {"params": rest}], lr=0.1, momentum=0.9)
     factors = [p for name, p in model.named_parameters() if name.endswith("factors")]
-    optimizer = FusedSGD([{"params": biases}, {"params": factors}], lr=0.1, momentum=0.9)
     x, y = _batch("cpu")
     for _ in range(2):  # the second time with momentum buffers in the state
         optimizer.zero_grad()
@@ -488,6 +489,25 @@ def test_a_refused_gradient_in_a_later_group_changes_nothing(refusal):
     assert after["state"].keys() == state["state"].keys()
     for key, entry in state["state"].items():
         assert torch.equal(after["state"][key]["momentum_buffer"], entry["momentum_buffer"])
+    if refusal == "stale":  # the earlier group's gradient is still there to apply
+        assert model[0].factors.grad.status == "lazy"
+
+
+def test_a_step_refused_for_its_backend_changes_nothing():
+    """A backend that cannot run the factors (the cuda backend, CPU tensors) is refused before any
+    group is updated: no parameter moves, no state entry appears, the gradients stay unapplied."""
+    model = _model("cpu")
+    factors = [p for name, p in model.named_parameters() if name.endswith("factors")]
+    others = [p for name, p in model.named_parameters() if not name.endswith("factors")]
+    optimizer = FusedSGD([{"params": others}, {"params": factors}], lr=0.1, momentum=0.9, backend="cuda")
+    x, y = _batch("cpu")
+    _loss(model, x, y).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="backend 'cuda' runs CUDA tensors"):
+        optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before, strict=True))
+    assert len(optimizer.state) == 0
+    assert all(p.grad.status == "lazy" for p in factors)
 
 
 def test_a_refused_first_step_adds_no_state():

@@ -307,6 +307,8 @@ def test_fused_sgd_refuses_a_parameter_listed_twice():
         FusedSGD([model[0].factors, model[0].factors], lr=0.1)
     with pytest.raises(ValueError, match="holds the same parameter more than once"):
         FusedSGD(p for p in [model[0].factors, model[0].bias, model[0].factors])
+    with pytest.raises(ValueError, match="holds the same parameter more than once"):  # named, as torch takes them
+        FusedSGD([*model.named_parameters(), ("again", model[0].factors)], lr=0.1)
     optimizer = FusedSGD([model[0].factors], lr=0.1)
     with pytest.raises(ValueError, match="holds the same parameter more than once"):
         optimizer.add_param_group({"params": [model[0].bias, model[0].bias]})
