@@ -328,7 +328,9 @@ def _as_float(name: str, value) -> float:
             raise ValueError(f"lr must be a number or a one-element tensor; got a tensor of shape {tuple(value.shape)}")
         return float(value.item())
     if not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number; got {type(value).__name__}")
+        kind = type(value)
+        kind = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+        raise TypeError(f"{name} must be a real number; got {kind}")
     return float(value)
 
 

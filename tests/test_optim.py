@@ -565,6 +565,8 @@ def test_a_hyper_parameter_the_step_would_refuse_is_refused_at_construction():
         optimizer.add_param_group({"params": params[2:], "lr": float("nan")})
     with pytest.raises(TypeError, match="FusedSGD param group 1: momentum must be a real number; got str"):
         optimizer.add_param_group({"params": params[2:], "momentum": "0.9"})
+    with pytest.raises(TypeError, match="weight_decay must be a real number; got torch.Tensor"):
+        optimizer.add_param_group({"params": params[2:], "weight_decay": torch.tensor(0.1)})
     assert len(optimizer.param_groups) == 1
     optimizer.add_param_group({"params": params[2:]})
     optimizer.param_groups[1]["lr"] = torch.tensor([0.1, 0.2])
