@@ -138,11 +138,11 @@ class FusedSGD(torch.optim.SGD):
         params = param_group.get("params") if isinstance(param_group, dict) else None
         if params is not None and not isinstance(params, (torch.Tensor, set)):  # torch refuses sets itself
             params = param_group["params"] = list(params)  # as torch does; an iterator is read once
-            # Before torch's add_param_group, which only warns (entries may be (name, param) pairs).
-            _refuse_duplicates([p[1] if isinstance(p, tuple) and len(p) == 2 else p for p in params])
+            # Before torch's add_param_group, which only warns; entries may be (name, param) pairs,
+            # unpacked as torch unpacks them.
+            _refuse_duplicates([p[1] if isinstance(p, tuple) else p for p in params])
         super().add_param_group(param_group)
         try:
-            _refuse_duplicates(self.param_groups[-1]["params"])  # as torch unpacked them
             # Hyper-parameters torch.optim.SGD accepts but the step would refuse (NaN) fail here.
             _group_hyper(self.param_groups[-1], len(self.param_groups) - 1)
         except (TypeError, ValueError):
@@ -189,15 +189,15 @@ class FusedSGD(torch.optim.SGD):
             grad = p.grad
             if grad is None:
                 continue
+            buffer = None
+            if with_state:  # (state.get: a refused step adds no entry)
+                buffer = state.get(p, _NO_STATE).get("momentum_buffer")
+                if buffer is None:
+                    fresh.append(p)
             if type(grad) is LazyFactorGrad:
                 lazy = take_for_fused_step(grad, p)
                 if lazy is not None:
                     grad_w = _grad_w_or_zeros(lazy.grad_w, p)
-                    buffer = None
-                    if with_state:  # (state.get: a refused step adds no entry)
-                        buffer = state.get(p, _NO_STATE).get("momentum_buffer")
-                        if buffer is None:
-                            fresh.append(p)
                     # What one op call serves: one device, and whether the momentum buffers exist
                     # yet; on a GPU also one factor dtype, dL/dw dtype and depth (one launch). On
                     # CPU every backend takes any mix of dtypes and depths in one call.
@@ -217,11 +217,6 @@ class FusedSGD(torch.optim.SGD):
                 # Formed already (read by other code, e.g. an element-wise read or DDP): applied
                 # as a dense gradient.
                 grad = dense_of(grad)
-            buffer = None
-            if with_state:
-                buffer = state.get(p, _NO_STATE).get("momentum_buffer")
-                if buffer is None:
-                    fresh.append(p)
             if plain_in_one_call and _plain_step_takes(p, grad):
                 has_buffers = buffer is not None
                 lists = plain.get(has_buffers)
