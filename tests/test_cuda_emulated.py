@@ -14,11 +14,12 @@ against a host emulation of CUDA's threads, barriers and warp shuffles. These te
 - a misaligned vector access, which faults on a GPU, fails the launch (x86 would tolerate it);
 - the launches themselves (recorded by the emulation: grid, block size, widest memory access):
   the vector path whenever n % (16 / element size) == 0, grids sized from the occupancy query
-  (asked once per kernel and device), and no reduction launch the forward does not need.
+  (asked once per kernel and device) but the backward's one thread per pack, and no reduction
+  launch the forward does not need.
 
-`multiprocessors` sizes the grid as on a GPU with that many SMs; the emulated occupancy is
-BLOCKS_PER_SM blocks of 256 threads per SM, so with 1, inputs past 768 packs take several
-grid-stride iterations.
+`multiprocessors` sizes the grid as on a GPU with that many SMs (all kernels but the backward); the
+emulated occupancy is BLOCKS_PER_SM blocks of 256 threads per SM, so with 1, inputs past 768 packs
+take several grid-stride iterations there.
 """
 
 from __future__ import annotations
@@ -71,8 +72,8 @@ def assert_identical(actual: torch.Tensor, expected: torch.Tensor, what: str) ->
 DEPTHS = [1, 2, 3, 4, 5, 8, 9, 12, 13, 16]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 # 7: scalar path (n % V != 0), one block. 4096: packs in every dtype, 2-3 blocks. 12296 = 8 * 1537:
-# packs in every dtype, and with multiprocessors=1 (3 blocks) several grid-stride iterations.
-# 12301: scalar path with grid stride.
+# packs in every dtype, and with multiprocessors=1 (3 blocks) several grid-stride iterations (of the
+# forward and the SGD step; the backward covers its work). 12301: scalar path with grid stride.
 SIZES = [7, 4096, 12296, 12301]
 
 
@@ -357,10 +358,13 @@ def test_rows_aligned_to_16_bytes_take_the_vector_path(emulated, dtype, io_dtype
     assert_identical(grad, CPU_OPS.dwf_backward(factors, grad_w, s), "grad (element-wise)")
 
 
-@pytest.mark.parametrize("op", ["forward", "backward", "sgd_step"])
-def test_grid_is_the_resident_blocks_capped_by_the_work(emulated, op):
-    """grid = min(ceil(packs / 256), occupancy x SMs); here the occupancy is the emulated 3 per SM."""
+@pytest.mark.parametrize("op", ["forward", "grad_sumsq", "backward", "sgd_step"])
+def test_grid_is_the_resident_blocks_capped_by_the_work_but_the_backwards(emulated, op):
+    """The forward, the gradient norm and the SGD step: grid = min(ceil(packs / 256), occupancy x
+    SMs), here the emulated 3 per SM. The backward: ceil(packs / 256), one thread per pack,
+    whatever the SMs."""
     multiprocessors = 2
+    resident = op != "backward"
 
     def grid(n: int) -> int:
         factors = make_factors(2, (n,), torch.float32, "cpu", seed=n)
@@ -368,19 +372,24 @@ def test_grid_is_the_resident_blocks_capped_by_the_work(emulated, op):
         _launches(emulated)
         if op == "forward":
             emulated.forward(factors, None, False, multiprocessors)
+        elif op == "grad_sumsq":
+            emulated.grad_sumsq(factors, grad_w, None, multiprocessors)
         elif op == "backward":
             emulated.backward(factors, grad_w, None, multiprocessors)
         else:
             emulated.sgd_step(factors, None, grad_w, None, 0.1, 0.0, 0.0, 0.0, False, False, False, multiprocessors)
-        (launch,) = _launches(emulated)
-        assert launch[1] == 256
-        return launch[0]
+        launches = _launches(emulated)
+        # One launch, but the gradient norm's partials of a grid of several blocks: a second sums them.
+        assert len(launches) == (2 if op == "grad_sumsq" and launches[0][0] > 1 else 1), launches
+        assert launches[0][1] == 256
+        return launches[0][0]
 
     assert grid(4 * 256 * 2) == 2  # 512 packs of 4 floats: two blocks cover them
     assert grid(4 * 256 * 6) == 6  # exactly the resident blocks
-    assert grid(4 * 256 * 7) == BLOCKS_PER_SM * multiprocessors  # 7 blocks of work, 6 resident
-    assert grid(4 * 256 * 100) == BLOCKS_PER_SM * multiprocessors
-    assert grid(4 * 256 * 2 + 1) == BLOCKS_PER_SM * multiprocessors  # scalar path: 2049 packs of one
+    assert grid(4 * 256 * 7) == (BLOCKS_PER_SM * multiprocessors if resident else 7)  # 6 resident
+    assert grid(4 * 256 * 100) == (BLOCKS_PER_SM * multiprocessors if resident else 100)
+    # The scalar path: 2049 packs of one element.
+    assert grid(4 * 256 * 2 + 1) == (BLOCKS_PER_SM * multiprocessors if resident else 9)
     assert grid(5) == 1
 
 
@@ -395,8 +404,10 @@ def test_occupancy_is_asked_once_per_kernel_and_device(emulated):
         emulated.forward(factors, None, True, device)
         emulated.forward(factors, None, False, device)  # the same kernel
     assert emulated.occupancy_queries() == start + 1
-    emulated.backward(factors, grad_w, None, device)
-    emulated.backward(factors, grad_w, None, device)
+    emulated.backward(factors, grad_w, None, device)  # covers its work: asks nothing
+    assert emulated.occupancy_queries() == start + 1
+    for _ in range(2):
+        emulated.sgd_step(factors.clone(), None, grad_w, None, 0.1, 0.0, 0.0, 0.0, False, False, False, device)
     assert emulated.occupancy_queries() == start + 2
     emulated.forward(factors, None, True, device + 1)
     assert emulated.occupancy_queries() == start + 3

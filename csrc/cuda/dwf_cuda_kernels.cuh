@@ -5,11 +5,12 @@
 // (16 bytes of factors) when fits_packs holds for all the op's operands, i.e. n % V == 0 and every
 // base pointer is aligned to its pack (one vector access per operand row per pack), else V = 1
 // (plain coalesced accesses), so any view works; dispatch_pack (dwf_dispatch.h) picks the kernel.
-// Per element the math is dwf_math.h's, the same templates the CPU kernels run. The grid is as
-// many blocks as the device holds at once for that kernel (its occupancy, asked once per kernel
-// and device), fewer when the work is smaller. sumsq: each block writes one partial to its own
-// slot, then one block sums the partials in a fixed order: deterministic, no floating-point atomics
-// (a one-block grid writes sumsq directly; without sumsq nothing is reduced).
+// Per element the math is dwf_math.h's, the same templates the CPU kernels run. The backward
+// launches one thread per pack (grid_covering); the other kernels as many blocks as the device
+// holds at once for that kernel (its occupancy, asked once per kernel and device; grid_for), fewer
+// when the work is smaller. sumsq: each block writes one partial to its own slot, then one block
+// sums the partials in a fixed order: deterministic, no floating-point atomics (a one-block grid
+// writes sumsq directly; without sumsq nothing is reduced).
 //
 // The kernels and launch helpers are built twice:
 //   dwf_cuda.cu      nvcc; launches on the current CUDA stream (CudaLauncher)
@@ -95,10 +96,20 @@ inline int64_t grid_for(int64_t packs, int64_t resident) {
   return std::max<int64_t>(1, std::min<int64_t>(needed, resident));
 }
 
-// The grid for `kernel` over `packs` packs on the launcher's device.
+// The grid for `kernel` over `packs` packs on the launcher's device: the forward and the gradient
+// norm (their sumsq partials are one per block) and the one-layer SGD step.
 template <typename Launcher, typename... Params>
 int64_t grid_for(const Launcher& launcher, void (*kernel)(Params...), int64_t packs) {
   return grid_for(packs, resident_blocks(launcher, kernel, kThreads));
+}
+
+// The backward's grid: one thread per pack, all blocks of the work in one launch (the grid-stride
+// loop iterates only past INT32_MAX blocks). Measured on an H200 with the backward's loop standalone
+// (bench/cuda_backward_variants.cu, D=4, N=2^26, fp32): over a grid of the resident blocks it moved
+// its 9N elements at 93% of the copy bandwidth, over two or four waves of them at 94-95%, over one
+// block per 256 packs at 99.5%. The one-layer SGD step (in place, 17N) is not yet measured so.
+inline int64_t grid_covering(int64_t packs) {
+  return grid_for(packs, int64_t(INT32_MAX));
 }
 
 // Deterministic block sum: fixed shuffle tree within warps, then the warp sums in order.

@@ -1,8 +1,9 @@
 // The host code that plans and launches the kernels of dwf_cuda_kernels.cuh: run_forward / run_backward /
-// run_sgd_step / run_grad_sumsq pick the depth and pack width, size the grid (grid_for) and reduce
-// sumsq's per-block partials. Each takes a Launcher (see dwf_cuda_kernels.cuh), so the same code
-// serves dwf_cuda.cu (nvcc, the current CUDA stream) and the host emulation of the CPU test suite
-// (tests/cuda_emulation/). The ops' arguments are validated (dwf_dispatch.h) before run_* is called.
+// run_sgd_step / run_grad_sumsq pick the depth and pack width, size the grid (grid_for, or
+// grid_covering for the backward) and reduce sumsq's per-block partials. Each takes a Launcher (see
+// dwf_cuda_kernels.cuh), so the same code serves dwf_cuda.cu (nvcc, the current CUDA stream) and
+// the host emulation of the CPU test suite (tests/cuda_emulation/). The ops' arguments are
+// validated (dwf_dispatch.h) before run_* is called.
 #pragma once
 
 #include <optional>
@@ -86,7 +87,7 @@ at::Tensor run_backward(const at::Tensor& factors_arg, const at::Tensor& grad_w_
     dispatch_depth_and_pack<T>(depth, fits_packs<T>(n, F, GW, GF), [&](auto kd, auto kv) {
       constexpr int kV = decltype(kv)::value;
       const auto kernel = dwf_backward_kernel<decltype(kd)::value, T, G, kV>;
-      launcher.launch(kernel, grid_for(launcher, kernel, n / kV), kThreads, F, GW, GF, S, n, int(depth));
+      launcher.launch(kernel, grid_covering(n / kV), kThreads, F, GW, GF, S, n, int(depth));
     });
   });
   return grad_factors;

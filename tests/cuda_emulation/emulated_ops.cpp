@@ -3,7 +3,8 @@
 // sgd_step / sum_partials, and launches / occupancy_queries to observe them. Built by
 // tests/test_cuda_emulated.py. `multiprocessors` sets the SM count of the emulated device; its
 // occupancy is kBlocksPerMultiprocessor for every kernel, so grid = min(packs / 256,
-// kBlocksPerMultiprocessor * multiprocessors) and small inputs take several grid-stride iterations.
+// kBlocksPerMultiprocessor * multiprocessors) and small inputs take several grid-stride iterations
+// (all kernels but the backward, which launches one thread per pack).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
