@@ -10,12 +10,14 @@
 #              each backend's fused backward followed by torch.optim.SGD(fused=True); every case is
 #              checked against the reference once, then timed on the device (CUDA events around
 #              back-to-back calls); one pytest run, with its own copy baseline, per mode
+#   variants   bench/cuda_backward_variants.cu (nvcc): the backward's and the SGD step's loop in
+#              several launch shapes against the copy bandwidth (cuda-backward-variants.md)
+#   tests      the CUDA and the Triton tests, two pytest processes side by side (-k cuda and
+#              -k triton over the suite, the GPU-only file tests/test_gpu.py included)
 #   step       training steps: dense + torch.optim.SGD(fused=True) against DWF D=4 + FusedSGD,
 #              LeNet-300-100, VGG-16, ResNet-18 (results written case by case), run eagerly and
 #              replayed as one CUDA graph per step
 #   launch     host time per call of the triton backend, and an empty Triton kernel's launch
-#   tests      the CUDA and the Triton tests, two pytest processes side by side (-k cuda and
-#              -k triton over the suite, the GPU-only file tests/test_gpu.py included)
 #   fusedsgd   FusedSGD.step() alone, all layers in one op call against one per layer
 #              (bench/fused_sgd_step.py: 64 layers of 64x64, ResNet-18)
 #   ncu        Nsight Compute on the fused SGD step's kernels of both backends (bench/ncu_sgd.py)
@@ -86,7 +88,8 @@ summarize() {
     echo "| stage | status | seconds | note |"
     echo "|---|---|---|---|"
     tail -n +2 "$STAGES" | awk -F'\t' '{printf "| %s | %s | %s | %s |\n", $1, $2, $3, $4}'
-    for f in gpu-goals.md tests-cuda.summary tests-triton.summary launch.summary gpu-fused-sgd-step.md; do
+    for f in gpu-goals.md cuda-backward-variants.md tests-cuda.summary tests-triton.summary launch.summary \
+      gpu-fused-sgd-step.md; do
       [[ -s $WORK/$f ]] && { echo; echo "## $f"; echo; cat "$WORK/$f"; }
     done
   } > "$WORK/summary.md"
@@ -279,6 +282,24 @@ bench() {
   fi
 }
 
+# Standalone launch-shape variants of the CUDA backward and SGD step (CUDA toolkit only). A dry run
+# compiles them and runs nothing.
+variants() {
+  local nvcc
+  nvcc=$(command -v nvcc || ls /usr/local/cuda/bin/nvcc 2> /dev/null | head -1)
+  [[ -n $nvcc ]] || { note "nvcc not found"; return 0; }
+  bounded "$nvcc" -O3 -arch=sm_90 -std=c++17 -o "$WORK/variants" bench/cuda_backward_variants.cu || return 1
+  if [[ $DRY == 1 ]]; then
+    note "dry run: compiled, not run (no GPU)"
+    return 0
+  fi
+  bounded "$WORK/variants" 26 > "$WORK/cuda-backward-variants.md" 2>&1
+  local status=$?
+  rm -f "$WORK/variants"
+  cat "$WORK/cuda-backward-variants.md"
+  return $status
+}
+
 launch() {
   [[ $DRY == 1 ]] && note "dry run: the launch is stubbed (no GPU)"
   bounded "$PY" -m pytest bench/test_bench_launch.py -q -p no:warnings -p no:cacheprovider \
@@ -302,7 +323,11 @@ tests() {
     --ignore=tests/test_triton_codegen.py --ignore=tests/test_gpu_check.py)
   local common=(tests -q -p no:cacheprovider -rfE "${ignore[@]}")
   local xdist=()
-  "$PY" -c "import xdist" 2> /dev/null && xdist=(-n "${TEST_WORKERS:-8}" --dist loadfile)
+  # --dist load, not loadfile: tests/test_ops.py alone holds more than half of the Triton tests, and
+  # one worker running them in turn outlasted the stage (240 s on an H200, 2026-11-28).
+  "$PY" -c "import xdist" 2> /dev/null && xdist=(-n "${TEST_WORKERS:-12}" --dist load)
+  # The two pytest runs end 10 s before the stage's timeout, so a run cut off still gets its summary.
+  local STAGE_END=$((STAGE_END - 10))
   if [[ $DRY == 1 ]]; then
     note "dry run: no GPU, the two selections are only collected"
     common+=(--collect-only)
@@ -316,8 +341,18 @@ tests() {
   local cuda_status=$?
   wait $triton
   local triton_status=$?
+  local -A family_status=([cuda]=$cuda_status [triton]=$triton_status)
   for family in cuda triton; do
-    grep -E "passed|failed|error|no tests ran|collected|tests? collected|[0-9]+ tests?" "$WORK/tests-$family.log" | tail -1 > "$WORK/tests-$family.summary"
+    if [[ ${family_status[$family]} == 124 || ${family_status[$family]} == 137 ]]; then
+      # No final line: count the progress characters (. passed, F failed, E error, s skipped).
+      awk '/^[.FEsxX]+( +\[ *[0-9]+%\])?$/ {s = s $1} END {
+             n = length(s); passed = gsub(/\./, "", s); failed = gsub(/F/, "", s); errors = gsub(/E/, "", s)
+             printf "cut off by the stage'"'"'s time limit after %d tests (%d passed, %d failed, %d with errors)\n",
+               n, passed, failed, errors}' \
+        "$WORK/tests-$family.log" > "$WORK/tests-$family.summary"
+    else
+      grep -E "passed|failed|error|no tests ran|collected|tests? collected|[0-9]+ tests?" "$WORK/tests-$family.log" | tail -1 > "$WORK/tests-$family.summary"
+    fi
     grep -E "^(FAILED|ERROR) " "$WORK/tests-$family.log" | head -30 >> "$WORK/tests-$family.summary"
     echo "$family: $(head -1 "$WORK/tests-$family.summary")"
   done
@@ -326,7 +361,9 @@ tests() {
 }
 
 step() {
-  local args=(--models lenet300,vgg16,resnet18 --variants dense,dwf-fused,dwf-fused-sgd)
+  # The goal's two variants: each case is a fresh process (CUDA and cuDNN start-up included), and
+  # the three variants eager plus two as graphs took 197 s on an H200 machine.
+  local args=(--models lenet300,vgg16,resnet18 --variants dense,dwf-fused-sgd)
   if [[ $DRY == 1 ]]; then
     args=(--models lenet300 --variants dense,dwf-fused-sgd --rounds 3 --warmup 1)
     note "dry run: LeNet-300-100 only, 3 rounds"
@@ -388,13 +425,14 @@ more() {
 # what the resource report reads.
 TRITON_CACHE_DIR=$(mktemp -d "${TMPDIR:-/tmp}/dwf-triton-cache.XXXXXX")
 export DRY PY PREBUILT WORK TRITON_CACHE_DIR
-export -f note bounded extension_ok resources preflight extension bench_modes bench_run report bench launch tests step fusedsgd ncu_sgd more
+export -f note bounded extension_ok resources preflight extension bench_modes bench_run report bench variants launch tests step fusedsgd ncu_sgd more
 stage preflight 60 5 preflight
 stage extension 300 20 extension
 stage bench 240 30 bench
+stage variants 45 15 variants
+stage tests 240 15 tests
 stage step 240 20 step
 stage launch 45 10 launch
-stage tests 240 15 tests
 stage fusedsgd 60 20 fusedsgd
 stage ncu 90 20 ncu_sgd
 stage more 600 15 more

@@ -15,7 +15,7 @@ import tarfile
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = ["preflight", "extension", "bench", "step", "launch", "tests", "fusedsgd", "ncu", "more"]
+STAGES = ["preflight", "extension", "bench", "variants", "tests", "step", "launch", "fusedsgd", "ncu", "more"]
 
 pytest.importorskip("pytest_benchmark")
 

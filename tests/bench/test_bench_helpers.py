@@ -218,10 +218,15 @@ def test_tests_goal_table_reads_pytest_summaries(tmp_path):
     green.write_text("950 passed, 2720 deselected, 17 warnings in 67.58s\n")
     red.write_text("1 failed, 963 passed in 127.00s\nFAILED tests/test_gpu.py::test_x[cuda-triton]\n")
     cut.write_text("")
-    lines = report.tests_goal_table([str(green), str(red), str(cut)]).splitlines()[2:]
+    # A run stopped by a time limit: a count of progress marks, not pytest's final line.
+    stopped = tmp_path / "tests-y.summary"
+    stopped.write_text("cut off by the call's 175 s limit after 964 tests (964 passed)\n")
+    lines = report.tests_goal_table([str(green), str(red), str(cut), str(stopped)]).splitlines()[2:]
     assert lines[0] == (
         "| every cuda test passes on the device | cuda | 950 passed, 2720 deselected, 17 warnings in 67.58s | yes |"
     )
     assert lines[1].startswith("| every triton test passes on the device | triton | 1 failed"), lines[1]
     assert lines[1].endswith("| NO |"), lines[1]
     assert lines[2].endswith("| no result (the run was cut off) | NO |")
+    assert lines[3].startswith("| every y test passes on the device | y | cut off by"), lines[3]
+    assert lines[3].endswith("| NO |"), lines[3]
