@@ -53,81 +53,69 @@ __device__ __forceinline__ void pack_gradients(const float4 (&f)[kD], float4 g, 
   }
 }
 
-// U packs per thread per iteration, all loads issued before any math. Grid-stride when the grid is
-// smaller than the work.
+// The U packs of the thread at `base`: D factors, D buffers (when B is given) and grad_w, every load
+// issued before any math.
 template <int U>
+__device__ __forceinline__ void load_packs(const float4* F, const float4* B,
+                                           const float4* __restrict__ GW, int64_t base, int64_t packs,
+                                           float4 (&f)[U][kD], float4 (&b)[U][kD], float4 (&g)[U]) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int64_t p = base + int64_t(u) * kThreads;
+    if (p < packs) {
+#pragma unroll
+      for (int d = 0; d < kD; ++d) {
+        f[u][d] = F[d * packs + p];
+        if (B != nullptr) b[u][d] = B[d * packs + p];
+      }
+      g[u] = GW[p];
+    }
+  }
+}
+
+// U packs per thread per iteration, all loads issued before any math; grid-stride when the grid is
+// smaller than the work. kStep false: the backward, the D factor gradients into GF (9N elements at
+// D=4). kStep true: the one-layer SGD step with momentum, in place: the same gradients, then
+// buffer = momentum * buffer + gradient and factor -= lr * buffer (17N elements at D=4).
+template <int U, bool kStep>
 __global__ void __launch_bounds__(kThreads)
-    backward(const float4* __restrict__ F, const float4* __restrict__ GW, float4* __restrict__ GF, float two_s,
-             int64_t packs) {
+    fused_pass(float4* __restrict__ F, float4* __restrict__ B, const float4* __restrict__ GW,
+               float4* __restrict__ GF, float two_s, float lr, float momentum, int64_t packs) {
   const int64_t stride = int64_t(gridDim.x) * kThreads * U;
   for (int64_t base = int64_t(blockIdx.x) * kThreads * U + threadIdx.x; base < packs; base += stride) {
-    float4 f[U][kD], g[U];
+    float4 f[U][kD], b[U][kD], g[U];
+    load_packs<U>(F, kStep ? B : nullptr, GW, base, packs, f, b, g);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int64_t p = base + int64_t(u) * kThreads;
-      if (p < packs) {
+      if (p >= packs) continue;
+      float4 grad[kD];
+      pack_gradients(f[u], g[u], two_s, grad);
 #pragma unroll
-        for (int d = 0; d < kD; ++d) f[u][d] = F[d * packs + p];
-        g[u] = GW[p];
-      }
-    }
+      for (int d = 0; d < kD; ++d) {
+        if (!kStep) {
+          GF[d * packs + p] = grad[d];
+          continue;
+        }
+        float* fv = reinterpret_cast<float*>(&f[u][d]);
+        float* bv = reinterpret_cast<float*>(&b[u][d]);
+        const float* gv = reinterpret_cast<const float*>(&grad[d]);
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t p = base + int64_t(u) * kThreads;
-      if (p < packs) {
-        float4 out[kD];
-        pack_gradients(f[u], g[u], two_s, out);
-#pragma unroll
-        for (int d = 0; d < kD; ++d) GF[d * packs + p] = out[d];
+        for (int j = 0; j < 4; ++j) {
+          bv[j] = momentum * bv[j] + gv[j];
+          fv[j] = fv[j] - lr * bv[j];
+        }
+        F[d * packs + p] = f[u][d];
+        B[d * packs + p] = b[u][d];
       }
     }
   }
 }
 
-// The one-layer SGD step with momentum, in place, in the same shape: the backward's gradients,
-// then buffer = momentum * buffer + gradient and factor -= lr * buffer (17N elements at D=4).
 template <int U>
-__global__ void __launch_bounds__(kThreads)
-    sgd_step(float4* __restrict__ F, float4* __restrict__ B, const float4* __restrict__ GW, float two_s, float lr,
-             float momentum, int64_t packs) {
-  const int64_t stride = int64_t(gridDim.x) * kThreads * U;
-  for (int64_t base = int64_t(blockIdx.x) * kThreads * U + threadIdx.x; base < packs; base += stride) {
-    float4 f[U][kD], b[U][kD], g[U];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t p = base + int64_t(u) * kThreads;
-      if (p < packs) {
-#pragma unroll
-        for (int d = 0; d < kD; ++d) {
-          f[u][d] = F[d * packs + p];
-          b[u][d] = B[d * packs + p];
-        }
-        g[u] = GW[p];
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t p = base + int64_t(u) * kThreads;
-      if (p < packs) {
-        float4 grad[kD];
-        pack_gradients(f[u], g[u], two_s, grad);
-#pragma unroll
-        for (int d = 0; d < kD; ++d) {
-          float* fv = reinterpret_cast<float*>(&f[u][d]);
-          float* bv = reinterpret_cast<float*>(&b[u][d]);
-          const float* gv = reinterpret_cast<const float*>(&grad[d]);
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            bv[j] = momentum * bv[j] + gv[j];
-            fv[j] = fv[j] - lr * bv[j];
-          }
-          F[d * packs + p] = f[u][d];
-          B[d * packs + p] = b[u][d];
-        }
-      }
-    }
-  }
-}
+constexpr auto backward = fused_pass<U, false>;
+template <int U>
+constexpr auto sgd_step = fused_pass<U, true>;
 
 template <typename Kernel>
 int resident(Kernel kernel) {
@@ -206,8 +194,8 @@ int main(int argc, char** argv) {
   auto run = [&](const char* name, auto kernel, int64_t grid) {
     CHECK(cudaMemset(GF, 0xff, kD * n * sizeof(float)));  // NaN: every element must be written
     const float ms = median_ms([&] {
-      kernel<<<grid, kThreads>>>(reinterpret_cast<const float4*>(F), reinterpret_cast<const float4*>(GW),
-                                 reinterpret_cast<float4*>(GF), two_s, packs);
+      kernel<<<grid, kThreads>>>(reinterpret_cast<float4*>(F), nullptr, reinterpret_cast<const float4*>(GW),
+                                 reinterpret_cast<float4*>(GF), two_s, 0.f, 0.f, packs);
     });
     CHECK(cudaDeviceSynchronize());
     if (first) CHECK(cudaMemcpy(ref, GF, kD * n * sizeof(float), cudaMemcpyDeviceToDevice));
@@ -250,7 +238,7 @@ int main(int argc, char** argv) {
   auto step = [&](const char* name, auto kernel, int64_t grid) {
     auto launch = [&] {
       kernel<<<grid, kThreads>>>(reinterpret_cast<float4*>(F), reinterpret_cast<float4*>(B),
-                                 reinterpret_cast<const float4*>(GW), two_s, 1e-6f, 0.9f, packs);
+                                 reinterpret_cast<const float4*>(GW), nullptr, two_s, 1e-6f, 0.9f, packs);
     };
     CHECK(cudaMemcpy(F, F0, kD * n * sizeof(float), cudaMemcpyDeviceToDevice));
     CHECK(cudaMemcpy(B, B0, kD * n * sizeof(float), cudaMemcpyDeviceToDevice));
