@@ -50,7 +50,7 @@ import torch
 from torch.optim.sgd import sgd as _torch_sgd
 
 from . import _extension, _fusion
-from ._lazy_grad import LazyFactorGrad, _grad_w_or_zeros, dense_of, take_for_fused_step
+from ._lazy_grad import _LAZY, LazyFactorGrad, _grad_w_or_zeros, dense_of, take_for_fused_step
 from ._validate import check_sgd_hyper
 from .backends import BACKENDS, select
 from .backends import extension as _extension_backend
@@ -175,6 +175,22 @@ class FusedSGD(torch.optim.SGD):
         attribute reads): (DWF layer sets with the backend each runs on, plain parameter sets, the
         params, gradients and momentum buffers for torch's own update, and the params about to get
         their first momentum buffer)."""
+        params = group["params"]
+        steady_cpu_candidate = (
+            self._multi_tensor
+            and hyper["momentum"] != 0
+            and _PLAIN_SGD_STEP_MULTI is not None
+            and params
+            and params[0].is_cpu  # (a GPU model's group goes straight to the loop)
+        )
+        if steady_cpu_candidate:
+            sets = self._sort_cpu_group(group)
+            if sets is not None:
+                return sets
+        return self._sort_each(group, hyper)
+
+    def _sort_each(self, group: dict, hyper: dict) -> tuple[list, dict, list, list, list, list]:
+        """_sort_group's loop, parameter by parameter: any group."""
         multi = self._multi_tensor
         # As torch.optim.SGD: no per-parameter state without momentum.
         with_state = hyper["momentum"] != 0
@@ -233,6 +249,54 @@ class FusedSGD(torch.optim.SGD):
         # still changes nothing.
         fused = [(select(key[0].type, self._backend), lists, key[-1]) for key, lists in fused.items()]
         return fused, plain, params, grads, buffers, fresh
+
+    def _sort_cpu_group(self, group: dict) -> tuple[list, dict, list, list, list, list] | None:
+        """_sort_group's result for the steady state of a CPU model trained with momentum, the
+        common case, sorted with a few list passes instead of one branchy loop: every parameter with
+        a gradient either a DWF layer whose lazy gradient the fused step applies, or a plain
+        float32/float64 tensor with a dense gradient, and all with their momentum buffer. The
+        same sets, in the same order, as the general loop sorts them; None wherever the group holds
+        anything else (the general loop sorts it then, and refuses what it refuses)."""
+        layers, lazies, plain_params, plain_grads = [], [], [], []
+        for p in group["params"]:
+            grad = p.grad
+            if type(grad) is LazyFactorGrad:
+                layers.append(p)
+                lazies.append(grad._state)
+            elif grad is not None:
+                plain_params.append(p)
+                plain_grads.append(grad)
+        # (all() of a list: each check runs as one comprehension)
+        if not all(
+            [
+                lazy.kind == _LAZY and lazy.factors() is p and p._version == lazy.version and lazy.grad_w is not None
+                for p, lazy in zip(layers, lazies)
+            ]
+        ) or not all([p.is_cpu and p.is_contiguous() for p in layers]):
+            return None
+        if not all(
+            [
+                type(g) is torch.Tensor
+                and type(p) in _PLAIN_TYPES
+                and p.is_cpu
+                and p.dtype in _PLAIN_DTYPES
+                and p.layout is _STRIDED
+                and g.layout is _STRIDED
+                for p, g in zip(plain_params, plain_grads)
+            ]
+        ):
+            return None
+        state_get = self.state.get
+        layer_buffers = [state_get(p, _NO_STATE).get("momentum_buffer") for p in layers]
+        plain_buffers = [state_get(p, _NO_STATE).get("momentum_buffer") for p in plain_params]
+        if not all([b is not None for b in layer_buffers]) or not all([b is not None for b in plain_buffers]):
+            return None
+        fused = []
+        if layers:
+            lists = (layers, [s.grad_w for s in lazies], [s.grad_sumsq for s in lazies], layer_buffers, lazies)
+            fused.append((select("cpu", self._backend), lists, True))
+        plain = {True: (plain_params, plain_grads, plain_buffers)} if plain_params else {}
+        return fused, plain, [], [], [], []
 
     def _step_group(self, group, hyper, op_hyper, fused, plain, params, grads, buffers, fresh) -> None:
         """Updates one group's parameters as _sort_group sorted them."""

@@ -188,6 +188,91 @@ def test_cpu_layers_of_different_depths_and_dtypes_step_in_one_call(monkeypatch)
         assert torch.equal(a, b), name
 
 
+def _same_sets(a, b) -> bool:
+    """Two results of FusedSGD's sorting hold the same objects in the same places."""
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same_sets(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same_sets(a[k], b[k]) for k in a)
+    if type(a) is torch.Tensor and type(b) is torch.Tensor and a is not b:  # a dL/dw of zeros made for the step
+        return a.shape == b.shape and torch.equal(a, b)
+    return a is b or (type(a) in (bool, str) and a == b)
+
+
+def _sortings(optimizer):
+    """(_sort_group's sets, the per-parameter loop's sets, or the error each raised) of the first group."""
+    group = optimizer.param_groups[0]
+    hyper = {k: group[k] for k in ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")}
+    results = []
+    for sort in (optimizer._sort_group, optimizer._sort_each):
+        try:
+            results.append(sort(group, hyper))
+        except RuntimeError as e:
+            results.append(str(e))
+    return results
+
+
+@pytest.mark.skipif(dwf_kernels.optim._PLAIN_SGD_STEP_MULTI is None, reason="needs the one-call CPU update")
+@pytest.mark.parametrize(
+    "case",
+    [
+        "steady",
+        "first-step",
+        "new-parameter",
+        "read-gradient",
+        "unused-layer",
+        "bf16-parameter",
+        "sparse-gradient",
+        "no-gradient",
+        "stepped-twice",
+        "stale",
+    ],
+)
+def test_the_steady_state_sorting_sorts_as_the_per_parameter_loop(case):
+    # The step sorts a CPU group with momentum whose every parameter is either a DWF layer with its
+    # lazy gradient or a plain float tensor, all with momentum buffers, in a few list passes; every
+    # other group goes to the loop, parameter by parameter. Either way: the same sets (or error).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 6), nn.Embedding(5, 6, sparse=case == "sparse-gradient"))
+    model = dwf_kernels.factorize(model, 3)
+    optimizer = FusedSGD(model.parameters(), lr=0.1, momentum=0.9)
+    extra = nn.Parameter(torch.randn(3, dtype=torch.bfloat16 if case == "bf16-parameter" else torch.float32))
+    if case == "bf16-parameter":  # from the start: it has a momentum buffer when sorted
+        optimizer.param_groups[0]["params"].append(extra)
+    x = torch.randn(4, 6)
+
+    def backward():
+        optimizer.zero_grad()
+        out = model[0](x) if case == "unused-layer" else model[1](model[0](x))
+        (out.sum() + model[2](torch.tensor([1, 2])).sum() + dwf_kernels.penalty(model, 1e-2)).backward()
+        extra.grad = torch.ones_like(extra)
+
+    if case != "first-step":
+        backward()
+        optimizer.step()
+    if case == "new-parameter":
+        optimizer.param_groups[0]["params"].append(extra)
+    backward()
+    if case == "read-gradient":
+        model[1].factors.grad.sum()
+    elif case == "no-gradient":
+        model[0].bias.grad = None
+    elif case == "stepped-twice":
+        optimizer.step()
+    elif case == "stale":
+        with torch.no_grad():
+            model[0].factors.mul_(1.0)
+    fast, each = _sortings(optimizer)
+    assert _same_sets(fast, each)
+    steady = case in ("steady", "no-gradient")
+    assert (optimizer._sort_cpu_group(optimizer.param_groups[0]) is not None) == steady
+    if steady:  # the layers in one set, the plain parameters in another, nothing left to torch
+        fused, plain, *rest = fast
+        assert [len(lists[0]) for _, lists, _ in fused] == [2] and rest == [[], [], [], []]
+        # two biases and the embedding's weight (not a DWF layer)
+        assert [len(lists[0]) for lists in plain.values()] == [3 if case == "steady" else 2]
+
+
 def test_multi_tensor_must_be_a_bool():
     with pytest.raises(TypeError, match="multi_tensor must be True or False"):
         FusedSGD(nn.Linear(2, 2).parameters(), lr=0.1, multi_tensor="yes")
