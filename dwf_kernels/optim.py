@@ -212,6 +212,11 @@ class FusedSGD(torch.optim.SGD):
                     fresh.append(p)
             if type(grad) is LazyFactorGrad:
                 lazy = take_for_fused_step(grad, p)
+                if lazy is not None and buffer is not None and not _buffer_fits(buffer, p):
+                    # A momentum buffer the fused step cannot update along with these factors
+                    # (made before the model was converted to another dtype, say): torch.optim.SGD's
+                    # own update applies the dense gradient to it, as torch.optim.SGD would.
+                    lazy = None
                 if lazy is not None:
                     grad_w = _grad_w_or_zeros(lazy.grad_w, p)
                     # What one op call serves: one device, and whether the momentum buffers exist
@@ -254,7 +259,8 @@ class FusedSGD(torch.optim.SGD):
         """_sort_group's result for the steady state of a CPU model trained with momentum, the
         common case, sorted with a few list passes instead of one branchy loop: every parameter with
         a gradient either a DWF layer whose lazy gradient the fused step applies, or a plain
-        float32/float64 tensor with a dense gradient, and all with their momentum buffer. The
+        float32/float64 tensor with a dense gradient, and all with their momentum buffer (for the
+        layers: one the fused step can update). The
         same sets, in the same order, as the general loop sorts them; None wherever the group holds
         anything else (the general loop sorts it then, and refuses what it refuses)."""
         layers, lazies, plain_params, plain_grads = [], [], [], []
@@ -290,6 +296,13 @@ class FusedSGD(torch.optim.SGD):
         layer_buffers = [state_get(p, _NO_STATE).get("momentum_buffer") for p in layers]
         plain_buffers = [state_get(p, _NO_STATE).get("momentum_buffer") for p in plain_params]
         if not all([b is not None for b in layer_buffers]) or not all([b is not None for b in plain_buffers]):
+            return None
+        if not all(
+            [
+                b.dtype == p.dtype and b.is_cpu and b.shape == p.shape and b.is_contiguous()
+                for p, b in zip(layers, layer_buffers)
+            ]
+        ):
             return None
         fused = []
         if layers:
@@ -342,6 +355,17 @@ def _step_fused_together(chosen, lists, has_buffers: bool, hyper: dict, per_laye
             state[p]["momentum_buffer"] = buffer
     for lazy in lazies:
         lazy.consume()  # applied: releases dL/dw; reading it later is refused
+
+
+def _buffer_fits(buffer: torch.Tensor, factors: torch.Tensor) -> bool:
+    """Whether the fused step can update `buffer` as the momentum buffer of `factors` (as the ops
+    require: their shape, dtype and device, contiguous)."""
+    return (
+        buffer.dtype == factors.dtype
+        and buffer.shape == factors.shape
+        and buffer.device == factors.device
+        and buffer.is_contiguous()
+    )
 
 
 def _refuse_duplicates(params) -> None:

@@ -524,6 +524,38 @@ def test_a_refused_first_step_adds_no_state():
     assert len(optimizer.state) == 0 and optimizer.state_dict()["state"] == {}
 
 
+@pytest.mark.parametrize("multi_tensor", [True, False], ids=["multi", "per-layer"])
+def test_a_model_converted_after_its_buffers_were_made_trains_as_with_torch_sgd(multi_tensor):
+    # model.double() mid-training leaves the float32 momentum buffers (torch.optim.SGD keeps them
+    # too, and its update adds them into the float64 parameters). The fused step cannot update such
+    # a buffer along with the factors: those layers get torch's update of the dense gradient, the
+    # results torch.optim.SGD's, and no step is refused (nor half applied, biases in a group of their own).
+    models = [_model("cpu"), _model("cpu")]
+
+    def groups(model):
+        biases = [p for name, p in model.named_parameters() if name.endswith("bias")]
+        return [{"params": biases}, {"params": [p for p in model.parameters() if all(p is not b for b in biases)]}]
+
+    optimizers = [FusedSGD(groups(models[0]), lr=0.1, momentum=0.9, multi_tensor=multi_tensor)]
+    optimizers.append(torch.optim.SGD(groups(models[1]), lr=0.1, momentum=0.9, foreach=False))
+    x, y = _batch("cpu")
+    for step in range(4):
+        if step == 2:
+            for model in models:
+                model.double()
+            x = x.double()
+        for model, optimizer in zip(models, optimizers, strict=True):
+            optimizer.zero_grad()
+            (nn.functional.cross_entropy(model(x), y) + dwf_kernels.penalty(model, 1e-2)).backward()
+            optimizer.step()
+        _assert_same_parameters(models[0], models[1], exact=CPU_FMA)
+    buffers = [optimizer.state_dict()["state"] for optimizer in optimizers]
+    assert buffers[0].keys() == buffers[1].keys()
+    for key, state in buffers[0].items():
+        assert state["momentum_buffer"].dtype == torch.float32  # kept, as torch keeps it
+        assert torch.equal(state["momentum_buffer"], buffers[1][key]["momentum_buffer"])
+
+
 def test_hyper_parameters_are_taken_as_torch_sgd_takes_them():
     """NumPy scalars (a schedule computing in NumPy), ints and a bool momentum, as torch.optim.SGD
     takes them, with the same results."""
@@ -558,10 +590,10 @@ def test_a_hyper_parameter_the_step_would_refuse_is_refused_at_construction():
     when the group is added, naming the group and the argument, and keeps no group it refused."""
     params = list(_model("cpu").parameters())
     for name in ("lr", "momentum", "weight_decay", "dampening"):
-        with pytest.raises(ValueError, match=f"FusedSGD param group 0: {name} must be >= 0; got nan"):
+        with pytest.raises(ValueError, match=f"FusedSGD param group 0: {name} must be a number >= 0, not NaN; got nan"):
             FusedSGD(params, **{"lr": 0.1, name: float("nan")})
     optimizer = FusedSGD(params[:2], lr=0.1)
-    with pytest.raises(ValueError, match="FusedSGD param group 1: lr must be >= 0; got nan"):
+    with pytest.raises(ValueError, match="FusedSGD param group 1: lr must be a number >= 0, not NaN; got nan"):
         optimizer.add_param_group({"params": params[2:], "lr": float("nan")})
     with pytest.raises(TypeError, match="FusedSGD param group 1: momentum must be a real number; got str"):
         optimizer.add_param_group({"params": params[2:], "momentum": "0.9"})

@@ -226,6 +226,7 @@ def _sortings(optimizer):
         "no-gradient",
         "stepped-twice",
         "stale",
+        "converted",
     ],
 )
 def test_the_steady_state_sorting_sorts_as_the_per_parameter_loop(case):
@@ -243,7 +244,7 @@ def test_the_steady_state_sorting_sorts_as_the_per_parameter_loop(case):
 
     def backward():
         optimizer.zero_grad()
-        out = model[0](x) if case == "unused-layer" else model[1](model[0](x))
+        out = model[0](x) if case == "unused-layer" else model[1](model[0](x).to(model[1].factors.dtype))
         (out.sum() + model[2](torch.tensor([1, 2])).sum() + dwf_kernels.penalty(model, 1e-2)).backward()
         extra.grad = torch.ones_like(extra)
 
@@ -262,6 +263,9 @@ def test_the_steady_state_sorting_sorts_as_the_per_parameter_loop(case):
     elif case == "stale":
         with torch.no_grad():
             model[0].factors.mul_(1.0)
+    elif case == "converted":  # float64 factors with the float32 momentum buffers of before
+        model[1].double()
+        backward()
     fast, each = _sortings(optimizer)
     assert _same_sets(fast, each)
     steady = case in ("steady", "no-gradient")
