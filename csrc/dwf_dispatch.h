@@ -94,9 +94,10 @@ inline void check_sgd_step_args(const at::Tensor& factors, const std::optional<a
     TORCH_CHECK(momentum_buffer.has_value(), "dwf_kernels: momentum_buffer is required when momentum != 0");
     TORCH_CHECK(momentum_buffer->sizes() == factors.sizes() && momentum_buffer->dtype() == factors.dtype() &&
                     momentum_buffer->device() == factors.device() && momentum_buffer->is_contiguous(),
-                "dwf_kernels: momentum_buffer must be a contiguous tensor with the factors' shape ", factors.sizes(),
-                ", dtype and device; got shape ", momentum_buffer->sizes(), ", ", momentum_buffer->dtype(), ", ",
-                momentum_buffer->device());
+                "dwf_kernels: momentum_buffer must be a contiguous tensor with the factors' shape, dtype and device (",
+                factors.sizes(), ", ", factors.dtype(), ", ", factors.device(), "); got ", momentum_buffer->sizes(), ", ",
+                momentum_buffer->dtype(), ", ", momentum_buffer->device(),
+                momentum_buffer->is_contiguous() ? "" : ", not contiguous");
   }
   check_not_aliased(factors, "factors", grad_w, "grad_w");
   if (grad_sumsq.has_value()) check_not_aliased(factors, "factors", *grad_sumsq, "grad_sumsq");

@@ -116,6 +116,8 @@ def check_sgd_hyper(lr: float, momentum: float, dampening: float, weight_decay: 
     for name, value in (("lr", lr), ("momentum", momentum), ("dampening", dampening), ("weight_decay", weight_decay)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"{name} must be a Python float; got {type(value).__name__}")
+        if value != value:
+            raise ValueError(f"{name} must be a number >= 0, not NaN; got {value}")
         if not value >= 0.0:
             raise ValueError(f"{name} must be >= 0; got {value}")
     if nesterov and (momentum <= 0 or dampening != 0):
