@@ -83,17 +83,18 @@ class FactorHolder:
         """The weight for this forward from `factors` (this holder's), and records their sum of squares
         for the penalty: one fused op, in fused mode when a live FusedSGD updates them."""
         out_dtype = None
-        device_type = factors.device.type
-        if (
-            factors.dtype == torch.float32
-            and (torch.compiler.is_compiling() or _autocast_available(device_type))
-            and torch.is_autocast_enabled(device_type)
-        ):
-            autocast_dtype = torch.get_autocast_dtype(device_type)
-            if autocast_dtype in (torch.bfloat16, torch.float16):
-                out_dtype = autocast_dtype
+        compiling = torch.compiler.is_compiling()
+        if factors.dtype == torch.float32:
+            device_type = factors.device.type
+            if (compiling or _autocast_available(device_type)) and torch.is_autocast_enabled(device_type):
+                autocast_dtype = torch.get_autocast_dtype(device_type)
+                if autocast_dtype in (torch.bfloat16, torch.float16):
+                    out_dtype = autocast_dtype
         w, sumsq = _product_and_sumsq(factors, out_dtype)
-        self.last_sumsq = sumsq
+        if compiling:
+            self.last_sumsq = sumsq
+        else:  # the setter itself, without nn.Module.__setattr__'s lookups on every layer's forward
+            _set_last_sumsq(self, sumsq)
         return w
 
     def fresh_sumsq(self, factors: torch.Tensor) -> torch.Tensor:
@@ -107,6 +108,9 @@ class FactorHolder:
         state = self.__dict__.copy()
         state["_last_sumsq"] = None
         return state
+
+
+_set_last_sumsq = FactorHolder.last_sumsq.fset
 
 
 def _product_and_sumsq(factors: torch.Tensor, out_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
