@@ -260,9 +260,9 @@ class FusedSGD(torch.optim.SGD):
         common case, sorted with a few list passes instead of one branchy loop: every parameter with
         a gradient either a DWF layer whose lazy gradient the fused step applies, or a plain
         float32/float64 tensor with a dense gradient, and all with their momentum buffer (for the
-        layers: one the fused step can update). The
-        same sets, in the same order, as the general loop sorts them; None wherever the group holds
-        anything else (the general loop sorts it then, and refuses what it refuses)."""
+        layers, one the fused step can update). The same sets, in the same order, as the general
+        loop sorts them; None wherever the group holds anything else (the general loop sorts it
+        then, and refuses what it refuses)."""
         layers, lazies, plain_params, plain_grads = [], [], [], []
         for p in group["params"]:
             grad = p.grad
