@@ -47,14 +47,12 @@ import numbers
 from collections.abc import Callable
 
 import torch
-from torch.optim.sgd import sgd as _torch_sgd
 
-from . import _extension, _fusion
-from ._lazy_grad import _LAZY, LazyFactorGrad, _grad_w_or_zeros, dense_of, take_for_fused_step
+from . import _fusion
+from ._group_step import sort_group, step_group
+from ._lazy_grad import LazyFactorGrad
 from ._validate import check_sgd_hyper
-from .backends import BACKENDS, select
-from .backends import extension as _extension_backend
-from .ops import _run_sgd_step_multi, dwf_sgd_step
+from .backends import BACKENDS
 
 __all__ = ["FusedSGD", "LazyFactorGrad"]
 
@@ -162,210 +160,16 @@ class FusedSGD(torch.optim.SGD):
                 loss = closure()
         # Every group's hyper-parameters and gradients are checked before any group is updated (a
         # group edited after construction may hold bad ones; a DWF factor gradient may be stale or
-        # already applied): a step refused for these changes nothing.
+        # already applied): a step refused for these changes nothing. How a group's parameters
+        # become op calls: dwf_kernels._group_step.
         hypers = [_group_hyper(group, i) for i, group in enumerate(self.param_groups)]
-        sorted_groups = [self._sort_group(group, hyper) for group, (hyper, _) in zip(self.param_groups, hypers)]
-        for group, (hyper, op_hyper), sets in zip(self.param_groups, hypers, sorted_groups, strict=True):
-            self._step_group(group, hyper, op_hyper, *sets)
-        return loss
-
-    def _sort_group(self, group: dict, hyper: dict) -> tuple[list, dict, list, list, list, list]:
-        """One pass over a group's parameters, reading only, sorts them into sets, each a few parallel
-        lists that go to one op call as they are (the step's per-parameter Python is a handful of
-        attribute reads): (DWF layer sets with the backend each runs on, plain parameter sets, the
-        params, gradients and momentum buffers for torch's own update, and the params about to get
-        their first momentum buffer)."""
-        params = group["params"]
-        steady_cpu_candidate = (
-            self._multi_tensor
-            and hyper["momentum"] != 0
-            and _PLAIN_SGD_STEP_MULTI is not None
-            and params
-            and params[0].is_cpu  # (a GPU model's group goes straight to the loop)
-        )
-        if steady_cpu_candidate:
-            sets = self._sort_cpu_group(group)
-            if sets is not None:
-                return sets
-        return self._sort_each(group, hyper)
-
-    def _sort_each(self, group: dict, hyper: dict) -> tuple[list, dict, list, list, list, list]:
-        """_sort_group's loop, parameter by parameter: any group."""
-        multi = self._multi_tensor
-        # As torch.optim.SGD: no per-parameter state without momentum.
-        with_state = hyper["momentum"] != 0
-        plain_in_one_call = multi and _PLAIN_SGD_STEP_MULTI is not None
-        state = self.state
-        params, grads, buffers = [], [], []  # for torch's own update
-        fresh = []  # without a momentum buffer yet: their state entries are made when the step applies
-        # set key -> [factors, dL/dw, dL/dsumsq, momentum buffers, lazy gradient states]
-        fused = {}
-        plain = {}  # has buffers -> [params, grads, momentum buffers]
-        for p in group["params"]:
-            grad = p.grad
-            if grad is None:
-                continue
-            buffer = None
-            if with_state:  # (state.get: a refused step adds no entry)
-                buffer = state.get(p, _NO_STATE).get("momentum_buffer")
-                if buffer is None:
-                    fresh.append(p)
-            if type(grad) is LazyFactorGrad:
-                lazy = take_for_fused_step(grad, p)
-                if lazy is not None and buffer is not None and not _buffer_fits(buffer, p):
-                    # A momentum buffer the fused step cannot update along with these factors
-                    # (made before the model was converted to another dtype, say): torch.optim.SGD's
-                    # own update applies the dense gradient to it, as torch.optim.SGD would.
-                    lazy = None
-                if lazy is not None:
-                    grad_w = _grad_w_or_zeros(lazy.grad_w, p)
-                    # What one op call serves: one device, and whether the momentum buffers exist
-                    # yet; on a GPU also one factor dtype, dL/dw dtype and depth (one launch). On
-                    # CPU every backend takes any mix of dtypes and depths in one call.
-                    if p.is_cpu:
-                        key = _CPU_KEYS[buffer is not None]
-                    else:
-                        key = (p.device, p.dtype, grad_w.dtype, p.shape[0], buffer is not None)
-                    lists = fused.get(key)
-                    if lists is None:
-                        lists = fused[key] = ([], [], [], [], [])
-                    lists[0].append(p)
-                    lists[1].append(grad_w)
-                    lists[2].append(lazy.grad_sumsq)
-                    lists[3].append(buffer)
-                    lists[4].append(lazy)
-                    continue
-                # Formed already (read by other code, e.g. an element-wise read or DDP): applied
-                # as a dense gradient.
-                grad = dense_of(grad)
-            if plain_in_one_call and _plain_step_takes(p, grad):
-                has_buffers = buffer is not None
-                lists = plain.get(has_buffers)
-                if lists is None:
-                    lists = plain[has_buffers] = ([], [], [])
-                lists[0].append(p)
-                lists[1].append(grad)
-                lists[2].append(buffer)
-                continue
-            params.append(p)
-            grads.append(grad)
-            buffers.append(buffer)
-        # The backends chosen here, where a refusal (e.g. a backend that cannot run these tensors)
-        # still changes nothing.
-        fused = [(select(key[0].type, self._backend), lists, key[-1]) for key, lists in fused.items()]
-        return fused, plain, params, grads, buffers, fresh
-
-    def _sort_cpu_group(self, group: dict) -> tuple[list, dict, list, list, list, list] | None:
-        """_sort_group's result for the steady state of a CPU model trained with momentum, the
-        common case, sorted with a few list passes instead of one branchy loop: every parameter with
-        a gradient either a DWF layer whose lazy gradient the fused step applies, or a plain
-        float32/float64 tensor with a dense gradient, and all with their momentum buffer (for the
-        layers, one the fused step can update). The same sets, in the same order, as the general
-        loop sorts them; None wherever the group holds anything else (the general loop sorts it
-        then, and refuses what it refuses)."""
-        layers, lazies, plain_params, plain_grads = [], [], [], []
-        for p in group["params"]:
-            grad = p.grad
-            if type(grad) is LazyFactorGrad:
-                layers.append(p)
-                lazies.append(grad._state)
-            elif grad is not None:
-                plain_params.append(p)
-                plain_grads.append(grad)
-        # (all() of a list: each check runs as one comprehension)
-        if not all(
-            [
-                lazy.kind == _LAZY and lazy.factors() is p and p._version == lazy.version and lazy.grad_w is not None
-                for p, lazy in zip(layers, lazies)
-            ]
-        ) or not all([p.is_cpu and p.is_contiguous() for p in layers]):
-            return None
-        if not all(
-            [
-                type(g) is torch.Tensor
-                and type(p) in _PLAIN_TYPES
-                and p.is_cpu
-                and p.dtype in _PLAIN_DTYPES
-                and p.layout is _STRIDED
-                and g.layout is _STRIDED
-                for p, g in zip(plain_params, plain_grads)
-            ]
-        ):
-            return None
-        state_get = self.state.get
-        layer_buffers = [state_get(p, _NO_STATE).get("momentum_buffer") for p in layers]
-        plain_buffers = [state_get(p, _NO_STATE).get("momentum_buffer") for p in plain_params]
-        if not all([b is not None for b in layer_buffers]) or not all([b is not None for b in plain_buffers]):
-            return None
-        if not all(
-            [
-                b.dtype == p.dtype and b.is_cpu and b.shape == p.shape and b.is_contiguous()
-                for p, b in zip(layers, layer_buffers)
-            ]
-        ):
-            return None
-        fused = []
-        if layers:
-            lists = (layers, [s.grad_w for s in lazies], [s.grad_sumsq for s in lazies], layer_buffers, lazies)
-            fused.append((select("cpu", self._backend), lists, True))
-        plain = {True: (plain_params, plain_grads, plain_buffers)} if plain_params else {}
-        return fused, plain, [], [], [], []
-
-    def _step_group(self, group, hyper, op_hyper, fused, plain, params, grads, buffers, fresh) -> None:
-        """Updates one group's parameters as _sort_group sorted them."""
-        multi = self._multi_tensor
-        state = self.state
-        for p in fresh:  # their entries, in parameter order (state_dict's keys come in torch.optim.SGD's)
-            state[p]  # noqa: B018 (state is a defaultdict: the lookup makes the entry)
-        for chosen, lists, has_buffers in fused:
-            _step_fused_together(chosen, lists, has_buffers, op_hyper, not multi, state)
-        for has_buffers, lists in plain.items():
-            for i in _step_plain_together(lists, has_buffers, op_hyper, state):  # those it left to torch's update
-                params.append(lists[0][i])
-                grads.append(lists[1][i])
-                buffers.append(lists[2][i])
-        if not params:
-            return
-        # foreach=None (the default) lets torch choose as torch.optim.SGD would: its foreach and
-        # per-tensor updates round bfloat16 differently.
-        _torch_sgd(params, grads, buffers, foreach=group["foreach"], **hyper)
-        if hyper["momentum"] != 0:
-            for p, buffer in zip(params, buffers, strict=True):
-                state[p]["momentum_buffer"] = buffer
-
-
-def _step_fused_together(chosen, lists, has_buffers: bool, hyper: dict, per_layer: bool, state) -> None:
-    """The fused step of a set of layers that one kernel launch can serve (lists as _sort_group
-    sorts them) on the backend `chosen`: one dwf_sgd_step_multi call, or with per_layer one
-    dwf_sgd_step call per layer (multi_tensor=False). A first step's new buffers go to `state`."""
-    factors, grad_w, grad_sumsq, buffers, lazies = lists
-    if per_layer:
-        new = [
-            dwf_sgd_step(f, g, s, b, backend=chosen.name, **hyper)
-            for f, g, s, b in zip(factors, grad_w, grad_sumsq, buffers, strict=True)
+        backend, multi, state = self._backend, self._multi_tensor, self.state
+        sorted_groups = [
+            sort_group(group, hyper, state, backend, multi) for group, (hyper, _) in zip(self.param_groups, hypers)
         ]
-    else:
-        # Without the check that the layers share no memory: they are distinct parameters (a
-        # group holds each once, see FusedSGD.add_param_group) with their own buffers and gradients.
-        new = _run_sgd_step_multi(
-            chosen, factors, grad_w, grad_sumsq, buffers if has_buffers else None, check_apart=False, **hyper
-        )
-    if hyper["momentum"] != 0 and not has_buffers:  # the first step made them
-        for p, buffer in zip(factors, new, strict=True):
-            state[p]["momentum_buffer"] = buffer
-    for lazy in lazies:
-        lazy.consume()  # applied: releases dL/dw; reading it later is refused
-
-
-def _buffer_fits(buffer: torch.Tensor, factors: torch.Tensor) -> bool:
-    """Whether the fused step can update `buffer` as the momentum buffer of `factors` (as the ops
-    require: their shape, dtype and device, contiguous)."""
-    return (
-        buffer.dtype == factors.dtype
-        and buffer.shape == factors.shape
-        and buffer.device == factors.device
-        and buffer.is_contiguous()
-    )
+        for group, (hyper, op_hyper), sets in zip(self.param_groups, hypers, sorted_groups, strict=True):
+            step_group(group, hyper, op_hyper, sets, state, multi)
+        return loss
 
 
 def _refuse_duplicates(params) -> None:
@@ -417,66 +221,4 @@ def _as_float(name: str, value) -> float:
     return float(value)
 
 
-def _plain_step_takes(p: torch.Tensor, grad: torch.Tensor) -> bool:
-    """Whether p goes to the one-call update of plain parameters (sgd_step_multi): a plain float32
-    or float64 CPU tensor with a dense CPU gradient, which the op's CPU kernel receives (torch
-    rounds each op of a half-precision update separately, which the one-pass update does not). The
-    op updates those it can update as torch.optim.SGD does, bit for bit (contiguous, with a
-    gradient and buffer of its shape and dtype), and returns the others for torch's own update."""
-    return (
-        type(grad) is torch.Tensor
-        and type(p) in _PLAIN_TYPES
-        and p.dtype in _PLAIN_DTYPES
-        and p.is_cpu
-        and grad.is_cpu
-        and p.layout is _STRIDED
-        and grad.layout is _STRIDED
-    )
-
-
-def _step_plain_together(lists, has_buffers: bool, hyper: dict, state) -> list[int]:
-    """torch.optim.SGD's update of plain CPU parameters (biases, norms), one op call for the set
-    (lists as _sort_group sorts them; a first step's new buffers go to `state`). Returns the
-    indices of those it left alone."""
-    params, grads, buffers = lists
-    momentum = hyper["momentum"]
-    init_buffer = momentum != 0 and not has_buffers
-    if momentum == 0:
-        buffers = []
-    elif init_buffer:
-        buffers = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in params]
-    left = _PLAIN_SGD_STEP_MULTI(
-        params,
-        buffers,
-        grads,
-        float(hyper["lr"]),
-        float(momentum),
-        float(hyper["dampening"]),
-        float(hyper["weight_decay"]),
-        bool(hyper["nesterov"]),
-        bool(hyper["maximize"]),
-        init_buffer,
-    )
-    left = left.tolist() if left.numel() else []
-    if init_buffer:
-        skip = set(left)
-        for i, (p, buffer) in enumerate(zip(params, buffers, strict=True)):
-            if i not in skip:  # a buffer of a param left alone was never written
-                state[p]["momentum_buffer"] = buffer
-    return left
-
-
 _FLOAT_HYPER = ("lr", "momentum", "dampening", "weight_decay")  # the ops take them as Python floats
-_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
-_PLAIN_DTYPES = (torch.float32, torch.float64)
-_STRIDED = torch.strided
-_CPU_KEYS = ((torch.device("cpu"), False), (torch.device("cpu"), True))  # indexed by: has buffers
-_NO_STATE: dict = {}  # the state of a parameter without an entry (read, never written)
-# The one-call update of plain parameters: the C++ extension's CPU op, where it is loaded and rounds
-# as torch does, i.e. where ATen's CPU kernels run with FMA (AVX2, AVX-512): its a + x * b is one
-# rounding there, two in ATen's baseline kernels.
-_PLAIN_SGD_STEP_MULTI = (
-    _extension_backend.plain_sgd_step_multi
-    if "cpu" in _extension.KERNEL_DEVICES and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-    else None
-)

@@ -10,7 +10,7 @@ from helpers import KERNEL_BACKENDS, TORCH_CPU_FMA, make_factors
 from torch import nn
 
 import dwf_kernels
-from dwf_kernels import _extension, backends, dwf_sgd_step, dwf_sgd_step_multi
+from dwf_kernels import _extension, _group_step, backends, dwf_sgd_step, dwf_sgd_step_multi
 from dwf_kernels.optim import FusedSGD
 
 ALL_BACKENDS = KERNEL_BACKENDS + [pytest.param("cpu", "reference", id="cpu-reference")]
@@ -167,13 +167,13 @@ def test_cpu_layers_of_different_depths_and_dtypes_step_in_one_call(monkeypatch)
         return model
 
     sets = []
-    original = dwf_kernels.optim._run_sgd_step_multi
+    original = _group_step._run_sgd_step_multi
 
     def record(chosen, factors, *args, **kwargs):
         sets.append(sorted((f.shape[0], str(f.dtype)) for f in factors))
         return original(chosen, factors, *args, **kwargs)
 
-    monkeypatch.setattr(dwf_kernels.optim, "_run_sgd_step_multi", record)
+    monkeypatch.setattr(_group_step, "_run_sgd_step_multi", record)
     models = [make(), make()]
     optimizers = [FusedSGD(models[0].parameters(), lr=0.1, momentum=0.9)]
     optimizers.append(FusedSGD(models[1].parameters(), lr=0.1, momentum=0.9, multi_tensor=False))
@@ -200,19 +200,22 @@ def _same_sets(a, b) -> bool:
 
 
 def _sortings(optimizer):
-    """(_sort_group's sets, the per-parameter loop's sets, or the error each raised) of the first group."""
+    """(sort_group's sets, the per-parameter loop's sets, or the error each raised) of the first group."""
     group = optimizer.param_groups[0]
     hyper = {k: group[k] for k in ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")}
     results = []
-    for sort in (optimizer._sort_group, optimizer._sort_each):
+    for sort in (
+        lambda: _group_step.sort_group(group, hyper, optimizer.state, None, True),
+        lambda: _group_step._sort_each(group["params"], hyper, optimizer.state, None, True),
+    ):
         try:
-            results.append(sort(group, hyper))
+            results.append(sort())
         except RuntimeError as e:
             results.append(str(e))
     return results
 
 
-@pytest.mark.skipif(dwf_kernels.optim._PLAIN_SGD_STEP_MULTI is None, reason="needs the one-call CPU update")
+@pytest.mark.skipif(_group_step._PLAIN_SGD_STEP_MULTI is None, reason="needs the one-call CPU update")
 @pytest.mark.parametrize(
     "case",
     [
@@ -269,7 +272,8 @@ def test_the_steady_state_sorting_sorts_as_the_per_parameter_loop(case):
     fast, each = _sortings(optimizer)
     assert _same_sets(fast, each)
     steady = case in ("steady", "no-gradient")
-    assert (optimizer._sort_cpu_group(optimizer.param_groups[0]) is not None) == steady
+    params = optimizer.param_groups[0]["params"]
+    assert (_group_step._sort_steady_cpu(params, optimizer.state, None) is not None) == steady
     if steady:  # the layers in one set, the plain parameters in another, nothing left to torch
         fused, plain, *rest = fast
         assert [len(lists[0]) for _, lists, _ in fused] == [2] and rest == [[], [], [], []]
@@ -419,7 +423,7 @@ needs_cpu_kernels = pytest.mark.skipif(
     "cpu" not in _extension.KERNEL_DEVICES, reason="the C++ extension's CPU kernels are not loaded"
 )
 needs_plain_step = pytest.mark.skipif(
-    dwf_kernels.optim._PLAIN_SGD_STEP_MULTI is None,
+    _group_step._PLAIN_SGD_STEP_MULTI is None,
     reason="FusedSGD updates plain parameters in one call only where ATen's CPU kernels use FMA",
 )
 
