@@ -90,8 +90,10 @@ class FactorHolder:
                 autocast_dtype = torch.get_autocast_dtype(device_type)
                 if autocast_dtype in (torch.bfloat16, torch.float16):
                     out_dtype = autocast_dtype
-        w, sumsq = _product_and_sumsq(factors, out_dtype)
-        if compiling:
+        w, sumsq, used = _product_and_sumsq(factors, out_dtype, compiling)
+        if used is not None:  # fused mode: the product's own backward marks the record used
+            self.__dict__["_last_sumsq"] = (sumsq, used)
+        elif compiling:
             self.last_sumsq = sumsq
         else:  # the setter itself, without nn.Module.__setattr__'s lookups on every layer's forward
             _set_last_sumsq(self, sumsq)
@@ -100,7 +102,7 @@ class FactorHolder:
     def fresh_sumsq(self, factors: torch.Tensor) -> torch.Tensor:
         """The factors' sum of squares computed now (for `penalty`, where no usable forward recorded
         one), differentiable as a forward's: with a lazy factor gradient in fused mode."""
-        return _product_and_sumsq(factors, None)[1]
+        return _product_and_sumsq(factors, None, torch.compiler.is_compiling())[1]
 
     def __getstate__(self) -> dict:
         # The recorded sum of squares belongs to one forward's autograd graph: a non-leaf tensor,
@@ -113,18 +115,23 @@ class FactorHolder:
 _set_last_sumsq = FactorHolder.last_sumsq.fset
 
 
-def _product_and_sumsq(factors: torch.Tensor, out_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
-    if torch.compiler.is_compiling() and torch.is_grad_enabled() and factors.requires_grad:
+def _product_and_sumsq(
+    factors: torch.Tensor, out_dtype: torch.dtype | None, compiling: bool
+) -> tuple[torch.Tensor, torch.Tensor, list[bool] | None]:
+    """(w, sumsq, used): used is the flag the product's backward sets when it runs (fused mode), or
+    None (the caller's record then hooks sumsq's node)."""
+    if compiling and torch.is_grad_enabled() and factors.requires_grad:
         # One opaque op whose backward decides as it runs whether the gradient is lazy (below).
-        return compiled_dwf_product(factors, out_dtype)
+        return (*compiled_dwf_product(factors, out_dtype), None)
     if (
         torch.is_grad_enabled()
         and factors.requires_grad
         and _fusion.is_fused(factors)  # never tensors swapped in by torch.func.functional_call
     ):
         # Fused mode: the factors' gradient is lazy; FusedSGD.step() applies it without forming it.
-        return fused_dwf_product(factors, out_dtype)
-    return dwf_product(factors, return_sumsq=True, out_dtype=out_dtype)
+        used = [False]
+        return (*fused_dwf_product(factors, out_dtype, used), used)
+    return (*dwf_product(factors, return_sumsq=True, out_dtype=out_dtype), None)
 
 
 def convert_holding_factors(module: nn.Module, name: str, fn, recurse: bool, apply):

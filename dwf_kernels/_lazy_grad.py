@@ -29,7 +29,9 @@ import torch
 from torch.utils._pytree import tree_map
 
 from . import _fusion
-from .backends import resolve_backend
+from ._validate import check_forward
+from .backends import resolve_backend, select
+from .backends.base import Backend
 from .backends.reference import dwf_backward_differentiable
 from .ops import dwf_product, dwf_product_backward
 
@@ -343,17 +345,19 @@ class FusedDWFProduct(torch.autograd.Function):
     """(w, sumsq) = dwf_product(factors, return_sumsq=True) whose backward yields a LazyFactorGrad."""
 
     @staticmethod
-    def forward(ctx, factors: torch.Tensor, out_dtype: torch.dtype | None, backend: str):
-        w, sumsq = dwf_product(factors, return_sumsq=True, out_dtype=out_dtype, backend=backend)
+    def forward(ctx, factors: torch.Tensor, out_dtype: torch.dtype | None, backend: Backend, used: list[bool]):
+        # dwf_product's work, with the backend already selected (by fused_dwf_product).
+        w, sumsq = backend.forward(factors, check_forward(factors, out_dtype), True)
         # The leaf parameter itself (not a saved copy, which torch.utils.checkpoint would hand back
         # as another tensor object): the lazy gradient refers to it. Its version is checked by hand.
         ctx.factors, ctx.version = factors, factors._version
-        ctx.out_dtype, ctx.backend = out_dtype, backend
+        ctx.out_dtype, ctx.backend, ctx.used = out_dtype, backend.name, used
         ctx.set_materialize_grads(False)
         return w, sumsq
 
     @staticmethod
     def backward(ctx, grad_w: torch.Tensor | None, grad_sumsq: torch.Tensor | None):
+        ctx.used[0] = True  # a backward pass has run through this forward (see FactorHolder.last_sumsq)
         factors = ctx.factors
         if factors._version != ctx.version:
             raise RuntimeError(
@@ -362,7 +366,7 @@ class FusedDWFProduct(torch.autograd.Function):
                 f"{ctx.version} (the forward's). Step the optimizer after the backward pass, not between"
             )
         if grad_w is None and grad_sumsq is None:
-            return None, None, None
+            return None, None, None, None
         if torch.is_grad_enabled():
             # create_graph=True: the ordinary, differentiable backward of the product.
             with torch.enable_grad():
@@ -371,19 +375,22 @@ class FusedDWFProduct(torch.autograd.Function):
             (grad,) = torch.autograd.grad(
                 [o for o, _ in pairs], [factors], [g for _, g in pairs], create_graph=True, allow_unused=True
             )
-            return grad, None, None
+            return grad, None, None, None
         if not factors.is_leaf:
             # Not a parameter (e.g. factors computed by other ops): its backward reads the gradient now.
             grad = dwf_product_backward(factors, _grad_w_or_zeros(grad_w, factors), grad_sumsq, backend=ctx.backend)
-            return grad, None, None
+            return grad, None, None, None
         state = _State(_LAZY)
         state.set_lazy(weakref.ref(factors), ctx.version, grad_w, grad_sumsq, ctx.backend)
-        return LazyFactorGrad(state, factors), None, None
+        return LazyFactorGrad(state, factors), None, None, None
 
 
-def fused_dwf_product(factors: torch.Tensor, out_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The layers' forward in fused mode: (w, sumsq), with a lazy factor gradient in the backward."""
-    return FusedDWFProduct.apply(factors, out_dtype, resolve_backend(factors.device.type))
+def fused_dwf_product(
+    factors: torch.Tensor, out_dtype: torch.dtype | None, used: list[bool]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layers' forward in fused mode: (w, sumsq), with a lazy factor gradient in the backward,
+    which sets used[0] when it runs."""
+    return FusedDWFProduct.apply(factors, out_dtype, select(factors.device.type), used)
 
 
 # The readers that act on dL/dw and dL/dsumsq themselves (clipping, GradScaler): imported last, as

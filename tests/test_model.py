@@ -252,10 +252,13 @@ def test_penalty_gradient_flows_under_activation_checkpointing(use_reentrant, op
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
-def test_penalty_after_a_backward_takes_a_fresh_sum():
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused-mode"])
+def test_penalty_after_a_backward_takes_a_fresh_sum(fused):
     """The recorded sum belongs to a graph the backward freed: penalty() computes the sum again
-    (from the current factors) instead of failing in the next backward."""
+    (from the current factors) instead of failing in the next backward. In fused mode (a live
+    FusedSGD) the product's own backward marks the record used; otherwise a hook on its node."""
     model = factorize(_mlp(), depth=2)
+    optimizer = dwf_kernels.optim.FusedSGD(model.parameters(), lr=0.1) if fused else None
     model(torch.randn(2, 1, 8, 8)).sum().backward()
     model.zero_grad()
     penalty(model, 0.1).backward()
@@ -267,6 +270,7 @@ def test_penalty_after_a_backward_takes_a_fresh_sum():
                 m.factors.mul_(0.5)
     expected = sum(0.1 / 2 * m.factors.detach().square().sum() for _, m in dwf_kernels.model.dwf_layers(model))
     torch.testing.assert_close(penalty(model, 0.1).detach(), expected)
+    assert optimizer is None or type(layer.factors.grad).__name__ == "LazyFactorGrad"
 
 
 # --- factorize keeps sharing ----------------------------------------------------------------------
