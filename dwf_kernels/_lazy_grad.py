@@ -346,31 +346,36 @@ class FusedDWFProduct(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, factors: torch.Tensor, out_dtype: torch.dtype | None, backend: Backend, used: list[bool]):
-        # dwf_product's work, with the backend already selected (by fused_dwf_product).
-        w, sumsq = backend.forward(factors, check_forward(factors, out_dtype), True)
+        # dwf_product's work, with the backend already selected (by fused_dwf_product), dispatched
+        # below autograd as torch's own autograd.Functions around ops do: this Function is the
+        # product's autograd (the extension's ops would otherwise enter their C++ autograd kernel,
+        # which builds a node and wraps the outputs even with grad mode off).
+        out_dtype_checked = check_forward(factors, out_dtype)
+        with torch._C._AutoDispatchBelowAutograd():
+            w, sumsq = backend.forward(factors, out_dtype_checked, True)
         # The leaf parameter itself (not a saved copy, which torch.utils.checkpoint would hand back
         # as another tensor object): the lazy gradient refers to it. Its version is checked by hand.
-        ctx.factors, ctx.version = factors, factors._version
-        ctx.out_dtype, ctx.backend, ctx.used = out_dtype, backend.name, used
+        # All in one attribute: each one set on the node costs about a microsecond per layer and step.
+        ctx.forward_state = (factors, factors._version, out_dtype, backend.name, used)
         ctx.set_materialize_grads(False)
         return w, sumsq
 
     @staticmethod
     def backward(ctx, grad_w: torch.Tensor | None, grad_sumsq: torch.Tensor | None):
-        ctx.used[0] = True  # a backward pass has run through this forward (see FactorHolder.last_sumsq)
-        factors = ctx.factors
-        if factors._version != ctx.version:
+        factors, version, out_dtype, backend, used = ctx.forward_state
+        used[0] = True  # a backward pass has run through this forward (see FactorHolder.last_sumsq)
+        if factors._version != version:
             raise RuntimeError(
                 "one of the variables needed for gradient computation has been modified by an inplace "
                 f"operation: the factors of a DWF layer are at version {factors._version}; expected version "
-                f"{ctx.version} (the forward's). Step the optimizer after the backward pass, not between"
+                f"{version} (the forward's). Step the optimizer after the backward pass, not between"
             )
         if grad_w is None and grad_sumsq is None:
             return None, None, None, None
         if torch.is_grad_enabled():
             # create_graph=True: the ordinary, differentiable backward of the product.
             with torch.enable_grad():
-                w, sumsq = dwf_product(factors, return_sumsq=True, out_dtype=ctx.out_dtype, backend=ctx.backend)
+                w, sumsq = dwf_product(factors, return_sumsq=True, out_dtype=out_dtype, backend=backend)
             pairs = [(o, g) for o, g in ((w, grad_w), (sumsq, grad_sumsq)) if g is not None]
             (grad,) = torch.autograd.grad(
                 [o for o, _ in pairs], [factors], [g for _, g in pairs], create_graph=True, allow_unused=True
@@ -378,10 +383,10 @@ class FusedDWFProduct(torch.autograd.Function):
             return grad, None, None, None
         if not factors.is_leaf:
             # Not a parameter (e.g. factors computed by other ops): its backward reads the gradient now.
-            grad = dwf_product_backward(factors, _grad_w_or_zeros(grad_w, factors), grad_sumsq, backend=ctx.backend)
+            grad = dwf_product_backward(factors, _grad_w_or_zeros(grad_w, factors), grad_sumsq, backend=backend)
             return grad, None, None, None
         state = _State(_LAZY)
-        state.set_lazy(weakref.ref(factors), ctx.version, grad_w, grad_sumsq, ctx.backend)
+        state.set_lazy(weakref.ref(factors), version, grad_w, grad_sumsq, backend)
         return LazyFactorGrad(state, factors), None, None, None
 
 
