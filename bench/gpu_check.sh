@@ -17,7 +17,8 @@
 #   step       training steps: dense + torch.optim.SGD(fused=True) against DWF D=4 + FusedSGD,
 #              LeNet-300-100, VGG-16, ResNet-18 (results written case by case), run eagerly and
 #              replayed as one CUDA graph per step
-#   launch     host time per call of the triton backend, and an empty Triton kernel's launch
+#   launch     host time per call of the triton backend, and an empty Triton kernel's launch; the
+#              host time a DWF layer adds to a training step (bench/layer_host_time.py)
 #   fusedsgd   FusedSGD.step() alone, all layers in one op call against one per layer
 #              (bench/fused_sgd_step.py: 64 layers of 64x64, ResNet-18)
 #   ncu        Nsight Compute on the fused SGD step's kernels of both backends (bench/ncu_sgd.py)
@@ -89,7 +90,7 @@ summarize() {
     echo "|---|---|---|---|"
     tail -n +2 "$STAGES" | awk -F'\t' '{printf "| %s | %s | %s | %s |\n", $1, $2, $3, $4}'
     for f in gpu-goals.md cuda-backward-variants.md tests-cuda.summary tests-triton.summary launch.summary \
-      gpu-fused-sgd-step.md; do
+      layer-host-time.md gpu-fused-sgd-step.md; do
       [[ -s $WORK/$f ]] && { echo; echo "## $f"; echo; cat "$WORK/$f"; }
     done
   } > "$WORK/summary.md"
@@ -315,6 +316,12 @@ for b in doc["benchmarks"]:
     print(f"| {e['what']} | {e['launch']} | {1e6 * b['stats']['median']:.1f} | {'' if device is None else f'{device:.1f}'} |")
 EOF
   cat "$WORK/launch.summary"
+  # The host time a DWF layer adds to a training step (forward, backward, FusedSGD step) over a dense
+  # one with torch.optim.SGD: what decides whether the eager step keeps the GPU busy.
+  local host=(--device cuda --threads 0 --steps 300 --warmup 50)
+  [[ $DRY == 1 ]] && host=(--steps 20 --warmup 5)
+  bounded "$PY" bench/layer_host_time.py "${host[@]}" > "$WORK/layer-host-time.md" || return 1
+  cat "$WORK/layer-host-time.md"
 }
 
 # One pytest process per backend family, side by side; each writes its own log and summary line.

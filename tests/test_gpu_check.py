@@ -55,7 +55,9 @@ def test_dry_run_produces_the_archive_and_summaries(tmp_path):
     assert "dry run" in summary
     with tarfile.open(out / "gpu-check.tgz") as archive:
         names = {os.path.basename(n) for n in archive.getnames()}
-    assert {"stages.tsv", "env.txt", "bench.log", "tests.log", "gpu-train-step.jsonl", "launch.json"} <= names, names
+    expected = {"stages.tsv", "env.txt", "bench.log", "tests.log", "gpu-train-step.jsonl", "launch.json"}
+    assert expected | {"layer-host-time.md"} <= names, names
+    assert "DWF's extra per layer" in summary and "| whole |" in summary, summary  # the host time per layer
     assert any(n.startswith("gpu-kernels-") and n.endswith(".json") for n in names), names
     kernels = (out / "gpu-kernels.md").read_text()
     for mode in ("forward", "backward", "full", "sgd"):
