@@ -29,11 +29,10 @@ import torch
 from torch.utils._pytree import tree_map
 
 from . import _fusion
-from ._validate import check_forward
 from .backends import resolve_backend, select
 from .backends.base import Backend
 from .backends.reference import dwf_backward_differentiable
-from .ops import dwf_product, dwf_product_backward
+from .ops import dwf_product, dwf_product_backward, forward_on
 
 aten = torch.ops.aten
 
@@ -346,13 +345,12 @@ class FusedDWFProduct(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, factors: torch.Tensor, out_dtype: torch.dtype | None, backend: Backend, used: list[bool]):
-        # dwf_product's work, with the backend already selected (by fused_dwf_product), dispatched
-        # below autograd as torch's own autograd.Functions around ops do: this Function is the
-        # product's autograd (the extension's ops would otherwise enter their C++ autograd kernel,
-        # which builds a node and wraps the outputs even with grad mode off).
-        out_dtype_checked = check_forward(factors, out_dtype)
+        # dwf_product's work on the backend fused_dwf_product selected, dispatched below autograd as
+        # torch's own autograd.Functions around ops do: this Function is the product's autograd (the
+        # extension's ops would otherwise enter their C++ autograd kernel, which builds a node and
+        # wraps the outputs even with grad mode off).
         with torch._C._AutoDispatchBelowAutograd():
-            w, sumsq = backend.forward(factors, out_dtype_checked, True)
+            w, sumsq = forward_on(factors, out_dtype, True, backend)
         # The leaf parameter itself (not a saved copy, which torch.utils.checkpoint would hand back
         # as another tensor object): the lazy gradient refers to it. Its version is checked by hand.
         # All in one attribute: each one set on the node costs about a microsecond per layer and step.

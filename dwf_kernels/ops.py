@@ -21,6 +21,7 @@ from ._validate import (
     check_sgd_step,
 )
 from .backends import reference, select
+from .backends.base import Backend
 
 
 def dwf_product(
@@ -45,10 +46,18 @@ def dwf_product(
     Returns:
         w of shape S, or (w, sumsq) when return_sumsq is True.
     """
-    out = check_forward(factors, out_dtype)
     check_flag("return_sumsq", return_sumsq)
-    w, sumsq = select(factors.device.type, backend).forward(factors, out, return_sumsq)
+    w, sumsq = forward_on(factors, out_dtype, return_sumsq, backend)
     return (w, sumsq) if return_sumsq else w
+
+
+def forward_on(factors: torch.Tensor, out_dtype: torch.dtype | None, with_sumsq: bool, backend: str | Backend | None):
+    """dwf_product's work, (w, sumsq): the arguments checked, then the forward of `backend` (a
+    Backend selected already, or a name or None for backends.select). Also the fused-mode
+    forward's (dwf_kernels._lazy_grad)."""
+    out = check_forward(factors, out_dtype)
+    chosen = backend if isinstance(backend, Backend) else select(factors.device.type, backend)
+    return chosen.forward(factors, out, with_sumsq)
 
 
 def dwf_product_backward(
