@@ -68,8 +68,27 @@ def start(device: torch.device, timeout: float) -> tuple[Ranks, torch.device]:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+    delta = datetime.timedelta(seconds=timeout)
+    store = _restarted_store(world, delta)
+    if store is None:
+        dist.init_process_group(backend, timeout=delta)
+    else:
+        dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]), world_size=world, timeout=delta)
     return Ranks(dist.get_rank(), dist.get_world_size()), device
+
+
+def _restarted_store(world: int, timeout: datetime.timedelta) -> dist.Store | None:
+    """The store of workers that torchrun restarted (--max-restarts) while its agent shares its own
+    store with them (torch's default): that store under a prefix of this attempt. The shared store
+    still holds what the previous attempt's workers wrote under the same keys (each process group's
+    name repeats from attempt to attempt): gloo would read the dead workers' addresses and hang
+    connecting to them, NCCL their unique id. None otherwise (init_process_group's env:// store)."""
+    if not restarted() or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False, timeout=timeout
+    )
+    return dist.PrefixStore(f"dwf-attempt-{os.environ['TORCHELASTIC_RESTART_COUNT']}/", store)
 
 
 def stop(ranks: Ranks) -> None:

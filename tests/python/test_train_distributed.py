@@ -168,3 +168,40 @@ def test_a_dead_rank_stops_the_other_and_the_run_resumes(tmp_path):
     outputs = [p.communicate(timeout=240) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     assert len(history(out)) == 40 and json.loads((out / "results.json").read_text())["completed"]
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (Linux /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:  # gone meanwhile
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds torchrun's workers through /proc")
+def test_workers_that_torchrun_restarts_resume_and_finish(tmp_path):
+    """torchrun --max-restarts: a worker killed after the first checkpoint; torchrun restarts both,
+    which join a process group again (torchrun's shared store still holds the killed attempt's
+    addresses under the same keys) and resume from the checkpoint to the end of the run."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1"]
+    command += [TRAIN_PY, *COMMON, "--epochs", "40", "--output-dir", str(out)]
+    agent = subprocess.Popen(command, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_checkpoint(out, [agent])
+        workers = children(agent.pid)
+        assert len(workers) == 2, workers
+        os.kill(max(workers), signal.SIGKILL)
+        _, err = agent.communicate(timeout=240)
+    finally:
+        agent.kill()
+    assert agent.returncode == 0, err[-3000:]
+    assert "the workers were restarted: resuming from" in err
+    assert len(history(out)) == 40 and json.loads((out / "results.json").read_text())["completed"]
