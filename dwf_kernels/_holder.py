@@ -70,14 +70,7 @@ class FactorHolder:
 
     @last_sumsq.setter
     def last_sumsq(self, sumsq: torch.Tensor | None) -> None:
-        used = [False]  # set by the backward; the hook holds only this flag, so no reference cycle
-        if sumsq is not None and not torch.compiler.is_compiling() and sumsq.grad_fn is not None:
-
-            def mark_used(grad_outputs, used=used):
-                used[0] = True
-
-            sumsq.grad_fn.register_prehook(mark_used)
-        self.__dict__["_last_sumsq"] = None if sumsq is None else (sumsq, used)
+        _record_sumsq(self, sumsq)
 
     def product_of(self, factors: torch.Tensor) -> torch.Tensor:
         """The weight for this forward from `factors` (this holder's), and records their sum of squares
@@ -91,12 +84,10 @@ class FactorHolder:
                 if autocast_dtype in (torch.bfloat16, torch.float16):
                     out_dtype = autocast_dtype
         w, sumsq, used = _product_and_sumsq(factors, out_dtype, compiling)
-        if used is not None:  # fused mode: the product's own backward marks the record used
-            self.__dict__["_last_sumsq"] = (sumsq, used)
-        elif compiling:
+        if compiling:
             self.last_sumsq = sumsq
-        else:  # the setter itself, without nn.Module.__setattr__'s lookups on every layer's forward
-            _set_last_sumsq(self, sumsq)
+        else:  # the record itself, without nn.Module.__setattr__'s lookups on every layer's forward
+            _record_sumsq(self, sumsq, used)
         return w
 
     def fresh_sumsq(self, factors: torch.Tensor) -> torch.Tensor:
@@ -112,7 +103,19 @@ class FactorHolder:
         return state
 
 
-_set_last_sumsq = FactorHolder.last_sumsq.fset
+def _record_sumsq(holder: FactorHolder, sumsq: torch.Tensor | None, used: list[bool] | None = None) -> None:
+    """Records `sumsq` as the holder's last sum of squares, with the flag a backward through its
+    graph sets: `used` where the product's own backward sets it (fused mode), else a new one that a
+    hook on sumsq's node sets."""
+    if used is None:
+        used = [False]  # the hook holds only this flag, so no reference cycle
+        if sumsq is not None and not torch.compiler.is_compiling() and sumsq.grad_fn is not None:
+
+            def mark_used(grad_outputs, used=used):
+                used[0] = True
+
+            sumsq.grad_fn.register_prehook(mark_used)
+    holder.__dict__["_last_sumsq"] = None if sumsq is None else (sumsq, used)
 
 
 def _product_and_sumsq(
